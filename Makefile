@@ -1,0 +1,20 @@
+# The two commands of the README: `make demo` (set up + run the embedded default) and `make test`.
+PY ?= python3
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint reference
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	tunesmith demo
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint:
+	ruff check src tests bench
+
+reference:
+	$(PY) -m tunesmith.config.reference --write README.md

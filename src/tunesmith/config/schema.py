@@ -1,0 +1,254 @@
+"""The config schema: one flat YAML, one pydantic model per concern.
+
+Key names follow LLaMA-Factory (and HF TrainingArguments) wherever the concept is the same, so their users'
+configs run unchanged. Each field's ``description`` is its help text; README's config reference is generated
+from it (``python -m tunesmith.config.reference``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tunesmith.errors import ConfigError
+
+
+def _comma_list(value: Any) -> Any:
+    """LLaMA-Factory writes lists as comma-separated strings (``dataset: a,b``); accept both shapes."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelArgs(_Section):
+    model_name_or_path: str | None = Field(
+        None,
+        description="HF model folder, a .gguf file (or a folder holding one), or a packaged alias such as "
+        "`smollm2-135m-instruct`. Hub names are not downloaded: tunesmith is offline-first.",
+    )
+    adapter_name_or_path: str | None = Field(
+        None, description="A PEFT adapter folder to load on top of the model (continue training, export, chat)."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow model folders to run their own Python code. Off unless you trust the folder."
+    )
+    allow_pickle: bool = Field(
+        False,
+        description="Allow loading pickled weights (*.bin / *.pt). Unpickling can run arbitrary code; "
+        "safetensors is always preferred.",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Where converted packaged/GGUF models are cached (default: $TUNESMITH_CACHE or "
+        "~/.cache/tunesmith).",
+    )
+
+
+class MethodArgs(_Section):
+    stage: Literal["sft"] = Field("sft", description="Training stage. Only supervised fine-tuning (sft) for now.")
+    do_train: bool = Field(True, description="Run training (LLaMA-Factory compatibility; `tunesmith train` trains).")
+    finetuning_type: Literal["full", "freeze", "lora"] = Field(
+        "lora", description="full: all weights; freeze: only the last N layers; lora: low-rank adapters via PEFT."
+    )
+    freeze_trainable_layers: int = Field(
+        2,
+        description="freeze: how many of the last decoder layers train (negative: the first N layers).",
+    )
+    freeze_trainable_modules: list[str] | str = Field(
+        "all", description="freeze: module names inside the trainable layers that train (`all` or a list)."
+    )
+    lora_target: list[str] | str = Field(
+        "all",
+        description="lora: module names to adapt, `all` for every linear layer except the output head, "
+        "or a comma list such as `q_proj,v_proj`.",
+    )
+    lora_rank: int = Field(8, ge=1, description="lora: rank r of the adapters.")
+    lora_alpha: int | None = Field(None, description="lora: scaling alpha (default: 2 × lora_rank).")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="lora: dropout on the adapter input.")
+
+    @field_validator("lora_target", "freeze_trainable_modules", mode="before")
+    @classmethod
+    def _split_method_lists(cls, value: Any) -> Any:
+        value = _comma_list(value)
+        return "all" if value == ["all"] else value
+
+
+class DataArgs(_Section):
+    template: str = Field(
+        "auto",
+        description="Chat template: qwen, chatml, qwen3, llama3, internlm2, default, or `auto` "
+        "(the tokenizer's own jinja chat template).",
+    )
+    dataset: list[str] | None = Field(
+        None,
+        description="Comma list of datasets: names in `dataset_dir/dataset_info.json`, or paths to "
+        ".json / .jsonl / .csv / .parquet files.",
+    )
+    dataset_dir: str = Field("data", description="Folder holding dataset_info.json and relative data files.")
+    cutoff_len: int = Field(2048, ge=8, description="Maximum tokens per sample; longer samples are truncated.")
+    max_samples: int | None = Field(None, ge=1, description="Use at most this many rows of each dataset.")
+    val_size: float = Field(
+        0.0, ge=0.0, description="Validation split: a fraction (< 1) or a row count (≥ 1) held out from training."
+    )
+    train_on_prompt: bool = Field(False, description="Also train on system and user tokens (not only replies).")
+    mask_history: bool = Field(False, description="Train only on the last assistant turn of each conversation.")
+    default_system: str | None = Field(
+        None, description="System prompt used when a sample has none (overrides the template's default)."
+    )
+    placeholders: dict[str, str] = Field(
+        default_factory=dict,
+        description="Values for `{{name}}`-style placeholders in the data, e.g. `{name: Ada, author: Lab}`.",
+    )
+    skip_bad_rows: bool = Field(
+        False, description="Skip malformed rows (and count them) instead of stopping at the first one."
+    )
+    preprocessing_num_workers: int | None = Field(
+        None, description="Accepted for LLaMA-Factory compatibility; preprocessing runs in one process for now."
+    )
+    overwrite_cache: bool = Field(
+        False, description="Accepted for LLaMA-Factory compatibility; there is no preprocessing cache yet."
+    )
+
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _split_dataset(cls, value: Any) -> Any:
+        return _comma_list(value)
+
+
+class TrainArgs(_Section):
+    output_dir: str | None = Field(None, description="Run folder: checkpoints, logs, resolved config.")
+    overwrite_output_dir: bool = Field(False, description="Start fresh even if output_dir holds checkpoints.")
+    num_train_epochs: float = Field(3.0, gt=0, description="Epochs to train (fractions allowed).")
+    max_steps: int = Field(-1, description="Optimizer steps to train; > 0 overrides num_train_epochs.")
+    per_device_train_batch_size: int = Field(8, ge=1, description="Samples per micro-batch per device.")
+    per_device_eval_batch_size: int = Field(8, ge=1, description="Samples per validation batch per device.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate of AdamW.")
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule after warm-up."
+    )
+    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Warm-up as a fraction of all steps.")
+    warmup_steps: int = Field(0, ge=0, description="Warm-up steps (overrides warmup_ratio when > 0).")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (not applied to biases and norms).")
+    adam_beta1: float = Field(0.9, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, description="AdamW beta2.")
+    adam_epsilon: float = Field(1e-8, description="AdamW epsilon.")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Clip the global gradient norm to this (0: no clipping).")
+    bf16: bool = Field(False, description="bfloat16 autocast where the device supports it.")
+    fp16: bool = Field(False, description="float16 autocast with a loss scaler (CUDA only).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    logging_steps: int = Field(5, ge=1, description="Log loss / lr / throughput every N optimizer steps.")
+    save_steps: int = Field(500, ge=1, description="Save a checkpoint every N optimizer steps (and at the end).")
+    save_strategy: Literal["steps", "no"] = Field("steps", description="`no`: save only the final model.")
+    save_total_limit: int | None = Field(None, ge=1, description="Keep only the newest N checkpoints.")
+    eval_steps: int | None = Field(
+        None, ge=1, description="Validation loss every N steps when val_size > 0 (default: logging_steps)."
+    )
+    eval_strategy: Literal["steps", "no"] = Field("steps", description="`no`: never compute validation loss.")
+    resume_from_checkpoint: str | None = Field(
+        None,
+        description="A checkpoint folder to resume from. Unset: resume from the newest checkpoint in output_dir.",
+    )
+    report_to: list[str] = Field(
+        default_factory=lambda: ["none"], description="`none`, `tensorboard` or `all` (comma list allowed)."
+    )
+    logging_dir: str | None = Field(None, description="TensorBoard folder (default: output_dir/runs).")
+    plot_loss: bool = Field(False, description="Write training_loss.png into output_dir at the end.")
+    seed: int = Field(42, description="Seed for data order, initialisation and dropout.")
+    run_name: str | None = Field(None, description="A name for this run in logs.")
+    device: str = Field("auto", description="`auto` (CUDA, then NPU, then CPU) or a torch device string.")
+    ddp_timeout: int | None = Field(None, description="Accepted for LLaMA-Factory compatibility (single process).")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _split_report_to(cls, value: Any) -> Any:
+        if value is None:
+            return ["none"]
+        return _comma_list(value)
+
+    @field_validator("report_to")
+    @classmethod
+    def _check_report_to(cls, value: list[str]) -> list[str]:
+        allowed = {"none", "tensorboard", "all"}
+        for item in value:
+            if item not in allowed:
+                raise ValueError(
+                    f"not supported yet: report_to={item} (tunesmith is offline-first; use tensorboard or none)"
+                )
+        return value
+
+
+class ExportArgs(_Section):
+    export_dir: str | None = Field(None, description="Where `tunesmith export` writes the merged HF folder.")
+    export_size: int = Field(5, ge=1, description="Largest safetensors shard, in GB.")
+    export_device: Literal["cpu", "auto"] = Field("cpu", description="Device used for merging.")
+    export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the exported weights (`auto`: the base model's own dtype)."
+    )
+    export_legacy_format: bool = Field(
+        False, description="Must stay false: tunesmith exports safetensors, never pickled .bin files."
+    )
+
+    @field_validator("export_legacy_format")
+    @classmethod
+    def _no_legacy(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("not supported: pickled .bin export; set export_legacy_format: false (safetensors)")
+        return value
+
+
+# Keys of LLaMA-Factory / HF TrainingArguments that tunesmith knows but does not implement yet: a config that
+# sets one fails with "not supported yet: KEY" instead of being silently ignored.
+NOT_SUPPORTED_YET: frozenset[str] = frozenset(
+    """
+    deepspeed fsdp fsdp_config packing neat_packing streaming buffer_size mix_strategy interleave_probs
+    tokenized_path quantization_bit quantization_method quantization_type double_quantization
+    use_dora use_rslora pissa_init loraplus_lr_ratio additional_target lora_modules_to_save
+    new_special_tokens resize_vocab flash_attn shift_attn rope_scaling use_unsloth enable_liger_kernel
+    do_predict do_eval predict_with_generate eval_dataset optim neftune_noise_alpha use_galore use_badam
+    use_apollo upcast_layernorm torch_compile export_quantization_bit export_hub_model_id push_to_hub
+    hub_model_id pref_beta pref_loss reward_model booster infer_backend vllm_maxlen ddp_find_unused_parameters
+    freeze_vision_tower image_max_pixels video_max_pixels media_dir lr_scheduler_kwargs save_only_model
+    moe_aux_loss_coef disable_gradient_checkpointing max_source_length max_target_length
+    """.split()
+)
+
+
+class Config(ModelArgs, MethodArgs, DataArgs, TrainArgs, ExportArgs):
+    """The whole tunesmith config: every section's keys at the top level, as in LLaMA-Factory."""
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Config:
+        if self.lora_alpha is None:
+            self.lora_alpha = self.lora_rank * 2
+        if self.eval_steps is None:
+            self.eval_steps = self.logging_steps
+        if "all" in self.report_to:
+            self.report_to = ["tensorboard"]
+        if self.fp16 and self.bf16:
+            raise ValueError("bf16 and fp16 are both true; choose one")
+        return self
+
+    def require(self, *keys: str) -> None:
+        """Fail with a clear message when a key needed by the current command is unset."""
+        for key in keys:
+            if getattr(self, key) in (None, [], ""):
+                raise ConfigError(f"config key {key} is required for this command; set it in the YAML or as {key}=...")
+
+    @property
+    def use_tensorboard(self) -> bool:
+        return "tensorboard" in self.report_to
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "model": ModelArgs,
+    "method": MethodArgs,
+    "data": DataArgs,
+    "train": TrainArgs,
+    "export": ExportArgs,
+}

@@ -1,0 +1,54 @@
+"""The `tunesmith` console script: help everywhere, version, env, and clean one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tunesmith import __version__
+
+SUBCOMMANDS = ["train", "export", "chat", "demo", "data", "data preview", "env"]
+
+
+def run_cli(*args: str, cwd=None, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tunesmith.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout
+    )
+
+
+def test_version():
+    result = run_cli("--version")
+    assert result.returncode == 0 and __version__ in result.stdout
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_help_everywhere(command):
+    result = run_cli(*command.split(), "--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage: tunesmith" in result.stdout
+
+
+def test_env_lists_versions_and_a_device():
+    result = run_cli("env")
+    assert result.returncode == 0, result.stderr
+    assert "torch" in result.stdout and "cpu (" in result.stdout
+
+
+def test_bad_config_is_one_sentence_without_traceback(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model_name_or_path: x\nlearnig_rate: 1\n", encoding="utf-8")
+    result = run_cli("train", str(cfg))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("tunesmith: error:")]
+    assert len(lines) == 1 and "bad.yaml:2" in lines[0] and "learning_rate" in lines[0]
+
+
+def test_missing_required_key_names_it(tmp_path):
+    cfg = tmp_path / "empty.yaml"
+    cfg.write_text("template: chatml\n", encoding="utf-8")
+    result = run_cli("train", str(cfg))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "model_name_or_path is required" in result.stderr
