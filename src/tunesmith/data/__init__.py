@@ -1,0 +1,64 @@
+"""The data layer: files → conversations → template → token ids and labels → train / validation split.
+
+``prepare_datasets(cfg, tokenizer)`` runs the whole path; the modules hold the steps:
+sources (files, dataset_info.json) → formats (alpaca / sharegpt / openai → Conversation) → templates
+(registry and ``auto``) → segments (exact tokenization) → encode (labels, truncation, report) → split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tunesmith.data.conversation import Conversation, Turn
+from tunesmith.data.encode import Encoded, EncodeReport, encode_conversation, encode_dataset
+from tunesmith.data.sources import load_conversations
+from tunesmith.data.split import split_train_val
+from tunesmith.data.templates import TEMPLATES, Template, get_template
+from tunesmith.errors import DataError
+from tunesmith.logging import get_logger
+
+__all__ = [
+    "TEMPLATES",
+    "Conversation",
+    "EncodeReport",
+    "Encoded",
+    "PreparedData",
+    "Template",
+    "Turn",
+    "encode_conversation",
+    "encode_dataset",
+    "get_template",
+    "load_conversations",
+    "prepare_datasets",
+]
+
+logger = get_logger("data")
+
+
+@dataclass
+class PreparedData:
+    train: list[Encoded]
+    val: list[Encoded]
+    report: EncodeReport
+    template: Template
+
+
+def prepare_datasets(cfg: Any, tokenizer: Any) -> PreparedData:
+    """Load ``cfg.dataset``, encode it with ``cfg.template`` and split off ``cfg.val_size`` (seeded by cfg.seed)."""
+    template = get_template(
+        cfg.template, tokenizer
+    )  # first: a template/tokenizer mismatch fails before reading
+    convs, bad_rows = load_conversations(cfg)
+    samples, report = encode_dataset(convs, tokenizer, template, cfg)
+    report.bad_rows += bad_rows
+    logger.info(report.format())
+    if not samples:
+        raise DataError(
+            f"no training samples left from dataset={','.join(cfg.dataset)} ({report.dropped} too long for "
+            f"cutoff_len={cfg.cutoff_len}, {report.bad_rows} bad rows); raise cutoff_len or fix the data"
+        )
+    train, val = split_train_val(samples, cfg.val_size, cfg.seed)
+    if val:
+        logger.info("data: %d training and %d validation samples (seed %d)", len(train), len(val), cfg.seed)
+    return PreparedData(train=train, val=val, report=report, template=template)

@@ -1,0 +1,50 @@
+"""`tunesmith data preview CONFIG`: what the model will actually see and learn from.
+
+Prints the preprocessing report (kept / dropped / truncated, length percentiles) and a few encoded samples with
+the trained spans marked, so template, masking and truncation problems show up before training starts.
+"""
+
+from __future__ import annotations
+
+from itertools import groupby
+
+from tunesmith.config import Config
+
+TARGET_OPEN, TARGET_CLOSE = "\x1b[32m[[", "]]\x1b[0m"
+
+
+def render_sample(tokenizer, input_ids: list[int], labels: list[int], color: bool = True) -> str:
+    """Decode a sample, wrapping the spans that are training targets in [[...]] (green on a terminal)."""
+    opening, closing = (TARGET_OPEN, TARGET_CLOSE) if color else ("[[", "]]")
+    pieces = []
+    pairs = list(zip(input_ids, labels, strict=True))
+    for is_target, group in groupby(pairs, key=lambda pair: pair[1] != -100):
+        text = tokenizer.decode([token for token, _ in group], skip_special_tokens=False)
+        pieces.append(f"{opening}{text}{closing}" if is_target else text)
+    return "".join(pieces)
+
+
+def preview(cfg: Config, show: int = 2, color: bool | None = None) -> int:
+    import sys
+
+    from tunesmith.data import prepare_datasets
+    from tunesmith.model.load import load_tokenizer
+
+    if color is None:
+        color = sys.stdout.isatty()
+    tokenizer = load_tokenizer(
+        cfg.model_name_or_path, cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code
+    )
+    prepared = prepare_datasets(cfg, tokenizer)
+    print(prepared.report.format())
+    print(
+        f"train samples: {len(prepared.train)}, validation samples: {len(prepared.val)}, "
+        f"template: {prepared.template.name}"
+    )
+    for index, sample in enumerate(prepared.train[:show]):
+        targets = sum(label != -100 for label in sample.labels)
+        print(
+            f"\n--- sample {index}: {len(sample.input_ids)} tokens, {targets} targets ([[...]] are trained) ---"
+        )
+        print(render_sample(tokenizer, sample.input_ids, sample.labels, color=color))
+    return 0

@@ -1,0 +1,298 @@
+"""Find the files behind ``dataset`` (paths or dataset_info.json names) and read their rows as conversations.
+
+Local files only: tunesmith is offline-first, so hub entries fail with a message that says how to point at a
+file instead. Rows and lines count from 1 (``x.json:row 1`` is the first record, ``x.jsonl:line 7`` the 7th
+line of the file, ``x.csv:row 1`` the first record after the header). A dataset_info.json entry with both
+file_name and a hub url uses the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunesmith.data.conversation import Conversation
+from tunesmith.data.formats import (
+    FORMATS,
+    FormatSpec,
+    RowError,
+    detect_format,
+    fill_placeholders,
+    row_to_conversation,
+)
+from tunesmith.errors import DataError
+from tunesmith.logging import get_logger
+
+logger = get_logger("data")
+
+SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
+_COLUMN_KEYS = {"prompt", "query", "response", "history", "messages", "system", "tools"}
+_TAG_KEYS = {
+    "role_tag",
+    "content_tag",
+    "user_tag",
+    "assistant_tag",
+    "observation_tag",
+    "function_tag",
+    "system_tag",
+}
+_MAX_WARNED_ROWS = 5  # skipped rows logged one by one before only the count is kept
+
+
+@dataclass
+class DatasetSource:
+    """One entry of ``dataset``: its files and, when dataset_info.json says, how to read them."""
+
+    name: str
+    files: list[Path]
+    spec: FormatSpec | None  # None: detect the format of each file from its first row
+
+
+def _offline_error(name: str, what: str) -> DataError:
+    return DataError(
+        f"dataset {name} is {what}, but tunesmith is offline-first and does not download datasets; download "
+        f"the file yourself and give its path in dataset=..., or set file_name for it in dataset_info.json"
+    )
+
+
+def read_dataset_info(dataset_dir: Path) -> dict[str, Any]:
+    path = dataset_dir / "dataset_info.json"
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"{path}:{err.lineno}: invalid JSON ({err.msg}); fix the syntax at that line"
+        ) from None
+    if not isinstance(info, dict):
+        raise DataError(f'{path} must map dataset names to entries ({{"name": {{"file_name": ...}}}})')
+    return info
+
+
+def _files_of(path: Path, name: str) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIXES)
+        if not files:
+            raise DataError(f"dataset {name}: folder {path} holds no {'/'.join(SUFFIXES)} files; add some")
+        return files
+    if path.suffix.lower() not in SUFFIXES:
+        raise DataError(
+            f"dataset {name}: {path} is not a {' / '.join(SUFFIXES)} file; convert it to one of those"
+        )
+    return [path]
+
+
+def _spec_from_entry(name: str, entry: dict[str, Any], where: Path) -> FormatSpec | None:
+    if entry.get("ranking"):
+        raise DataError(
+            f"{where}: dataset {name} has ranking: true (preference data); only sft is supported yet"
+        )
+    columns = entry.get("columns") or {}
+    tags = entry.get("tags") or {}
+    for key, allowed, kind in ((columns, _COLUMN_KEYS, "columns"), (tags, _TAG_KEYS, "tags")):
+        if not isinstance(key, dict):
+            raise DataError(f"{where}: dataset {name}: {kind} must be an object of names")
+        unknown = sorted(set(key) - allowed)
+        if unknown:
+            raise DataError(
+                f"{where}: dataset {name}: {kind} key {unknown[0]} is not supported; "
+                f"use {', '.join(sorted(allowed))}"
+            )
+    formatting = entry.get("formatting")
+    if formatting is None:
+        if "messages" in columns or tags:
+            formatting = "sharegpt"
+        elif columns:
+            formatting = "alpaca"
+        else:
+            return None
+    if formatting not in FORMATS:
+        raise DataError(
+            f"{where}: dataset {name} has formatting {formatting!r}; use one of {', '.join(FORMATS)}"
+        )
+    columns = {k: v for k, v in columns.items() if k != "tools"}  # tool definitions are not used yet
+    return FormatSpec.build(formatting, columns, tags)
+
+
+def resolve_source(name: str, dataset_dir: Path, info: dict[str, Any]) -> DatasetSource:
+    """A dataset_info.json name wins over a path; relative paths try the CWD, then dataset_dir."""
+    info_path = dataset_dir / "dataset_info.json"
+    if name in info:
+        entry = info[name]
+        if not isinstance(entry, dict):
+            raise DataError(f"{info_path}: entry {name} must be an object with file_name (and formatting)")
+        file_name = entry.get("file_name")
+        if not file_name:
+            hub = next((key for key in _HUB_KEYS if key in entry), None)
+            if hub:
+                raise _offline_error(name, f"a hub dataset ({hub}: {entry[hub]} in {info_path})")
+            raise DataError(
+                f"{info_path}: entry {name} has no file_name; set it to a file under {dataset_dir}"
+            )
+        path = Path(file_name).expanduser()
+        path = path if path.is_absolute() else dataset_dir / path
+        if not path.exists():
+            raise DataError(
+                f"{info_path}: dataset {name} points at {path}, which does not exist; fix file_name"
+            )
+        return DatasetSource(name, _files_of(path, name), _spec_from_entry(name, entry, info_path))
+    path = Path(name).expanduser()
+    for candidate in (path,) if path.is_absolute() else (path, dataset_dir / path):
+        if candidate.exists():
+            return DatasetSource(name, _files_of(candidate, name), None)
+    if _HUB_NAME.match(name) and Path(name).suffix.lower() not in SUFFIXES:
+        raise _offline_error(name, "a hub name and not a local file")
+    if Path(name).suffix.lower() in SUFFIXES:
+        raise DataError(
+            f"dataset file {name} does not exist (looked in the current folder and {dataset_dir}); "
+            "check the path"
+        )
+    known = ", ".join(sorted(info)) or f"none ({info_path} is missing or empty)"
+    raise DataError(
+        f"dataset {name} is neither a file nor a name in {info_path} (names there: {known}); "
+        f"give a {'/'.join(SUFFIXES)} path or add the name to dataset_info.json"
+    )
+
+
+# Each reader yields (location, row, problem); problem is set when the row could not even be parsed.
+RowItem = tuple[str, Any, str | None]
+
+
+def _read_jsonl_lines(path: Path, text: str) -> Iterator[RowItem]:
+    # split("\n"), not splitlines(): JSON strings may hold a raw U+2028, which splitlines() would cut at
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:line {lineno}", json.loads(line), None
+        except json.JSONDecodeError as err:
+            yield f"{path}:line {lineno}", None, f"invalid JSON ({err.msg} at column {err.colno})"
+
+
+def _read_rows(path: Path) -> Iterator[RowItem]:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as err:  # pyarrow raises several types for a damaged file
+            raise DataError(f"{path}: cannot read it as parquet ({err}); check the file") from None
+        for i, row in enumerate(rows, 1):
+            yield f"{path}:row {i}", row, None
+        return
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text; re-save it as UTF-8") from None
+    if suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        for i, row in enumerate(reader, 1):
+            extra = row.pop(None, None)  # DictReader files surplus cells under the key None
+            problem = f"it has {len(extra)} more cells than the header" if extra else None
+            yield f"{path}:row {i}", row, problem
+        return
+    if suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{path}:line {err.lineno}: invalid JSON ({err.msg}); fix the syntax at that line"
+            ) from None
+        for i, row in enumerate(rows, 1):
+            yield f"{path}:row {i}", row, None
+        return
+    if suffix == ".json" and text.lstrip().startswith("{") and "\n" in text.strip():
+        try:  # one pretty-printed object is not a list of rows; say so instead of failing line by line
+            json.loads(text)
+        except json.JSONDecodeError:
+            pass
+        else:
+            raise DataError(
+                f"{path} holds one JSON object; a dataset file must be a list of rows ([{{...}}, ...]) "
+                "or JSON lines (one row per line)"
+            )
+    # .jsonl, and .json files holding JSON lines (HF datasets reads both shapes as "json")
+    yield from _read_jsonl_lines(path, text)
+
+
+class _BadRows:
+    """Raise at the first bad row, or (skip_bad_rows) count them and log the first few."""
+
+    def __init__(self, skip: bool) -> None:
+        self.skip = skip
+        self.count = 0
+
+    def __call__(self, where: str, problem: str) -> None:
+        message = f"{where}: {problem}; fix the row or set skip_bad_rows=true to skip such rows"
+        if not self.skip:
+            raise DataError(message)
+        self.count += 1
+        if self.count <= _MAX_WARNED_ROWS:
+            logger.warning("skipped %s: %s", where, problem)
+
+
+def _read_source(
+    source: DatasetSource, max_samples: int | None, placeholders: dict[str, str], bad: _BadRows
+) -> list[Conversation]:
+    convs: list[Conversation] = []
+    taken = 0
+    for path in source.files:
+        spec = source.spec
+        for where, row, problem in _read_rows(path):
+            if max_samples is not None and taken >= max_samples:
+                return convs
+            taken += 1
+            if problem is None and spec is None:
+                spec = detect_format(row)
+                if spec is None:
+                    keys = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
+                    raise DataError(
+                        f"{where}: cannot tell the format of {path} (keys: {keys}); use alpaca "
+                        "(instruction/input/output), sharegpt (conversations) or openai (messages) rows, "
+                        "or describe the columns in dataset_info.json"
+                    )
+            if problem is None:
+                try:
+                    conv = row_to_conversation(row, spec, where)  # type: ignore[arg-type]
+                except RowError as err:
+                    problem = str(err)
+            if problem is not None:
+                bad(where, problem)
+                continue
+            convs.append(fill_placeholders(conv, placeholders))
+    return convs
+
+
+def load_conversations(cfg: Any) -> tuple[list[Conversation], int]:
+    """All conversations of ``cfg.dataset`` in order, and how many bad rows were skipped."""
+    if not cfg.dataset:
+        raise DataError(
+            "no dataset given; set dataset=NAME_OR_PATH (a .json/.jsonl/.csv/.parquet file or a name "
+            "in dataset_dir/dataset_info.json)"
+        )
+    dataset_dir = Path(cfg.dataset_dir).expanduser()
+    info = read_dataset_info(dataset_dir)
+    bad = _BadRows(cfg.skip_bad_rows)
+    convs: list[Conversation] = []
+    for name in cfg.dataset:
+        source = resolve_source(name, dataset_dir, info)
+        before, bad_before = len(convs), bad.count
+        convs += _read_source(source, cfg.max_samples, cfg.placeholders, bad)
+        logger.info(
+            "dataset %s: %d conversations from %s%s",
+            name,
+            len(convs) - before,
+            ", ".join(str(f) for f in source.files),
+            f" ({bad.count - bad_before} bad rows skipped)" if bad.count > bad_before else "",
+        )
+    return convs, bad.count
