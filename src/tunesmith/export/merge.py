@@ -1,0 +1,142 @@
+"""`tunesmith export`: merge a LoRA adapter into its base and write a self-contained HF folder.
+
+The folder holds sharded safetensors, the tokenizer with the chat template baked in, and a generation config
+whose eos ids are the template's stop tokens, so vLLM / llama.cpp converters / transformers stop where
+training taught the model to stop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tunesmith.errors import ModelError
+from tunesmith.logging import get_logger
+
+if TYPE_CHECKING:
+    from tunesmith.config.schema import Config
+
+logger = get_logger("export")
+
+# Written into every export; an existing out_dir holding it may be replaced, any other non-empty one may not.
+EXPORT_MARKER = "tunesmith_export.json"
+
+
+def export_model(
+    model_name_or_path: str,
+    out_dir: str | os.PathLike,
+    adapter: str | None = None,
+    *,
+    export_size_gb: float | str = 5,
+    dtype: str = "auto",
+    device: str = "cpu",
+    template: str | None = None,
+    cache_dir: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> Path:
+    """Write base (+ merged LoRA adapter) to `out_dir`; returns it.
+
+    `export_size_gb` is the largest shard in GB; a string with a unit ("500MB") is passed to transformers as is.
+    """
+    from tunesmith.model.adapt import load_adapter
+    from tunesmith.model.load import load_model, load_tokenizer, resolve_dtype
+    from tunesmith.model.resolve import resolve_model_path
+    from tunesmith.serve.generate import get_chat_template
+
+    out = Path(out_dir).expanduser()
+    _check_out_dir(out)
+    base_dir = resolve_model_path(model_name_or_path, cache_dir)
+    torch_dtype = resolve_dtype(dtype, base_dir)
+    tokenizer = load_tokenizer(base_dir, trust_remote_code=trust_remote_code)
+    # Loaded straight in the export dtype: PEFT computes the LoRA delta in float32 and rounds once when merging.
+    model: Any = load_model(
+        base_dir,
+        dtype=torch_dtype,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+        device=device,
+    )
+    if adapter:
+        model = load_adapter(model, adapter, trainable=False, allow_pickle=allow_pickle).merge_and_unload()
+        logger.info("merged adapter %s into %s", adapter, base_dir)
+
+    if (template and template != "auto") or tokenizer.chat_template:
+        chat_template = get_chat_template(template, tokenizer)
+        tokenizer.chat_template = chat_template.jinja()  # for auto: the tokenizer's own, unchanged
+        stop_ids = chat_template.stop_token_ids(tokenizer)
+    else:
+        logger.warning("the tokenizer of %s has no chat template; the export will have none either", base_dir)
+        stop_ids = [tokenizer.eos_token_id]
+    model.generation_config.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else stop_ids
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside out_dir and renamed in at the end: a crash never leaves a half export that looks whole.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        model.save_pretrained(tmp, max_shard_size=_shard_size(export_size_gb))
+        tokenizer.save_pretrained(tmp)
+        marker = {
+            "base": str(base_dir),
+            "adapter": str(Path(adapter).expanduser().resolve()) if adapter else None,
+            "dtype": str(torch_dtype).removeprefix("torch."),
+            "template": template or "auto",
+        }
+        (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("exported %s to %s", "merged model" if adapter else "model", out)
+    return out
+
+
+def export_from_config(cfg: Config) -> Path:
+    """export_model with the config's model, adapter and export_* keys."""
+    cfg.require("model_name_or_path", "export_dir")
+    return export_model(
+        cfg.model_name_or_path,
+        cfg.export_dir,
+        cfg.adapter_name_or_path,
+        export_size_gb=cfg.export_size,
+        dtype=cfg.export_dtype,
+        device=cfg.export_device,
+        template=cfg.template,
+        cache_dir=cfg.cache_dir,
+        trust_remote_code=cfg.trust_remote_code,
+        allow_pickle=cfg.allow_pickle,
+    )
+
+
+def _shard_size(size: float | str) -> int | str:
+    if isinstance(size, str):
+        return size
+    if size <= 0:
+        raise ModelError(f"export_size is {size}; set it to the largest shard size in GB (e.g. 5).")
+    return int(size * 10**9)  # transformers counts "5GB" as 5 * 10**9 bytes too
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.is_file():
+        raise ModelError(f"export_dir {out} is a file; set export_dir to a new or empty folder.")
+    if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
+        raise ModelError(
+            f"export_dir {out} is not empty and holds no earlier tunesmith export; choose a new or empty folder "
+            "so nothing of yours is overwritten."
+        )
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    if out.exists():
+        # Checked above: out is empty or a previous export. Move it aside so the swap is two renames.
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        new.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(out)

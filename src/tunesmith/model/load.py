@@ -1,0 +1,202 @@
+"""Load a causal LM and its tokenizer from anything `resolve_model_path` accepts, offline and safetensors-first."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tunesmith.errors import ModelError
+from tunesmith.logging import get_logger
+from tunesmith.model.resolve import resolve_model_path
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from tunesmith.config.schema import Config
+
+logger = get_logger("model")
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def _npu_available() -> bool:
+    # torch_npu registers the "npu" device only once imported; a broken install must not break CPU/CUDA users.
+    if importlib.util.find_spec("torch_npu") is None:
+        return False
+    try:
+        import torch_npu  # noqa: F401
+
+        return bool(torch.npu.is_available())  # type: ignore[attr-defined]
+    except Exception as err:  # noqa: BLE001 - any failure there just means "no NPU"
+        logger.debug("torch_npu is installed but unusable: %s", err)
+        return False
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto`: CUDA, then Ascend NPU, then CPU; otherwise the named torch device, checked to exist."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _npu_available():
+            return torch.device("npu")
+        return torch.device("cpu")
+    if name.startswith("npu") and not _npu_available():
+        raise ModelError(
+            f"device {name} was asked for but no Ascend NPU is usable (torch_npu); use auto or cpu."
+        )
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ModelError(
+            f"device {name} is not a torch device ({err}); use auto, cpu, cuda, cuda:N or npu."
+        ) from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {name} was asked for but CUDA is not available here; use auto or cpu.")
+    return device
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, model_dir: Path | None = None) -> torch.dtype:
+    """A torch dtype from a dtype or its name; `auto`/None means the dtype the model folder was saved in."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = (dtype or "auto").lower().removeprefix("torch.")
+    if name == "auto":
+        saved = _saved_dtype(model_dir) if model_dir is not None else None
+        return _DTYPES.get(saved or "", torch.float32)
+    if name not in _DTYPES:
+        raise ModelError(f"dtype {dtype} is not supported; use auto, float32, bfloat16 or float16.")
+    return _DTYPES[name]
+
+
+def _saved_dtype(model_dir: Path) -> str | None:
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    # transformers 5 writes "dtype"; older folders say "torch_dtype".
+    value = config.get("dtype") or config.get("torch_dtype")
+    return value if isinstance(value, str) else None
+
+
+def check_weights(model_dir: Path, allow_pickle: bool) -> bool:
+    """True when the folder has safetensors weights; pickled-only folders need `allow_pickle: true`."""
+    if any(model_dir.glob("*.safetensors")):
+        return True
+    pickled = sorted(p.name for p in model_dir.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if not pickled:
+        raise ModelError(
+            f"model folder {model_dir} has no weights (*.safetensors); point model_name_or_path at a complete "
+            "model folder."
+        )
+    if not allow_pickle:
+        raise ModelError(
+            f"model folder {model_dir} has only pickled weights ({', '.join(pickled[:3])}), which can run arbitrary "
+            "code when loaded; convert them to safetensors, or set allow_pickle: true if you trust the folder."
+        )
+    logger.warning("loading pickled weights from %s (allow_pickle: true)", model_dir)
+    return False
+
+
+def load_tokenizer(
+    name_or_path: str | os.PathLike, cache_dir: str | None = None, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with a pad token (the eos token when the model defines none, as most chat LMs)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path, cache_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=trust_remote_code, local_files_only=True
+        )
+    except (OSError, ValueError) as err:
+        raise ModelError(
+            f"cannot load the tokenizer of {path} ({_first_line(err)}); {_remote_code_hint(err)}"
+        ) from err
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelError(
+                f"the tokenizer of {path} has neither a pad nor an eos token; set pad_token in its "
+                "tokenizer_config.json."
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    cache_dir: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    device: str | torch.device = "cpu",
+) -> PreTrainedModel:
+    """A causal LM from a local folder / .gguf / alias, on `device` (`auto` picks CUDA, NPU, then CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path, cache_dir)
+    use_safetensors = check_weights(path, allow_pickle)
+    torch_dtype = resolve_dtype(dtype, path)
+    target = device if isinstance(device, torch.device) else pick_device(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=torch_dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=use_safetensors,
+            local_files_only=True,
+        )
+    except (OSError, ValueError) as err:
+        raise ModelError(
+            f"cannot load the model in {path} ({_first_line(err)}); {_remote_code_hint(err)}"
+        ) from err
+    if target.type != "cpu":
+        model.to(target)
+    logger.info("loaded %s (%s, %s) from %s", type(model).__name__, torch_dtype, target, path)
+    return model
+
+
+def load_model_and_tokenizer(cfg: Config) -> tuple[Any, PreTrainedTokenizerBase]:
+    """Model (+ cfg.adapter_name_or_path as a frozen PeftModel, for inference) and tokenizer from a config.
+
+    For training, `apply_finetuning(model, cfg)` turns the loaded adapter trainable (lora) or refuses it.
+    """
+    from tunesmith.model.adapt import load_adapter
+
+    cfg.require("model_name_or_path")
+    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.cache_dir, cfg.trust_remote_code)
+    model = load_model(
+        cfg.model_name_or_path,
+        cache_dir=cfg.cache_dir,
+        trust_remote_code=cfg.trust_remote_code,
+        allow_pickle=cfg.allow_pickle,
+        device=cfg.device,
+    )
+    if cfg.adapter_name_or_path:
+        model = load_adapter(model, cfg.adapter_name_or_path, trainable=False, allow_pickle=cfg.allow_pickle)
+    return model, tokenizer
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _remote_code_hint(err: BaseException) -> str:
+    if "trust_remote_code" in str(err):
+        return "set trust_remote_code: true if you trust the folder's own Python code."
+    return "check that the folder is a complete Hugging Face causal-LM folder."

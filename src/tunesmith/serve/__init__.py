@@ -1,0 +1,17 @@
+"""Serving: streamed generation and the terminal chat."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {"run_chat": "chat", "generate_stream": "generate", "generate_reply": "generate"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so importing the package (e.g. for the CLI's --help) does not import torch and transformers.
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -1,0 +1,130 @@
+"""Streamed generation with an explicit KV-cache loop: prompt via the chat template, stop at its stop tokens.
+
+A hand-written loop instead of `model.generate` + a streamer thread: sampling takes a private seeded
+generator (reproducible replies without touching the global RNG), stopping uses exactly the template's stop
+ids, and there is no thread to leak when the caller stops reading.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from tunesmith.data.templates import get_template
+
+
+def get_chat_template(template: Any, tokenizer: Any) -> Any:
+    """A Template from a Template object, a template name, or None (`auto`: the tokenizer's own template)."""
+    if hasattr(template, "encode_prompt"):
+        return template
+    return get_template(template or "auto", tokenizer)
+
+
+def generate_stream(
+    model: Any,
+    tokenizer: Any,
+    template: Any,
+    messages: list[dict],
+    *,
+    system: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> Iterator[str]:
+    """Yield the reply to `messages` piece by piece; temperature 0 is greedy, otherwise top-p sampling."""
+    chat_template = get_chat_template(template, tokenizer)
+    prompt = chat_template.encode_prompt(tokenizer, messages, system)
+    stops = set(chat_template.stop_token_ids(tokenizer))
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    params = _forward_parameters(model)
+    # transformers >= 5.2x names the KV cache `cache` (and deprecates `past_key_values`); older ones do not.
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    # Only the last position's logits are needed; skipping the rest saves prompt_len × vocab floats.
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+    was_training = model.training
+    model.eval()
+    try:
+        input_ids = torch.tensor([prompt], device=device)
+        past = None
+        generated: list[int] = []
+        shown = ""
+        for _ in range(max_new_tokens):
+            with torch.inference_mode():
+                out = model(input_ids=input_ids, use_cache=True, **{cache_kw: past}, **extra)
+            past = out.get(cache_kw)
+            next_id = _next_token(out.logits[0, -1].float(), temperature, top_p, generator)
+            if next_id in stops:
+                break
+            generated.append(next_id)
+            text = tokenizer.decode(generated, skip_special_tokens=True)
+            # Decoding the whole reply (not the last token alone) keeps word joins right; a trailing U+FFFD
+            # is half of a multi-byte character whose next byte is still to come, so it waits.
+            if not text.endswith("\ufffd") and len(text) > len(shown):
+                yield text[len(shown) :]
+                shown = text
+            input_ids = torch.tensor([[next_id]], device=device)
+        # Bytes that never completed a character are still part of the reply.
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        if len(text) > len(shown):
+            yield text[len(shown) :]
+    finally:
+        model.train(was_training)
+
+
+def generate_reply(
+    model: Any,
+    tokenizer: Any,
+    template: Any,
+    messages: list[dict],
+    *,
+    system: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> str:
+    """The whole reply at once (see generate_stream)."""
+    return "".join(
+        generate_stream(
+            model,
+            tokenizer,
+            template,
+            messages,
+            system=system,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+        )
+    )
+
+
+def _next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest set whose mass reaches top_p (the first token always stays).
+        drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _forward_parameters(model: Any) -> set[str]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return set(inspect.signature(base.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
