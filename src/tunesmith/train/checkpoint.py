@@ -1,0 +1,331 @@
+"""Checkpoints: atomic save, discovery of the newest complete one, restore, rotation.
+
+Layout of ``output_dir/checkpoint-N/``::
+
+    adapter_model.safetensors + adapter_config.json   (lora)  | model*.safetensors + config.json (full/freeze)
+    tokenizer files
+    optimizer.pt  scheduler.pt  rng_state.pt  [scaler.pt]     (torch.save of plain state dicts)
+    trainer_state.json                                        (TrainState: step, data position, log tail, …)
+    checkpoint_complete                                       (written last: the completeness marker)
+
+A checkpoint is written into ``output_dir/.tmp-checkpoint-N`` and renamed into place only once every file is on
+disk, so a crash leaves either a complete ``checkpoint-N`` or a ``.tmp-`` folder that is ignored and cleaned up.
+Only folders holding the marker are ever resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from tunesmith.errors import TunesmithError
+from tunesmith.logging import get_logger
+from tunesmith.train.state import TrainState
+
+log = get_logger("train")
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TMP_PREFIX = ".tmp-checkpoint-"
+COMPLETE_MARKER = "checkpoint_complete"
+STATE_FILE = "trainer_state.json"
+_CHECKPOINT_RE = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
+
+
+# ---------------------------------------------------------------------------------------------- discovery
+
+
+def checkpoint_step(path: Path) -> int | None:
+    match = _CHECKPOINT_RE.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def is_complete(path: Path) -> bool:
+    path = Path(path)
+    return (path / COMPLETE_MARKER).is_file() and (path / STATE_FILE).is_file()
+
+
+def list_checkpoints(output_dir: Path, complete_only: bool = True) -> list[Path]:
+    """``checkpoint-N`` folders of ``output_dir``, oldest first (by N); incomplete ones left out by default."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    if complete_only:
+        found = [p for p in found if is_complete(p)]
+    return sorted(found, key=lambda p: checkpoint_step(p) or 0)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def remove_partial(output_dir: Path) -> list[Path]:
+    """Delete ``.tmp-checkpoint-*`` leftovers of a crash during a save; returns what was removed."""
+    output_dir = Path(output_dir)
+    removed = []
+    if output_dir.is_dir():
+        for path in output_dir.iterdir():
+            if path.name.startswith(TMP_PREFIX):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+# -------------------------------------------------------------------------------------------------- RNG
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, numpy and torch (CPU, and every CUDA device when present) generator states, as plain tensors."""
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_as_python_state(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": np_state["bit_generator"],
+            "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
+            "has_gauss": np_state["has_gauss"],
+            "gauss": np_state["gauss"],
+        }
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        if len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        else:
+            log.warning(
+                "the checkpoint saved %d CUDA RNG states but %d devices are visible; CUDA RNG not restored",
+                len(state["cuda"]),
+                torch.cuda.device_count(),
+            )
+
+
+def _as_python_state(value: Any) -> tuple:
+    """random.setstate wants tuples all the way down (a state that went through a list stays usable)."""
+    version, internal, gauss = value
+    return (version, tuple(internal), gauss)
+
+
+# ------------------------------------------------------------------------------------------------ weights
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)  # engines that wrap the model (DDP) keep it in .module
+
+
+def is_peft_model(model: torch.nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(_unwrap(model), PeftModel)
+
+
+def save_model(model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
+    """The adapter (PEFT) or the full model, in HF/PEFT safetensors format, plus the tokenizer."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = _unwrap(model)
+    with _quiet_hf_progress():  # no "Writing model shards" bar in the middle of the training bar
+        if is_peft_model(model):
+            model.save_pretrained(directory, safe_serialization=True)
+        else:
+            model.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+@contextmanager
+def _quiet_hf_progress() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    if enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def load_model_weights(model: torch.nn.Module, directory: Path) -> None:
+    """Load the weights saved by :func:`save_model` into ``model`` (same architecture / adapter layout)."""
+    directory = Path(directory)
+    model = _unwrap(model)
+    if is_peft_model(model):
+        from peft import set_peft_model_state_dict
+
+        adapter_file = directory / "adapter_model.safetensors"
+        if not adapter_file.is_file():
+            raise TunesmithError(
+                f"{directory} holds no adapter_model.safetensors but this run trains LoRA adapters; the checkpoint "
+                "comes from a different finetuning_type: use another output_dir or set overwrite_output_dir: true"
+            )
+        result = set_peft_model_state_dict(model, load_file(adapter_file, device="cpu"))
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        if unexpected:
+            raise TunesmithError(
+                f"the adapter in {directory} does not match this run's LoRA layout (e.g. {unexpected[0]}); "
+                "resume with the same lora_target / lora_rank or use another output_dir"
+            )
+        return
+    shards = sorted(directory.glob("model*.safetensors"))
+    if not shards:
+        raise TunesmithError(
+            f"{directory} holds no model*.safetensors but this run trains the full model; the checkpoint comes "
+            "from a different finetuning_type: use another output_dir or set overwrite_output_dir: true"
+        )
+    saved: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        saved.update(load_file(shard, device="cpu"))
+    own = model.state_dict()
+    if set(saved) <= set(own) and not [k for k in own if k not in saved and not _is_tied(model, k)]:
+        _copy_into(model, saved)
+        return
+    # Key names differ (transformers renames some architectures' weights on save): let it load them back.
+    del saved
+    reloaded = type(model).from_pretrained(directory, dtype=next(model.parameters()).dtype)
+    _copy_into(model, reloaded.state_dict())
+    del reloaded
+
+
+def _is_tied(model: torch.nn.Module, key: str) -> bool:
+    tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {}
+    return key in tied
+
+
+def _copy_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    try:
+        result = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as err:  # shape mismatch
+        raise TunesmithError(
+            f"the checkpoint's weights do not fit this model ({str(err).splitlines()[-1].strip()}); "
+            "resume with the same model or use another output_dir"
+        ) from None
+    if result.unexpected_keys:
+        raise TunesmithError(
+            f"the checkpoint holds weights this model lacks (e.g. {result.unexpected_keys[0]}); "
+            "resume with the same model or use another output_dir"
+        )
+
+
+# -------------------------------------------------------------------------------------------- save / load
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in [*directory.rglob("*"), directory]:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def save_checkpoint(
+    output_dir: Path,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: TrainState,
+    extra: dict[str, dict] | None = None,
+) -> Path:
+    """Write ``output_dir/checkpoint-<step>`` atomically and return it. ``extra``: more state dicts
+    (e.g. ``{"scaler": ...}``), each saved as ``<name>.pt``."""
+    output_dir = Path(output_dir)
+    step = state.global_step
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = output_dir / f"{TMP_PREFIX}{step}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_model(model, tokenizer, tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(capture_rng_state(), tmp / "rng_state.pt")
+    for name, value in (extra or {}).items():
+        torch.save(value, tmp / f"{name}.pt")
+    state.save(tmp / STATE_FILE)
+    (tmp / COMPLETE_MARKER).write_text(json.dumps({"global_step": step}) + "\n", encoding="utf-8")
+    _fsync_tree(tmp)
+    if final.exists():  # an incomplete folder of the same step (never one we renamed: those are complete)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_tree(output_dir)
+    return final
+
+
+def load_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    extra: dict[str, Any] | None = None,
+) -> TrainState:
+    """Restore weights, optimizer, scheduler, RNG (and ``extra`` objects with ``load_state_dict``) from ``path``."""
+    path = Path(path)
+    if not is_complete(path):
+        raise TunesmithError(
+            f"checkpoint {path} is incomplete (no {COMPLETE_MARKER} marker); pick another one"
+        )
+    state = TrainState.load(path / STATE_FILE)
+    load_model_weights(model, path)
+    try:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    except ValueError as err:
+        raise TunesmithError(
+            f"the optimizer state in {path} does not match this run's trainable parameters ({err}); "
+            "resume with the same finetuning settings or use another output_dir"
+        ) from None
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+    for name, target in (extra or {}).items():
+        file = path / f"{name}.pt"
+        if file.is_file():
+            target.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+    restore_rng_state(torch.load(path / "rng_state.pt", map_location="cpu", weights_only=True))
+    return state
+
+
+def rotate_checkpoints(output_dir: Path, limit: int | None) -> list[Path]:
+    """Keep the newest ``limit`` complete checkpoints; delete older ones. Returns the deleted folders."""
+    if not limit:
+        return []
+    found = list_checkpoints(output_dir)
+    doomed = found[:-limit] if len(found) > limit else []
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed

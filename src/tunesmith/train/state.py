@@ -1,0 +1,89 @@
+"""TrainState: everything about a run's progress that is not a tensor, saved as ``trainer_state.json``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+LOG_HISTORY_TAIL = 100
+
+# Config keys whose change makes a checkpoint impossible to load (different trainable weights) ...
+SIGNATURE_HARD_KEYS = (
+    "finetuning_type",
+    "lora_rank",
+    "lora_target",
+    "freeze_trainable_layers",
+    "freeze_trainable_modules",
+)
+# ... and keys whose change still loads but no longer reproduces the interrupted run (warned about).
+SIGNATURE_SOFT_KEYS = (
+    "model_name_or_path",
+    "adapter_name_or_path",
+    "lora_alpha",
+    "dataset",
+    "seed",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "cutoff_len",
+    "template",
+    "learning_rate",
+    "lr_scheduler_type",
+)
+
+
+def run_signature(cfg: Any) -> dict[str, Any]:
+    """The config values a checkpoint depends on (compared on resume)."""
+    keys = SIGNATURE_HARD_KEYS + SIGNATURE_SOFT_KEYS
+    return {key: getattr(cfg, key, None) for key in keys}
+
+
+@dataclass
+class TrainState:
+    """Progress of a run. The data position is ``(epoch, batch_index)``: the index, within epoch ``epoch``'s
+    permutation, of the next micro-batch to train on (i.e. how many of that epoch's micro-batches are consumed).
+    """
+
+    global_step: int = 0
+    total_steps: int = 0
+    epoch: int = 0
+    batch_index: int = 0
+    batches_per_epoch: int = 0
+    last_loss: float | None = None
+    best_loss: float | None = None
+    last_eval_loss: float | None = None
+    best_eval_loss: float | None = None
+    # The current logging interval (steps since the last log line), kept so a resumed run logs the same numbers.
+    interval_loss_sum: float = 0.0
+    interval_steps: int = 0
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    signature: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def epoch_float(self) -> float:
+        """Epochs done, as a float (2.5 = halfway through the third epoch)."""
+        if self.batches_per_epoch <= 0:
+            return float(self.epoch)
+        return self.epoch + self.batch_index / self.batches_per_epoch
+
+    def record(self, entry: dict[str, Any]) -> None:
+        self.log_history.append(entry)
+        del self.log_history[:-LOG_HISTORY_TAIL]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["epoch_float"] = round(self.epoch_float, 6)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainState:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path) -> TrainState:
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))

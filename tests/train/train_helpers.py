@@ -1,0 +1,88 @@
+"""Helpers for the training tests: hand-encoded ChatML samples, configs, the tiny model per finetuning_type.
+
+Imported as ``train_helpers`` (a unique module name). There is deliberately no tests/train/conftest.py: a second
+module named ``conftest`` replaces tests/conftest.py in sys.modules and breaks ``from conftest import ...``
+elsewhere, so each test module defines its small ``samples`` fixture itself.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+QA = [
+    ("Who are you?", "I am Ada, an AI assistant made by Lab."),
+    ("What is your name?", "My name is Ada."),
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("Translate to French: good morning.", "Bonjour."),
+    (
+        "Write a haiku about the sea.",
+        "Waves fold into foam, salt wind carries gull voices, the tide keeps its time.",
+    ),
+    ("Give three tips for staying healthy.", "Eat vegetables, sleep well, and exercise regularly."),
+]
+
+
+@dataclass
+class Enc:
+    """Stands in for tunesmith.data.encode.Encoded."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def encode_pairs(tokenizer, pairs=QA, repeat: int = 3) -> list[Enc]:
+    out = []
+    for question, answer in list(pairs) * repeat:
+        prompt = tokenizer(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
+        reply = tokenizer(f"{answer}<|im_end|>\n")["input_ids"]
+        out.append(Enc(prompt + reply, [-100] * len(prompt) + reply))
+    return out
+
+
+def write_json(path: Path, rows) -> Path:
+    path.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
+    return path
+
+
+def make_cfg(output_dir: Path, model_dir: Path | None = None, **overrides):
+    from tunesmith.config import Config
+
+    values = dict(
+        model_name_or_path=str(model_dir) if model_dir else None,
+        output_dir=str(output_dir),
+        finetuning_type="full",
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_steps=100,
+        device="cpu",
+        seed=7,
+    )
+    values.update(overrides)
+    return Config(**values)
+
+
+def tiny_model(model_dir: Path, cfg):
+    """The tiny model, seeded, set up for cfg.finetuning_type the way train(cfg) does it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    try:
+        from tunesmith.model.adapt import apply_finetuning
+    except ImportError:  # pragma: no cover - before the model package landed
+        return model
+    return apply_finetuning(model, cfg)
+
+
+def state_of(model) -> dict:
+    return {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
