@@ -164,6 +164,11 @@ class TrainArgs(_Section):
     device: str = Field("auto", description="`auto` (CUDA, then NPU, then CPU) or a torch device string.")
     ddp_timeout: int | None = Field(None, description="Accepted for LLaMA-Factory compatibility (single process).")
 
+    @field_validator("save_strategy", "eval_strategy", mode="before")
+    @classmethod
+    def _yaml_no_is_false(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
+
     @field_validator("report_to", mode="before")
     @classmethod
     def _split_report_to(cls, value: Any) -> Any:

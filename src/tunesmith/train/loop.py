@@ -141,11 +141,16 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Causal-LM cross entropy summed over the target tokens (position t predicts labels[t + 1]), in float32."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:].to(shift_logits.device)
+    """Causal-LM cross entropy summed over the target tokens (position t predicts labels[t + 1]), in float32.
+
+    The labels are shifted, not the logits: slicing the (batch × seq × vocab) logits would copy the largest
+    tensor of the step (and keep a second one alive for backward).
+    """
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).to(logits.device)
+    if logits.dtype != torch.float32:  # autocast: compute the softmax in float32
+        logits = logits.float()
     return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
+        logits.view(-1, logits.size(-1)),
         shift_labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
