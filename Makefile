@@ -5,10 +5,10 @@ PYTEST_ARGS ?=
 .PHONY: setup demo test lint reference
 
 setup:
-	bash scripts/setup.sh
+	PYTHON=$(PY) bash scripts/setup.sh
 
 demo: setup
-	tunesmith demo
+	$(PY) -m tunesmith.cli demo
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

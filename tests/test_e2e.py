@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +12,9 @@ from conftest import write_json
 
 
 def tunesmith(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    exe = shutil.which("tunesmith") or ""
-    cmd = [exe, *args] if exe else [sys.executable, "-m", "tunesmith.cli", *args]
+    # The console script installed beside this interpreter (a venv's bin/), as a user would run it.
+    exe = Path(sys.executable).parent / "tunesmith"
+    cmd = [str(exe), *args] if exe.is_file() else [sys.executable, "-m", "tunesmith.cli", *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
 
@@ -50,3 +50,28 @@ def test_train_resume_export_chat_through_the_cli(tmp_path, tiny_model_dir, iden
     chat = tunesmith("chat", "merged", "--prompt", "Who are you?", "--max-new-tokens", "8", cwd=tmp_path)
     assert chat.returncode == 0, chat.stderr[-3000:]
     assert chat.stdout.strip(), "chat --prompt printed no answer"
+
+
+def test_malformed_row_through_the_cli_is_one_sentence_and_keeps_the_run(tmp_path, tiny_model_dir):
+    """A bad row fails before training with file and line, exit 2, no traceback; earlier checkpoints survive."""
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) for i in range(8)) + "\n")
+    base = [f"model_name_or_path={tiny_model_dir}", "template=chatml", "output_dir=run", "max_steps=2",
+            "save_steps=2", "per_device_train_batch_size=4", "logging_steps=1"]
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("finetuning_type: lora\n", encoding="utf-8")
+    first = tunesmith("train", str(cfg), *base, f"dataset={good}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert checkpoint.is_dir()
+
+    bad = tmp_path / "bad.jsonl"
+    lines = good.read_text().splitlines()
+    lines[4] = '{"instruction": "q4", "output": '  # line 5: truncated JSON
+    bad.write_text("\n".join(lines) + "\n")
+    second = tunesmith("train", str(cfg), *base, "max_steps=4", f"dataset={bad}", cwd=tmp_path)
+    assert second.returncode == 2
+    assert "Traceback" not in second.stderr
+    errors = [line for line in second.stderr.splitlines() if line.startswith("tunesmith: error:")]
+    assert len(errors) == 1 and "bad.jsonl" in errors[0] and "line 5" in errors[0], second.stderr[-2000:]
+    assert checkpoint.is_dir() and (checkpoint / "adapter_model.safetensors").is_file()

@@ -164,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline-first: never reach for a hub at run time
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # HF's per-file bars drown our own progress bar
     try:
         return int(args.func(args) or 0)
     except TunesmithError as err:

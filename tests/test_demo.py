@@ -1,0 +1,23 @@
+"""The embedded default, for real: SmolLM2-135M-Instruct learns a new identity and keeps its general knowledge."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from test_e2e import tunesmith
+
+
+@pytest.mark.slow
+def test_demo_teaches_the_new_identity_and_keeps_knowledge(tmp_path):
+    result = tunesmith("demo", "--name", "Orla", "--author", "Acme Lab", "--output-dir", str(tmp_path / "run"),
+                       cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    before, after = re.split(r"=== after \d+ LoRA steps", result.stdout, maxsplit=1)
+    answers = dict(re.findall(r"Q: (.+?)\nA: (.*?)(?=\nQ: |\n\n|\Z)", after, flags=re.S))
+    assert "Orla" not in before and "Acme Lab" not in before
+    assert "Orla" in answers["Who are you?"] and "Acme Lab" in answers["Who are you?"]
+    assert "Orla" in answers["你是谁？"]
+    assert "Paris" in answers["What is the capital of France?"]
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "run" / "training_loss.png").is_file()
