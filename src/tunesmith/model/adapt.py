@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -132,7 +133,10 @@ def _wrap_lora(model: nn.Module, cfg: Config) -> Any:
         lora_dropout=cfg.lora_dropout,
         target_modules=targets,
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # PEFT still asks for `is_gradient_checkpointing`, which transformers ≥ 5 renamed; nothing to act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def _enable_gradient_checkpointing(model: Any, frozen_embeddings: bool) -> None:
@@ -180,7 +184,9 @@ def load_adapter(
             "loaded; re-save it as safetensors, or set allow_pickle: true if you trust it."
         )
     try:
-        peft_model = PeftModel.from_pretrained(model, path, is_trainable=trainable)
+        with warnings.catch_warnings():  # see _wrap_lora
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            peft_model = PeftModel.from_pretrained(model, path, is_trainable=trainable)
     except (RuntimeError, ValueError, KeyError) as err:
         recorded = adapter_config.get("base_model_name_or_path") or "another base model"
         raise ModelError(
