@@ -111,3 +111,16 @@ def test_refuses_mismatched_and_non_lora_adapters(tiny_model_dir, tmp_path):
     with pytest.raises(ModelError, match="LoRA adapters only"):
         export_model(str(tiny_model_dir), tmp_path / "out", str(prefix))
     assert not (tmp_path / "out").exists()
+
+
+def test_training_default_system_becomes_the_exported_templates_default(tiny_model_dir, tmp_path):
+    cfg = Config(model_name_or_path=str(tiny_model_dir), export_dir=str(tmp_path / "out"), template="chatml",
+                 default_system="You are Ada, a careful assistant.")
+    tokenizer = AutoTokenizer.from_pretrained(export_from_config(cfg))
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert text.startswith("<|im_start|>system\nYou are Ada, a careful assistant.<|im_end|>\n")
+    explicit = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], tokenize=False
+    )
+    assert "careful" not in explicit and "Be brief." in explicit

@@ -7,6 +7,7 @@ training taught the model to stop.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -35,6 +36,7 @@ def export_model(
     dtype: str = "auto",
     device: str = "cpu",
     template: str | None = None,
+    default_system: str | None = None,
     cache_dir: str | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
@@ -42,7 +44,10 @@ def export_model(
     """Write base (+ merged LoRA adapter) to `out_dir`; returns it.
 
     `export_size_gb` is the largest shard in GB; a string with a unit ("500MB") is passed to transformers as is.
+    `default_system` (the training config's) becomes the exported chat template's default system prompt, so chat
+    on the merged model sees the same prompt the model was trained with.
     """
+    from tunesmith.data.templates import Template
     from tunesmith.model.adapt import load_adapter
     from tunesmith.model.load import load_model, load_tokenizer, resolve_dtype
     from tunesmith.model.resolve import resolve_model_path
@@ -67,6 +72,12 @@ def export_model(
 
     if (template and template != "auto") or tokenizer.chat_template:
         chat_template = get_chat_template(template, tokenizer)
+        if default_system is not None:
+            if type(chat_template) is Template:  # a registry template; AutoTemplate wraps the tokenizer's jinja
+                chat_template = dataclasses.replace(chat_template, default_system=default_system)
+            else:
+                logger.warning("default_system is not written into the tokenizer's own (auto) template; "
+                               "pass --system when chatting with the export")
         tokenizer.chat_template = chat_template.jinja()  # for auto: the tokenizer's own, unchanged
         stop_ids = chat_template.stop_token_ids(tokenizer)
     else:
@@ -107,6 +118,7 @@ def export_from_config(cfg: Config) -> Path:
         dtype=cfg.export_dtype,
         device=cfg.export_device,
         template=cfg.template,
+        default_system=cfg.default_system,
         cache_dir=cfg.cache_dir,
         trust_remote_code=cfg.trust_remote_code,
         allow_pickle=cfg.allow_pickle,
