@@ -10,7 +10,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from testutil import write_json  # noqa: F401  (re-exported for older imports)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
