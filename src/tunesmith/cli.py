@@ -22,9 +22,31 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     cfg.require("model_name_or_path", "dataset", "output_dir")
+    from tunesmith.launch.distributed import launched_by_torchrun
+    from tunesmith.launch.torchrun import launch_spec, run_torchrun, should_launch
+
+    spec = launch_spec(
+        args.nproc_per_node,
+        args.nnodes,
+        args.node_rank,
+        args.master_addr,
+        args.master_port,
+        count_gpus=cfg.device.strip().lower() in ("auto", "cuda"),
+    )
+    if should_launch(spec):  # re-run this very command as torchrun's workers (they see RANK etc. and train)
+        worker_args = [*(["-v"] if args.verbose else []), "train", args.config, *args.overrides]
+        return run_torchrun(spec, worker_args)
+
+    from tunesmith.launch.distributed import shutdown_distributed
     from tunesmith.train import train  # heavy (torch): only once the config is known to be valid
 
-    result = train(cfg)
+    run = train
+    if launched_by_torchrun():
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        run = record(train)  # an uncaught error's traceback goes into torchrun's failure summary
+    result = run(cfg)
+    shutdown_distributed()
     log.info("training finished: step %d, final loss %.4f, run folder %s", result.global_step, result.final_loss,
              result.output_dir)
     return 0
@@ -113,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train from a YAML config (re-running resumes from the newest checkpoint)")
     _add_config_args(p)
+    launch = p.add_argument_group(
+        "distributed (runs torchrun; each flag defaults to the env variable of the same name, as in LLaMA-Factory)"
+    )
+    launch.add_argument("--nproc-per-node", type=int, metavar="N", help="processes on this node (NPROC_PER_NODE)")
+    launch.add_argument("--nnodes", type=int, metavar="N", help="nodes in the job (NNODES)")
+    launch.add_argument("--node-rank", type=int, metavar="R", help="this node's rank, 0..nnodes-1 (NODE_RANK)")
+    launch.add_argument("--master-addr", metavar="HOST", help="address of node 0 (MASTER_ADDR)")
+    launch.add_argument("--master-port", type=int, metavar="PORT", help="port on node 0 (MASTER_PORT)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("export", help="merge an adapter into its base and write an HF folder")
@@ -157,7 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `tunesmith train cfg.yaml --nproc-per-node 2 lr=1e-4`: argparse stops filling `overrides` at the first
+    # option, so KEY=VALUE words after an option arrive here; anything else is a real error.
+    if extra:
+        if hasattr(args, "overrides") and all("=" in word and not word.startswith("-") for word in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(verbose=args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -168,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except TunesmithError as err:
-        print(f"tunesmith: error: {err}", file=sys.stderr)
+        rank = os.environ.get("RANK") if os.environ.get("WORLD_SIZE", "1") != "1" else None
+        print(f"tunesmith: error{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tunesmith: interrupted", file=sys.stderr)

@@ -42,3 +42,57 @@ def test_resuming_mid_epoch_yields_exactly_the_remaining_windows():
     for a, b in zip(full[-1][1], resumed[0][1], strict=True):
         assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
     assert [p for p, _ in loader.epoch_windows(0, 0, 4)] == [4, 6]  # the short last window still steps
+
+
+def _global_order(loaders: list[EpochLoader], epoch: int, start: int, accumulation: int) -> tuple[list[int], list]:
+    """Rebuild the global sample order from every rank's windows (rank-major inside each micro-batch round)."""
+    per_rank = [list(loader.window_indices(epoch, start, accumulation)) for loader in loaders]
+    positions = [[p for p, _ in windows] for windows in per_rank]
+    assert all(p == positions[0] for p in positions)  # every rank steps at the same sample positions
+    seen: list[int] = []
+    for w in range(len(per_rank[0])):
+        groups = [windows[w][1] for windows in per_rank]
+        assert len({len(g) for g in groups}) == 1  # the same number of micro-batches on every rank
+        for k in range(len(groups[0])):
+            for group in groups:
+                seen += group[k]
+    return seen, positions[0]
+
+
+def test_ranks_see_each_sample_exactly_once_per_epoch():
+    data = _data(23)
+    for world in (1, 2, 3):
+        for batch in (1, 2, 4):
+            for accumulation in (1, 3):
+                loaders = [EpochLoader(data, batch, 0, seed=5, rank=r, world_size=world) for r in range(world)]
+                seen, positions = _global_order(loaders, epoch=1, start=0, accumulation=accumulation)
+                assert seen == loaders[0].permutation(1), (world, batch, accumulation)
+                assert positions[-1] == 23 and len(loaders[0]) == -(-23 // (batch * world))
+    single = EpochLoader(data, 2, 0, seed=5)  # one rank: the single-process windows exactly
+    assert [(p, [b.input_ids.tolist() for b in w]) for p, w in single.windows(0, 4, 3)] == [
+        (min(2 * p, 23), [b.input_ids.tolist() for b in w]) for p, w in single.epoch_windows(0, 2, 3)
+    ]
+
+
+def test_a_position_saved_on_two_ranks_continues_on_one_and_three():
+    data = _data(23)
+    two = [EpochLoader(data, 2, 0, seed=5, rank=r, world_size=2) for r in range(2)]
+    _, positions = _global_order(two, epoch=0, start=0, accumulation=2)
+    saved = positions[1]  # after two optimizer steps on 2 ranks
+    assert saved == 16
+    order = two[0].permutation(0)
+    for world, batch in ((1, 4), (3, 1)):
+        loaders = [EpochLoader(data, batch, 0, seed=5, rank=r, world_size=world) for r in range(world)]
+        seen, _ = _global_order(loaders, epoch=0, start=saved, accumulation=2)
+        assert seen == order[saved:]  # nothing skipped, nothing repeated
+
+
+def test_ranks_without_samples_run_a_masked_copy():
+    data = _data(7)
+    loaders = [EpochLoader(data, 2, 0, seed=1, rank=r, world_size=3) for r in range(3)]
+    last = [list(loader.windows(0, 0, 1))[-1] for loader in loaders]  # 7 = 6 + 1: one sample in the last round
+    assert [p for p, _ in last] == [7, 7, 7]
+    assert [len(w) for _, w in last] == [1, 1, 1]
+    assert last[0][1][0].num_targets > 0
+    for _, window in last[1:]:
+        assert window[0].num_targets == 0 and window[0].input_ids.numel() > 0

@@ -162,7 +162,19 @@ class TrainArgs(_Section):
     seed: int = Field(42, description="Seed for data order, initialisation and dropout.")
     run_name: str | None = Field(None, description="A name for this run in logs.")
     device: str = Field("auto", description="`auto` (CUDA, then NPU, then CPU) or a torch device string.")
-    ddp_timeout: int | None = Field(None, description="Accepted for LLaMA-Factory compatibility (single process).")
+    engine: Literal["auto", "single", "ddp", "fsdp2"] = Field(
+        "auto",
+        description="How training uses several processes (launched by `tunesmith train --nproc-per-node N` or "
+        "torchrun): `ddp` replicates the model and all-reduces gradients; `fsdp2` shards parameters, gradients "
+        "and optimizer state (torch FSDP2 `fully_shard`); `single` is one process. `auto`: ddp with more than "
+        "one process, else single.",
+    )
+    ddp_timeout: int | None = Field(
+        None,
+        ge=1,
+        description="Seconds any collective may wait, e.g. ranks waiting while rank 0 loads/converts the model, "
+        "before the job fails (default 1800).",
+    )
 
     @field_validator("save_strategy", "eval_strategy", mode="before")
     @classmethod
@@ -207,6 +219,56 @@ class ExportArgs(_Section):
         return value
 
 
+class EvalArgs(_Section):
+    do_predict: bool = Field(
+        False,
+        description="Generate answers for a dataset and score them (BLEU-4, ROUGE-1/2/L): `tunesmith eval CONFIG` "
+        "does it; with `tunesmith train` it runs after training. Writes output_dir/generated_predictions.jsonl "
+        "and predict_results.json.",
+    )
+    predict_with_generate: bool = Field(
+        True, description="Accepted for LLaMA-Factory compatibility: prediction always generates (must stay true)."
+    )
+    eval_dataset: list[str] | None = Field(
+        None,
+        description="Datasets to predict on (same forms as `dataset`). Unset: the validation split of `dataset` "
+        "when val_size > 0, else all of `dataset`.",
+    )
+    max_new_tokens: int = Field(512, ge=1, description="Most tokens generated per answer (prediction).")
+    do_sample: bool = Field(
+        False,
+        description="Sample answers with temperature / top_p instead of greedy decoding. Off by default so "
+        "scores are reproducible (LLaMA-Factory samples by default).",
+    )
+    temperature: float = Field(0.95, gt=0.0, description="Sampling temperature when do_sample is true.")
+    top_p: float = Field(0.7, gt=0.0, le=1.0, description="Nucleus sampling mass when do_sample is true.")
+    evaluation_inputs: list[str] | None = Field(
+        None,
+        description="Questions answered during training every evaluation_freq steps (XTuner's name); the "
+        "answers go to the console, trainer_log.jsonl and TensorBoard.",
+    )
+    evaluation_freq: int | None = Field(
+        None, ge=1, description="Answer evaluation_inputs every N optimizer steps (default: eval_steps)."
+    )
+
+    @field_validator("eval_dataset", mode="before")
+    @classmethod
+    def _split_eval_dataset(cls, value: Any) -> Any:
+        return _comma_list(value)
+
+    @field_validator("evaluation_inputs", mode="before")
+    @classmethod
+    def _one_question(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # questions hold commas: never split a string
+
+    @field_validator("predict_with_generate")
+    @classmethod
+    def _always_generate(cls, value: bool) -> bool:
+        if not value:
+            raise ValueError("not supported: predict_with_generate: false; tunesmith predicts by generating")
+        return value
+
+
 # Keys of LLaMA-Factory / HF TrainingArguments that tunesmith knows but does not implement yet: a config that
 # sets one fails with "not supported yet: KEY" instead of being silently ignored.
 NOT_SUPPORTED_YET: frozenset[str] = frozenset(
@@ -215,7 +277,7 @@ NOT_SUPPORTED_YET: frozenset[str] = frozenset(
     tokenized_path quantization_bit quantization_method quantization_type double_quantization
     use_dora use_rslora pissa_init loraplus_lr_ratio additional_target lora_modules_to_save
     new_special_tokens resize_vocab flash_attn shift_attn rope_scaling use_unsloth enable_liger_kernel
-    do_predict do_eval predict_with_generate eval_dataset optim neftune_noise_alpha use_galore use_badam
+    do_eval optim neftune_noise_alpha use_galore use_badam
     use_apollo upcast_layernorm torch_compile export_quantization_bit export_hub_model_id push_to_hub
     hub_model_id pref_beta pref_loss reward_model booster infer_backend vllm_maxlen ddp_find_unused_parameters
     freeze_vision_tower image_max_pixels video_max_pixels media_dir lr_scheduler_kwargs save_only_model
@@ -224,7 +286,7 @@ NOT_SUPPORTED_YET: frozenset[str] = frozenset(
 )
 
 
-class Config(ModelArgs, MethodArgs, DataArgs, TrainArgs, ExportArgs):
+class Config(ModelArgs, MethodArgs, DataArgs, TrainArgs, EvalArgs, ExportArgs):
     """The whole tunesmith config: every section's keys at the top level, as in LLaMA-Factory."""
 
     @model_validator(mode="after")
@@ -237,6 +299,8 @@ class Config(ModelArgs, MethodArgs, DataArgs, TrainArgs, ExportArgs):
             self.report_to = ["tensorboard"]
         if self.fp16 and self.bf16:
             raise ValueError("bf16 and fp16 are both true; choose one")
+        if self.fp16 and self.engine == "fsdp2":
+            raise ValueError("fp16 with engine: fsdp2 is not supported yet; use bf16: true or engine: ddp")
         return self
 
     def require(self, *keys: str) -> None:
@@ -255,5 +319,6 @@ SECTIONS: dict[str, type[_Section]] = {
     "method": MethodArgs,
     "data": DataArgs,
     "train": TrainArgs,
+    "eval": EvalArgs,
     "export": ExportArgs,
 }

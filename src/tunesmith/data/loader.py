@@ -1,8 +1,23 @@
 """Batches for training: a seeded per-epoch permutation with a resumable position, and right-padding collate.
 
 The order of epoch ``e`` depends only on ``(seed, e)`` (its own ``torch.Generator``, never the global RNG), so a
-resumed run can rebuild the permutation and skip the micro-batches it already consumed without drawing a single
-random number.
+resumed run can rebuild the permutation and skip the samples it already consumed without drawing a single random
+number.
+
+Across ranks (``world_size`` W, ``batch_size`` B per rank, ``accumulation`` A) every rank builds the same global
+permutation and takes its own slices of it, so each sample is trained exactly once per epoch on exactly one rank:
+
+* the permutation is cut into windows of A·B·W samples, one optimizer step each (the epoch's last window may be
+  shorter; windows never cross an epoch);
+* inside a window, micro-batch k of rank r holds the samples ``[(k·W + r)·B, (k·W + r + 1)·B)``; with W = 1 this is
+  the single-process order exactly;
+* a short last window keeps this layout (no sample is repeated or dropped): a rank whose slice is empty, or that
+  has fewer micro-batches than the others, runs a *masked* micro-batch (a copy of a sample with every label
+  ignored: no targets, zero gradient), so that all ranks run the same number of forward/backward passes, which
+  DDP's and FSDP's collectives require.
+
+The position in an epoch is the number of samples of its permutation consumed, which does not depend on W: a run
+saved on 2 ranks continues on 1 or 3 ranks from the very next sample.
 """
 
 from __future__ import annotations
@@ -44,6 +59,13 @@ def count_targets(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def masked_copy(sample: EncodedLike, pad_token_id: int) -> Batch:
+    """A one-sample batch with every label ignored: it runs forward/backward (keeping ranks in step) but has
+    no targets, so it contributes exactly zero to the loss and the gradient."""
+    batch = collate([sample], pad_token_id)
+    return Batch(batch.input_ids, torch.full_like(batch.labels, IGNORE_INDEX), batch.attention_mask)
+
+
 def collate(samples: Sequence[EncodedLike], pad_token_id: int) -> Batch:
     """Right-pad ``input_ids`` with ``pad_token_id`` and ``labels`` with -100; mask marks the real tokens."""
     if not samples:
@@ -65,8 +87,9 @@ def collate(samples: Sequence[EncodedLike], pad_token_id: int) -> Batch:
 class EpochLoader:
     """Micro-batches of ``dataset`` for one epoch at a time, in a permutation fixed by ``(seed, epoch)``.
 
-    ``len(loader)`` is the number of micro-batches per epoch (the last one may be smaller). Iterate with
-    :meth:`epoch_batches`, giving the position (micro-batches already consumed) to resume mid-epoch.
+    ``len(loader)`` is the number of micro-batch rounds per epoch (rounds of ``batch_size × world_size`` samples;
+    the last one may be smaller). :meth:`windows` yields this rank's accumulation windows from a sample position;
+    :meth:`epoch_batches` / :meth:`epoch_windows` are the single-process views by micro-batch position.
     """
 
     def __init__(
@@ -76,17 +99,23 @@ class EpochLoader:
         pad_token_id: int,
         seed: int = 42,
         shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of {world_size}")
         self.dataset = dataset
         self.batch_size = batch_size
         self.pad_token_id = pad_token_id
         self.seed = seed
         self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
 
     def __len__(self) -> int:
-        return -(-len(self.dataset) // self.batch_size)
+        return -(-len(self.dataset) // (self.batch_size * self.world_size))
 
     def permutation(self, epoch: int) -> list[int]:
         if not self.shuffle:
@@ -113,3 +142,28 @@ class EpochLoader:
                 first + len(group),
                 [collate([self.dataset[i] for i in ids], self.pad_token_id) for ids in group],
             )
+
+    def window_indices(self, epoch: int, start: int, accumulation: int) -> Iterator[tuple[int, list[list[int]]]]:
+        """This rank's sample indices per micro-batch for each window from sample position ``start`` (see the
+        module docstring); an empty list is a micro-batch this rank must fill with a masked copy. Yields
+        ``(samples of the epoch consumed after the window, micro-batches)``."""
+        order = self.permutation(epoch)
+        per_round = self.batch_size * self.world_size
+        for first in range(start, len(order), accumulation * per_round):
+            chunk = order[first : first + accumulation * per_round]
+            mine = [
+                chunk[k + self.rank * self.batch_size : k + (self.rank + 1) * self.batch_size]
+                for k in range(0, len(chunk), per_round)
+            ]
+            yield first + len(chunk), mine
+
+    def windows(self, epoch: int, start: int, accumulation: int) -> Iterator[tuple[int, list[Batch]]]:
+        """Like :meth:`window_indices`, collated (masked copies where this rank has no samples)."""
+        for position, groups in self.window_indices(epoch, start, accumulation):
+            filler = self.dataset[self.permutation(epoch)[position - 1]] if not all(groups) else None
+            yield position, [
+                collate([self.dataset[i] for i in ids], self.pad_token_id)
+                if ids
+                else masked_copy(filler, self.pad_token_id)
+                for ids in groups
+            ]

@@ -4,13 +4,16 @@ Layout of ``output_dir/checkpoint-N/``::
 
     adapter_model.safetensors + adapter_config.json   (lora)  | model*.safetensors + config.json (full/freeze)
     tokenizer files
-    optimizer.pt  scheduler.pt  rng_state.pt  [scaler.pt]     (torch.save of plain state dicts)
+    optimizer.pt                                              (single / ddp: the optimizer's own state dict)
+    dcp/                                                      (fsdp2 instead: sharded model + optimizer, DCP)
+    scheduler.pt  rng_state.pt  [rng_state_rankR.pt]  [scaler.pt]   (torch.save of plain state dicts)
     trainer_state.json                                        (TrainState: step, data position, log tail, …)
     checkpoint_complete                                       (written last: the completeness marker)
 
 A checkpoint is written into ``output_dir/.tmp-checkpoint-N`` and renamed into place only once every file is on
 disk, so a crash leaves either a complete ``checkpoint-N`` or a ``.tmp-`` folder that is ignored and cleaned up.
-Only folders holding the marker are ever resumed from.
+Only folders holding the marker are ever resumed from. In a distributed run rank 0 creates and renames the folder;
+the engines (``tunesmith.train.engines``) decide which rank writes what in between.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
 COMPLETE_MARKER = "checkpoint_complete"
 STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+SHARDED_DIR = "dcp"
 _CHECKPOINT_RE = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
 
 
@@ -149,16 +155,23 @@ def is_peft_model(model: torch.nn.Module) -> bool:
     return isinstance(_unwrap(model), PeftModel)
 
 
-def save_model(model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
-    """The adapter (PEFT) or the full model, in HF/PEFT safetensors format, plus the tokenizer."""
+def save_model(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    directory: Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """The adapter (PEFT) or the full model, in HF/PEFT safetensors format, plus the tokenizer. ``state_dict``:
+    the weights to write instead of the module's own (FSDP2 passes the gathered full state dict)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model = _unwrap(model)
+    extra = {} if state_dict is None else {"state_dict": state_dict}
     with _quiet_hf_progress():  # no "Writing model shards" bar in the middle of the training bar
         if is_peft_model(model):
-            model.save_pretrained(directory, safe_serialization=True)
+            model.save_pretrained(directory, safe_serialization=True, **extra)
         else:
-            model.save_pretrained(directory)
+            model.save_pretrained(directory, **extra)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
 
@@ -255,6 +268,48 @@ def _fsync_tree(directory: Path) -> None:
             os.close(fd)
 
 
+def rng_file(rank: int) -> str:
+    """Rank 0 keeps the single-process name; other ranks (whose dropout streams differ) get their own file."""
+    return "rng_state.pt" if rank == 0 else f"rng_state_rank{rank}.pt"
+
+
+def tmp_checkpoint_dir(output_dir: Path, step: int) -> Path:
+    return Path(output_dir) / f"{TMP_PREFIX}{step}"
+
+
+def begin_checkpoint(output_dir: Path, step: int) -> Path:
+    """Create an empty ``.tmp-checkpoint-<step>`` (rank 0 only) and return it."""
+    tmp = tmp_checkpoint_dir(output_dir, step)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def save_rng_state(directory: Path, rank: int = 0) -> None:
+    torch.save(capture_rng_state(), Path(directory) / rng_file(rank))
+
+
+def finish_checkpoint(
+    tmp: Path, scheduler: Any, state: TrainState, extra: dict[str, dict] | None = None
+) -> Path:
+    """Write the world-size-free files (scheduler, ``extra``, trainer state), then the marker, then rename
+    ``.tmp-checkpoint-N`` into ``checkpoint-N`` (rank 0 only, after every rank wrote its part)."""
+    step = state.global_step
+    final = tmp.parent / f"{CHECKPOINT_PREFIX}{step}"
+    torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+    for name, value in (extra or {}).items():
+        torch.save(value, tmp / f"{name}.pt")
+    state.save(tmp / STATE_FILE)
+    (tmp / COMPLETE_MARKER).write_text(json.dumps({"global_step": step}) + "\n", encoding="utf-8")
+    _fsync_tree(tmp)
+    if final.exists():  # an incomplete folder of the same step (never one we renamed: those are complete)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_tree(tmp.parent)
+    return final
+
+
 def save_checkpoint(
     output_dir: Path,
     model: torch.nn.Module,
@@ -264,29 +319,13 @@ def save_checkpoint(
     state: TrainState,
     extra: dict[str, dict] | None = None,
 ) -> Path:
-    """Write ``output_dir/checkpoint-<step>`` atomically and return it. ``extra``: more state dicts
-    (e.g. ``{"scaler": ...}``), each saved as ``<name>.pt``."""
-    output_dir = Path(output_dir)
-    step = state.global_step
-    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = output_dir / f"{TMP_PREFIX}{step}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    """Write ``output_dir/checkpoint-<step>`` atomically from a single process and return it. ``extra``: more
+    state dicts (e.g. ``{"scaler": ...}``), each saved as ``<name>.pt``."""
+    tmp = begin_checkpoint(output_dir, state.global_step)
     save_model(model, tokenizer, tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(capture_rng_state(), tmp / "rng_state.pt")
-    for name, value in (extra or {}).items():
-        torch.save(value, tmp / f"{name}.pt")
-    state.save(tmp / STATE_FILE)
-    (tmp / COMPLETE_MARKER).write_text(json.dumps({"global_step": step}) + "\n", encoding="utf-8")
-    _fsync_tree(tmp)
-    if final.exists():  # an incomplete folder of the same step (never one we renamed: those are complete)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_tree(output_dir)
-    return final
+    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+    save_rng_state(tmp, rank=0)
+    return finish_checkpoint(tmp, scheduler, state, extra)
 
 
 def load_checkpoint(
@@ -295,28 +334,44 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     extra: dict[str, Any] | None = None,
+    rank: int = 0,
 ) -> TrainState:
-    """Restore weights, optimizer, scheduler, RNG (and ``extra`` objects with ``load_state_dict``) from ``path``."""
+    """Restore weights, optimizer, scheduler, RNG (and ``extra`` objects with ``load_state_dict``) from ``path``.
+
+    Weights and optimizer come from ``dcp/`` when the checkpoint has it (written by fsdp2 on any number of ranks,
+    resharded to this model's layout, sharded or not), else from the HF/PEFT weights and ``optimizer.pt``. Each
+    rank restores its own RNG file, or rank 0's when the checkpoint was written by fewer ranks.
+    """
     path = Path(path)
     if not is_complete(path):
         raise TunesmithError(
             f"checkpoint {path} is incomplete (no {COMPLETE_MARKER} marker); pick another one"
         )
     state = TrainState.load(path / STATE_FILE)
-    load_model_weights(model, path)
-    try:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    except ValueError as err:
-        raise TunesmithError(
-            f"the optimizer state in {path} does not match this run's trainable parameters ({err}); "
-            "resume with the same finetuning settings or use another output_dir"
-        ) from None
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+    if (path / SHARDED_DIR).is_dir():
+        from tunesmith.train.sharded import load_sharded
+
+        load_sharded(path / SHARDED_DIR, model, optimizer)
+    else:
+        load_model_weights(model, path)
+        try:
+            optimizer.load_state_dict(
+                torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+            )
+        except ValueError as err:
+            raise TunesmithError(
+                f"the optimizer state in {path} does not match this run's trainable parameters ({err}); "
+                "resume with the same finetuning settings or use another output_dir"
+            ) from None
+    scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, map_location="cpu", weights_only=True))
     for name, target in (extra or {}).items():
         file = path / f"{name}.pt"
         if file.is_file():
             target.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
-    restore_rng_state(torch.load(path / "rng_state.pt", map_location="cpu", weights_only=True))
+    rng = path / rng_file(rank)
+    if not rng.is_file():
+        rng = path / rng_file(0)
+    restore_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
     return state
 
 

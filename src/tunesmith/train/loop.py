@@ -14,8 +14,9 @@ import math
 import random
 import shutil
 import time
+import zlib
+from array import array
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,15 +28,19 @@ import torch.nn.functional as F
 from tunesmith.config import Config
 from tunesmith.data.loader import IGNORE_INDEX, Batch, EncodedLike, EpochLoader
 from tunesmith.errors import ConfigError, DataError, TunesmithError
+from tunesmith.launch.distributed import dist_info, init_distributed, main_process_first, rank_device
 from tunesmith.logging import get_logger, is_main_process
 from tunesmith.train import checkpoint as ckpt
+from tunesmith.train.engines import Engine, Precision, SingleDeviceEngine, create_engine, engine_name
+from tunesmith.train.engines import resolve_precision as resolve_precision
 from tunesmith.train.observe import RunObserver, plot_loss, write_run_info
 from tunesmith.train.optim import build_optimizer, build_scheduler, total_steps
 from tunesmith.train.state import SIGNATURE_HARD_KEYS, SIGNATURE_SOFT_KEYS, TrainState, run_signature
 
 log = get_logger("train")
 
-Precision = Literal["fp32", "bf16", "fp16"]
+__all__ = ["SingleDeviceEngine", "TrainResult", "fit", "resolve_precision", "train"]
+
 StepCallback = Callable[[TrainState], None]
 FINAL_MODEL_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 
@@ -58,74 +63,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def resolve_precision(cfg: Config, device: torch.device) -> Precision:
-    """bf16/fp16 autocast where the device supports it; fp16 on CPU falls back to float32 with a warning."""
-    if cfg.bf16:
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ConfigError(
-                "bf16: true but this GPU has no bfloat16 support; set fp16: true or bf16: false"
-            )
-        return "bf16"
-    if cfg.fp16:
-        if device.type == "cpu":
-            log.warning(
-                "fp16: true needs a GPU (float16 autocast with loss scaling); training in float32 on CPU "
-                "instead (bf16: true works on CPU)"
-            )
-            return "fp32"
-        return "fp16"
-    return "fp32"
-
-
-def model_dtype(cfg: Config, precision: Precision, device: torch.device) -> torch.dtype:
-    """Master weights stay float32 for full/freeze; LoRA on a GPU keeps the frozen base in the autocast dtype."""
-    if cfg.finetuning_type == "lora" and device.type != "cpu" and precision != "fp32":
+def model_dtype(cfg: Config, precision: Precision, device: torch.device, engine: str = "single") -> torch.dtype:
+    """Master weights stay float32 for full/freeze; LoRA on a GPU keeps the frozen base in the autocast dtype
+    (except under fsdp2, whose units want one parameter dtype and compute in bf16 through their own policy)."""
+    if cfg.finetuning_type == "lora" and device.type != "cpu" and precision != "fp32" and engine != "fsdp2":
         return torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.float32
-
-
-class SingleDeviceEngine:
-    """Where the model meets the hardware: placement, autocast, backward and the optimizer step.
-
-    This is the seam for distributed engines (DDP/FSDP wrap the model in ``prepare`` and reduce in ``backward``
-    / ``step``); the loop only talks to these few methods.
-    """
-
-    def __init__(self, device: torch.device, precision: Precision = "fp32") -> None:
-        self.device = device
-        self.precision = precision
-        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-
-    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model.to(self.device)
-
-    def autocast(self):
-        if self.precision == "fp32":
-            return nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-
-    def step(
-        self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], max_grad_norm: float
-    ) -> float:
-        """Unscale (fp16), clip to ``max_grad_norm`` (0: measure only), step, zero the grads; the pre-clip norm."""
-        if self.scaler is not None:
-            self.scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
-        if self.scaler is not None:
-            self.scaler.step(optimizer)
-            self.scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(norm)
-
-    def extra_state(self) -> dict[str, Any]:
-        """Objects with state_dict/load_state_dict that checkpoints must carry besides model/optimizer/scheduler."""
-        return {"scaler": self.scaler} if self.scaler is not None else {}
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
@@ -178,7 +121,8 @@ def _resolve_checkpoint_arg(value: str, output_dir: Path) -> Path:
 
 def check_resume_compatible(cfg: Config, path: Path) -> None:
     """Refuse a checkpoint the current config cannot load; warn about changes that only break exactness."""
-    saved = TrainState.load(path / ckpt.STATE_FILE).signature
+    saved_state = TrainState.load(path / ckpt.STATE_FILE)
+    saved = saved_state.signature
     current = json.loads(json.dumps(run_signature(cfg)))
     for key in SIGNATURE_HARD_KEYS:
         if key in saved and saved[key] != current[key]:
@@ -186,7 +130,10 @@ def check_resume_compatible(cfg: Config, path: Path) -> None:
                 f"{path} was trained with {key}={saved[key]!r} but the config says {key}={current[key]!r}, so it "
                 "cannot be resumed; set it back, choose another output_dir, or set overwrite_output_dir: true"
             )
-    changed = [k for k in SIGNATURE_SOFT_KEYS if k in saved and saved[k] != current[k]]
+    soft = SIGNATURE_SOFT_KEYS
+    if saved_state.global_batch_size:  # the global batch, not its split, decides exactness: see _resumed_state
+        soft = tuple(k for k in soft if k not in ("per_device_train_batch_size", "gradient_accumulation_steps"))
+    changed = [k for k in soft if k in saved and saved[k] != current[k]]
     if changed:
         log.warning(
             "resuming from %s with a changed %s; the run will not reproduce the interrupted one exactly",
@@ -201,7 +148,7 @@ def find_resume_checkpoint(cfg: Config) -> Path | None:
     output_dir = Path(cfg.output_dir)
     if cfg.overwrite_output_dir and cfg.resume_from_checkpoint:
         raise ConfigError("overwrite_output_dir and resume_from_checkpoint are both set; choose one")
-    for path in ckpt.remove_partial(output_dir):
+    for path in ckpt.remove_partial(output_dir) if is_main_process() else []:
         log.info("removed %s, a checkpoint an earlier run did not finish writing", path)
     if cfg.resume_from_checkpoint:
         found = _resolve_checkpoint_arg(cfg.resume_from_checkpoint, output_dir)
@@ -222,7 +169,9 @@ def find_resume_checkpoint(cfg: Config) -> Path | None:
 
 
 def _clear_previous_run(output_dir: Path, tensorboard_dir: Path | None) -> None:
-    """overwrite_output_dir: drop the old checkpoints (and logs) now that the new run is about to start."""
+    """overwrite_output_dir: drop the old checkpoints (and logs) now that the new run is about to start (rank 0)."""
+    if not is_main_process():
+        return
     old = ckpt.list_checkpoints(output_dir, complete_only=False)
     for path in old:
         shutil.rmtree(path)
@@ -240,13 +189,14 @@ def _clear_previous_run(output_dir: Path, tensorboard_dir: Path | None) -> None:
 # ------------------------------------------------------------------------------------------------ the loop
 
 
-def evaluate(model: torch.nn.Module, loader: EpochLoader, engine: SingleDeviceEngine) -> float:
-    """Mean token loss over the whole validation set (each target token weighs the same)."""
+def evaluate(model: torch.nn.Module, loader: EpochLoader, engine: Engine) -> float:
+    """Mean token loss over the whole validation set (each target token weighs the same), each rank scoring its
+    share of the samples (masked fillers where the shares are uneven; they hold no targets)."""
     model.eval()
     loss_sum, targets = 0.0, 0
     with torch.no_grad():
-        for _, batch in loader.epoch_batches(epoch=0):
-            batch = batch.to(engine.device)
+        for _, window in loader.windows(epoch=0, start=0, accumulation=1):
+            batch = window[0].to(engine.device)
             with engine.autocast():
                 logits = model(
                     input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
@@ -254,37 +204,47 @@ def evaluate(model: torch.nn.Module, loader: EpochLoader, engine: SingleDeviceEn
             loss_sum += float(token_loss_sum(logits, batch.labels))
             targets += batch.num_targets
     model.train()
+    loss_sum, targets = engine.all_reduce_sum([loss_sum, targets])
     return loss_sum / max(targets, 1)
 
 
 def train_step(
     model: torch.nn.Module,
     window: Sequence[Batch],
-    engine: SingleDeviceEngine,
+    engine: Engine,
     optimizer: torch.optim.Optimizer,
     params: list[torch.nn.Parameter],
     max_grad_norm: float,
 ) -> tuple[float, int, float]:
-    """One optimizer step over an accumulation window; returns (mean token loss, target tokens, grad norm).
+    """One optimizer step over an accumulation window; returns (mean token loss, target tokens, grad norm), the
+    loss and token count taken over all ranks.
 
     Every target token of the window weighs the same: each micro-batch's summed token loss is divided by the
-    number of targets in the *whole* window (counted before any backward), so the gradient equals that of one big
-    batch no matter how the tokens are spread over the micro-batches.
+    number of targets in the *whole* window on *all* ranks (counted before any backward), so the gradient equals
+    that of one big batch no matter how the tokens are spread over micro-batches and ranks.
     """
-    num_targets = sum(batch.num_targets for batch in window)
+    num_targets = int(engine.all_reduce_sum([sum(batch.num_targets for batch in window)])[0])
     denominator = max(num_targets, 1)
     window_loss = torch.zeros((), device=engine.device)
-    for batch in window:
+    for index, batch in enumerate(window):
         batch = batch.to(engine.device)
-        with engine.autocast():
-            logits = model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-            ).logits
-        loss = token_loss_sum(logits, batch.labels) / denominator
-        engine.backward(loss)
+        with engine.no_sync(model, skip=index < len(window) - 1):
+            with engine.autocast():
+                logits = model(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+                ).logits
+            loss = token_loss_sum(logits, batch.labels) / denominator
+            engine.backward(loss)
         window_loss += loss.detach().float()
     grad_norm = engine.step(optimizer, params, max_grad_norm)
-    return float(window_loss), num_targets, grad_norm
+    return engine.all_reduce_sum([float(window_loss)])[0], num_targets, grad_norm
+
+
+def data_fingerprint(samples: Sequence[EncodedLike]) -> tuple[int, int]:
+    """Sample count and a checksum of the sample lengths: cheap, and enough to catch ranks whose preprocessing
+    produced different data (say, differing files on two nodes)."""
+    lengths = array("q", (len(sample.input_ids) for sample in samples))
+    return len(samples), zlib.crc32(lengths.tobytes())
 
 
 def fit(
@@ -300,7 +260,10 @@ def fit(
 ) -> TrainResult:
     """Train ``model`` (already set up for cfg.finetuning_type) on encoded samples; checkpoints, logs and the
     final model go to ``cfg.output_dir``. ``resume_from``: a checkpoint, None (fresh) or ``"auto"`` (see
-    :func:`find_resume_checkpoint`). ``callbacks`` run after every optimizer step."""
+    :func:`find_resume_checkpoint`). ``callbacks`` run after every optimizer step (on every rank).
+
+    Under torchrun every rank calls this with the same model and data; the engine (``cfg.engine``) decides how
+    they share the work."""
     cfg.require("output_dir")
     output_dir = Path(cfg.output_dir)
     if not train_data:
@@ -313,24 +276,28 @@ def fit(
         resume_from = Path(resume_from)
         check_resume_compatible(cfg, resume_from)
     device = torch.device(device) if device is not None else _pick_device(cfg.device)
-    engine = SingleDeviceEngine(device, resolve_precision(cfg, device))
+    if engine_name(cfg) != "single":
+        device = rank_device(device, dist_info().local_rank)
+    engine = create_engine(cfg, device)
     tensorboard_dir = Path(cfg.logging_dir or output_dir / "runs") if cfg.use_tensorboard else None
+    _check_same_data(engine, train_data, val_data)
 
     # ---- model, data, optimizer, schedule
-    model = engine.prepare(model)
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing:  # before wrapping: DDP/FSDP2 wrappers do not expose the HF switch
         enable_gradient_checkpointing(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    for param in params:  # optimizer state and updates in float32, whatever the frozen base's dtype
-        if param.dtype != torch.float32:
+    for param in model.parameters():  # optimizer state and updates in float32, whatever the frozen base's dtype
+        if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
+    model = engine.prepare(model)
+    params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    shard = dict(rank=engine.rank, world_size=engine.world_size)
     loader = EpochLoader(
-        train_data, cfg.per_device_train_batch_size, pad_id if pad_id is not None else 0, cfg.seed
+        train_data, cfg.per_device_train_batch_size, pad_id if pad_id is not None else 0, cfg.seed, **shard
     )
     val_loader = (
-        EpochLoader(val_data, cfg.per_device_eval_batch_size, pad_id or 0, shuffle=False)
+        EpochLoader(val_data, cfg.per_device_eval_batch_size, pad_id or 0, shuffle=False, **shard)
         if val_data
         else None
     )
@@ -338,40 +305,46 @@ def fit(
     total = total_steps(cfg, len(loader))
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total)
-    state = TrainState(total_steps=total, batches_per_epoch=len(loader), signature=run_signature(cfg))
+    per_round = cfg.per_device_train_batch_size * engine.world_size
+    global_batch = per_round * cfg.gradient_accumulation_steps
+    state = TrainState(
+        total_steps=total,
+        batches_per_epoch=len(loader),
+        sample_index=0,
+        samples_per_epoch=len(train_data),
+        world_size=engine.world_size,
+        global_batch_size=global_batch,
+        signature=run_signature(cfg),
+    )
 
     # ---- fresh start or resume (restores weights, optimizer, scheduler, RNG and the data position)
     seed_everything(cfg.seed)
     if resume_from is not None:
-        saved = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, extra=engine.extra_state())
-        state = TrainState.from_dict({**saved.to_dict(), "total_steps": total, "signature": state.signature})
-        if saved.batches_per_epoch != len(loader):
-            log.warning(
-                "the dataset now has %d micro-batches per epoch (the checkpoint had %d); the data order "
-                "differs from the interrupted run",
-                len(loader),
-                saved.batches_per_epoch,
-            )
-            state.batches_per_epoch = len(loader)
-            if state.batch_index >= len(loader):
-                state.epoch, state.batch_index = state.epoch + 1, 0
+        saved = engine.load_checkpoint(resume_from, model, optimizer, scheduler)
+        state = _resumed_state(saved, state, len(train_data), per_round)
         log.info(
-            "resuming from %s (step %d of %d, epoch %.2f)",
+            "resuming from %s (step %d of %d, epoch %.2f, sample %d of the epoch's %d)",
             resume_from,
             state.global_step,
             total,
             state.epoch_float,
+            state.sample_index,
+            len(train_data),
         )
     elif cfg.overwrite_output_dir:
         _clear_previous_run(output_dir, tensorboard_dir)
     write_run_info(output_dir, cfg)
     log.info(
-        "training %d samples: %d micro-batches of %d per epoch, %d accumulation, %d optimizer steps, "
-        "%s on %s",
+        "training %d samples with engine %s on %d rank(s): global batch %d = %d per device × %d accumulation × "
+        "%d rank(s); %d micro-batch rounds per epoch, %d optimizer steps, %s on %s",
         len(train_data),
-        len(loader),
+        engine.name,
+        engine.world_size,
+        global_batch,
         cfg.per_device_train_batch_size,
         cfg.gradient_accumulation_steps,
+        engine.world_size,
+        len(loader),
         total,
         engine.precision,
         device,
@@ -383,7 +356,7 @@ def fit(
     last_saved = state.global_step if resume_from is not None else None
     try:
         while state.global_step < total:
-            windows = loader.epoch_windows(state.epoch, state.batch_index, cfg.gradient_accumulation_steps)
+            windows = loader.windows(state.epoch, state.sample_index, cfg.gradient_accumulation_steps)
             for position, window in windows:
                 lr = scheduler.get_last_lr()[0]
                 loss, targets, grad_norm = train_step(
@@ -391,9 +364,9 @@ def fit(
                 )
                 scheduler.step()
                 state.global_step += 1
-                state.batch_index = position
-                if position >= len(loader):
-                    state.epoch, state.batch_index = state.epoch + 1, 0
+                state.sample_index, state.batch_index = position, -(-position // per_round)
+                if position >= len(train_data):
+                    state.epoch, state.sample_index, state.batch_index = state.epoch + 1, 0, 0
                 state.last_loss = loss
                 state.best_loss = loss if state.best_loss is None else min(state.best_loss, loss)
                 state.interval_loss_sum += loss
@@ -423,16 +396,7 @@ def fit(
                 if cfg.save_strategy == "steps" and (
                     state.global_step % cfg.save_steps == 0 or state.global_step == total
                 ):
-                    _save(
-                        output_dir,
-                        model,
-                        tokenizer,
-                        optimizer,
-                        scheduler,
-                        state,
-                        engine,
-                        cfg.save_total_limit,
-                    )
+                    _save(output_dir, model, tokenizer, optimizer, scheduler, state, engine, cfg.save_total_limit)
                     last_saved = state.global_step
 
                 for callback in callbacks:
@@ -445,8 +409,8 @@ def fit(
     # ---- the end: final checkpoint (if the loop did not just write it), final model at the root, plot
     if cfg.save_strategy == "steps" and last_saved != state.global_step:
         _save(output_dir, model, tokenizer, optimizer, scheduler, state, engine, cfg.save_total_limit)
-    if is_main_process():
-        ckpt.save_model(model, tokenizer, output_dir)
+    engine.save_model(model, tokenizer, output_dir)
+    if engine.is_main:
         results = {
             "global_step": state.global_step,
             "epoch": round(state.epoch_float, 4),
@@ -457,6 +421,7 @@ def fit(
         (output_dir / "train_results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
         if cfg.plot_loss:
             plot_loss(output_dir)
+    engine.barrier()  # on every rank, fit returns once the run folder is complete
     log.info("saved the final %s to %s", "adapter" if ckpt.is_peft_model(model) else "model", output_dir)
     return TrainResult(
         output_dir=output_dir,
@@ -465,6 +430,61 @@ def fit(
         checkpoints=ckpt.list_checkpoints(output_dir),
         eval_loss=state.last_eval_loss,
     )
+
+
+def _check_same_data(engine: Engine, train_data: Sequence[EncodedLike], val_data: Sequence[EncodedLike]) -> None:
+    """Every rank preprocesses the data itself (deterministic and cheap), so all must hold the same samples:
+    the global permutation is only meaningful if it permutes the same list everywhere."""
+    if engine.world_size == 1:
+        return
+    mine = (data_fingerprint(train_data), data_fingerprint(val_data))
+    everyone = engine.all_gather_object(mine)
+    if any(theirs != mine for theirs in everyone):
+        raise DataError(
+            "the ranks prepared different data (samples, checksum per rank: "
+            f"{[theirs[0] for theirs in everyone]}); every rank must read the same dataset files and config"
+        )
+
+
+def _resumed_state(saved: TrainState, fresh: TrainState, num_samples: int, per_round: int) -> TrainState:
+    """The checkpoint's progress, with the data position carried over in samples (world-size-free) and the
+    per-round counters recomputed for this run's batch size and world size."""
+    consumed = saved.samples_consumed()
+    old_samples = saved.samples_per_epoch or None
+    state = TrainState.from_dict(
+        {
+            **saved.to_dict(),
+            "total_steps": fresh.total_steps,
+            "signature": fresh.signature,
+            "samples_per_epoch": num_samples,
+            "batches_per_epoch": fresh.batches_per_epoch,
+            "world_size": fresh.world_size,
+            "global_batch_size": fresh.global_batch_size,
+        }
+    )
+    old_batch = int(saved.signature.get("per_device_train_batch_size") or 1)
+    changed = (old_samples != num_samples) if old_samples else saved.batches_per_epoch != -(-num_samples // old_batch)
+    if changed:
+        log.warning(
+            "the dataset now has %d samples (the checkpoint's run had %s); the data order differs from the "
+            "interrupted run",
+            num_samples,
+            old_samples if old_samples else f"{saved.batches_per_epoch} micro-batches of {old_batch}",
+        )
+    if saved.global_batch_size and saved.global_batch_size != fresh.global_batch_size:
+        log.warning(
+            "resuming a run trained with a global batch of %d (%d rank(s)) with a global batch of %d (%d rank(s)): "
+            "the data position carries over, but each step now averages a different number of samples",
+            saved.global_batch_size,
+            saved.world_size,
+            fresh.global_batch_size,
+            fresh.world_size,
+        )
+    state.sample_index = consumed
+    if consumed >= num_samples:
+        state.epoch, state.sample_index = state.epoch + 1, 0
+    state.batch_index = -(-state.sample_index // per_round)
+    return state
 
 
 def _log_eval(model, val_loader, engine, state: TrainState, observer: RunObserver, start: float) -> None:
@@ -482,26 +502,11 @@ def _log_eval(model, val_loader, engine, state: TrainState, observer: RunObserve
 
 
 def _save(
-    output_dir,
-    model,
-    tokenizer,
-    optimizer,
-    scheduler,
-    state: TrainState,
-    engine: SingleDeviceEngine,
-    limit: int | None,
+    output_dir, model, tokenizer, optimizer, scheduler, state: TrainState, engine: Engine, limit: int | None
 ) -> None:
-    if not is_main_process():
+    path = engine.save_checkpoint(output_dir, model, tokenizer, optimizer, scheduler, state)
+    if not engine.is_main:
         return
-    path = ckpt.save_checkpoint(
-        output_dir,
-        model,
-        tokenizer,
-        optimizer,
-        scheduler,
-        state,
-        extra={k: v.state_dict() for k, v in engine.extra_state().items()},
-    )
     log.debug("saved %s", path)
     for old in ckpt.rotate_checkpoints(output_dir, limit):
         log.debug("save_total_limit %s: deleted %s", limit, old)
@@ -518,28 +523,39 @@ def _pick_device(name: str) -> torch.device:
 
 def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> TrainResult:
     """The whole run: tokenizer → datasets → model → fine-tuning method → :func:`fit`. Re-running the same config
-    continues from the newest complete checkpoint in ``output_dir``."""
+    continues from the newest complete checkpoint in ``output_dir``.
+
+    Distributed (under torchrun, or ``engine: ddp``/``fsdp2``): the process group is joined first; rank 0 loads
+    (and, for packaged or GGUF models, converts into the cache) tokenizer and model before the other ranks; every
+    rank preprocesses the data itself, deterministically, and :func:`fit` checks they agree."""
     from tunesmith.data import prepare_datasets
     from tunesmith.model.adapt import apply_finetuning
     from tunesmith.model.load import load_model, load_tokenizer, pick_device
 
     cfg.require("model_name_or_path", "dataset", "output_dir")
-    resume_from = find_resume_checkpoint(cfg)  # fail before the slow part when the folder cannot be continued
     device = pick_device(cfg.device)
+    engine = engine_name(cfg)
+    if engine != "single":
+        device = rank_device(device, dist_info().local_rank)
+        init_distributed(device, cfg.ddp_timeout)
+    resume_from = find_resume_checkpoint(cfg)  # fail before the slow part when the folder cannot be continued
     precision = resolve_precision(cfg, device)
     seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(
-        cfg.model_name_or_path, cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code
-    )
+    with main_process_first():
+        tokenizer = load_tokenizer(
+            cfg.model_name_or_path, cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code
+        )
     data = prepare_datasets(cfg, tokenizer)
-    model = load_model(
-        cfg.model_name_or_path,
-        dtype=model_dtype(cfg, precision, device),
-        cache_dir=cfg.cache_dir,
-        trust_remote_code=cfg.trust_remote_code,
-        allow_pickle=cfg.allow_pickle,
-        device=device,
-    )
+    with main_process_first():
+        model = load_model(
+            cfg.model_name_or_path,
+            dtype=model_dtype(cfg, precision, device, engine),
+            cache_dir=cfg.cache_dir,
+            trust_remote_code=cfg.trust_remote_code,
+            allow_pickle=cfg.allow_pickle,
+            # fsdp2 shards from the CPU copy onto the device, so no rank ever holds the whole model there
+            device=torch.device("cpu") if engine == "fsdp2" else device,
+        )
     model = apply_finetuning(model, cfg)
     return fit(
         cfg,

@@ -41,8 +41,11 @@ def run_signature(cfg: Any) -> dict[str, Any]:
 
 @dataclass
 class TrainState:
-    """Progress of a run. The data position is ``(epoch, batch_index)``: the index, within epoch ``epoch``'s
-    permutation, of the next micro-batch to train on (i.e. how many of that epoch's micro-batches are consumed).
+    """Progress of a run. The data position is ``(epoch, sample_index)``: how many samples of epoch ``epoch``'s
+    permutation are consumed, counted in the global order shared by all ranks, so it means the same on any number
+    of ranks. ``batch_index`` / ``batches_per_epoch`` count micro-batch rounds (``per_device_train_batch_size ×
+    world_size`` samples) for display (``epoch_float``); checkpoints written before ``sample_index`` existed
+    (single process) hold only ``batch_index``, see :meth:`samples_consumed`.
     """
 
     global_step: int = 0
@@ -50,6 +53,10 @@ class TrainState:
     epoch: int = 0
     batch_index: int = 0
     batches_per_epoch: int = 0
+    sample_index: int | None = None
+    samples_per_epoch: int = 0
+    world_size: int = 1
+    global_batch_size: int = 0
     last_loss: float | None = None
     best_loss: float | None = None
     last_eval_loss: float | None = None
@@ -66,6 +73,14 @@ class TrainState:
         if self.batches_per_epoch <= 0:
             return float(self.epoch)
         return self.epoch + self.batch_index / self.batches_per_epoch
+
+    def samples_consumed(self) -> int:
+        """``sample_index``, or for an older checkpoint its micro-batches × the batch size it was trained with."""
+        if self.sample_index is not None:
+            return self.sample_index
+        batch_size = int(self.signature.get("per_device_train_batch_size") or 1)
+        consumed = self.batch_index * batch_size
+        return min(consumed, self.samples_per_epoch) if self.samples_per_epoch else consumed
 
     def record(self, entry: dict[str, Any]) -> None:
         self.log_history.append(entry)

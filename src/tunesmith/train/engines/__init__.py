@@ -1,0 +1,77 @@
+"""Engines: how the loop's model, gradients and checkpoints map onto processes and devices.
+
+``single`` (one process), ``ddp`` (replicated model, all-reduced gradients) and ``fsdp2`` (sharded with
+``fully_shard``); ``create_engine`` picks one from the config and the way the job was launched.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tunesmith.config import Config
+from tunesmith.errors import ConfigError
+from tunesmith.launch.distributed import dist_info, init_distributed, launched_by_torchrun
+from tunesmith.logging import get_logger
+from tunesmith.train.engines.base import Engine, Precision
+from tunesmith.train.engines.ddp import DDPEngine
+from tunesmith.train.engines.fsdp2 import FSDP2Engine
+from tunesmith.train.engines.single import SingleDeviceEngine
+
+__all__ = [
+    "DDPEngine",
+    "Engine",
+    "FSDP2Engine",
+    "Precision",
+    "SingleDeviceEngine",
+    "create_engine",
+    "engine_name",
+    "resolve_precision",
+]
+
+log = get_logger("train")
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> Precision:
+    """bf16/fp16 autocast where the device supports it; fp16 on CPU falls back to float32 with a warning."""
+    if cfg.bf16:
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError(
+                "bf16: true but this GPU has no bfloat16 support; set fp16: true or bf16: false"
+            )
+        return "bf16"
+    if cfg.fp16:
+        if device.type == "cpu":
+            log.warning(
+                "fp16: true needs a GPU (float16 autocast with loss scaling); training in float32 on CPU "
+                "instead (bf16: true works on CPU)"
+            )
+            return "fp32"
+        return "fp16"
+    return "fp32"
+
+
+def engine_name(cfg: Config) -> str:
+    """``cfg.engine`` with ``auto`` resolved: ddp when the job has more than one process, else single."""
+    world_size = dist_info().world_size
+    if cfg.engine == "auto":
+        return "ddp" if world_size > 1 else "single"
+    if cfg.engine == "single" and world_size > 1:
+        raise ConfigError(
+            f"engine: single trains in one process but this job runs {world_size} (WORLD_SIZE); "
+            "use engine: auto, ddp or fsdp2"
+        )
+    return cfg.engine
+
+
+def create_engine(cfg: Config, device: torch.device, precision: Precision | None = None) -> Engine:
+    """The engine for this process; joins the process group first when the engine needs one (under torchrun,
+    or a group of one for ``engine: ddp``/``fsdp2`` in a single process)."""
+    name = engine_name(cfg)
+    precision = precision or resolve_precision(cfg, device)
+    if name == "single":
+        return SingleDeviceEngine(device, precision)
+    if not launched_by_torchrun():
+        log.info("engine: %s in a single process (a process group of one)", name)
+    info = init_distributed(device, cfg.ddp_timeout)
+    cls = DDPEngine if name == "ddp" else FSDP2Engine
+    return cls(device, precision, rank=info.rank, world_size=info.world_size)

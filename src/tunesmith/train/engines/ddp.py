@@ -1,0 +1,28 @@
+"""``engine: ddp``: every rank holds the whole model; DistributedDataParallel all-reduces (averages) gradients.
+
+Checkpoints are the single-process format (HF/PEFT weights at the root, ``optimizer.pt``), written by rank 0:
+the state is replicated, so the files do not depend on the world size and resume on any number of ranks.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from tunesmith.train.engines.base import Engine
+
+
+class DDPEngine(Engine):
+    name = "ddp"
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = model.to(self.device)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        # DDP broadcasts rank 0's parameters and buffers here, so every replica starts identical. The buffers of a
+        # causal LM (rotary tables) never change, so re-broadcasting them before every forward would be wasted.
+        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+    def no_sync(self, model: torch.nn.Module, skip: bool) -> AbstractContextManager:
+        return model.no_sync() if skip else nullcontext()

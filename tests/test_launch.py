@@ -1,0 +1,64 @@
+"""Launching: LLaMA-Factory's env variables and the CLI flags map onto one torchrun command; a process torchrun
+started is never launched again; the engine choice follows the process count."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from tunesmith.cli import main
+from tunesmith.config import Config
+from tunesmith.errors import ConfigError
+from tunesmith.launch.torchrun import launch_spec, should_launch, torchrun_command
+
+TORCHRUN_WORKER = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+
+
+def test_env_variables_as_in_llamafactory():
+    env = {"FORCE_TORCHRUN": "1", "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29555"}
+    spec = launch_spec(env=env, count_gpus=False)
+    assert (spec.nnodes, spec.node_rank, spec.nproc_per_node) == (2, 1, 1)
+    assert (spec.master_addr, spec.master_port, spec.force) == ("10.0.0.5", 29555, True)
+    assert should_launch(spec, env)
+    cmd = torchrun_command(spec, ["train", "cfg.yaml", "lr=1"], port=29555)
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert {"--nnodes=2", "--node-rank=1", "--nproc-per-node=1", "--master-addr=10.0.0.5", "--master-port=29555"} <= set(
+        cmd
+    )
+    assert cmd[-5:] == ["-m", "tunesmith.cli", "train", "cfg.yaml", "lr=1"]
+
+
+def test_flags_override_env_and_single_process_needs_no_launch():
+    env = {"NPROC_PER_NODE": "4", "MASTER_PORT": "1234"}
+    spec = launch_spec(nproc_per_node=2, master_port=999, env=env, count_gpus=False)
+    assert (spec.nproc_per_node, spec.master_port) == (2, 999)
+    assert not should_launch(launch_spec(env={}, count_gpus=False), {})
+    assert launch_spec(env={"NPROC_PER_NODE": "3"}, count_gpus=False).needs_launch
+    # torchrun's own workers carry RANK/WORLD_SIZE/LOCAL_RANK: they train, they do not launch again
+    assert not should_launch(launch_spec(env={**env, **TORCHRUN_WORKER}, count_gpus=False), TORCHRUN_WORKER)
+    with pytest.raises(ConfigError, match="node_rank"):
+        launch_spec(nnodes=2, node_rank=2, env={}, count_gpus=False)
+
+
+def test_engine_follows_the_process_count(monkeypatch):
+    from tunesmith.train.engines import engine_name
+
+    assert engine_name(Config()) == "single"
+    assert engine_name(Config(engine="fsdp2")) == "fsdp2"
+    for key, value in TORCHRUN_WORKER.items():
+        monkeypatch.setenv(key, value)
+    assert engine_name(Config()) == "ddp"
+    with pytest.raises(ConfigError, match="engine: single"):
+        engine_name(Config(engine="single"))
+    with pytest.raises(ValueError, match="fp16 with engine: fsdp2"):
+        Config(engine="fsdp2", fp16=True)
+
+
+def test_overrides_may_follow_launch_flags(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("output_dir: out\n")
+    assert main(["train", str(cfg), "--nproc-per-node", "1", "learning_rat=1"]) == 2
+    assert "learning_rate" in capsys.readouterr().err  # the override after the flag reached the config
+    with pytest.raises(SystemExit):
+        main(["train", str(cfg), "--nproc-per-node", "1", "--bogus"])

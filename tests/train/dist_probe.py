@@ -1,0 +1,60 @@
+"""A worker for the distributed tests: load a checkpoint exactly as ``fit`` does, dump the full (unsharded) model
+and optimizer state plus the data position from rank 0, then continue the run with ``train(cfg)``.
+
+    python -m torch.distributed.run --nproc-per-node 3 dist_probe.py CONFIG DUMP [key=value ...]
+    python dist_probe.py CONFIG DUMP [key=value ...]                 (one process)
+
+``CONFIG`` must set ``resume_from_checkpoint``. The dump is keyed by parameter name, so dumps taken on different
+world sizes (and engines) compare directly.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+from tunesmith.config import load_config
+from tunesmith.launch.distributed import shutdown_distributed
+from tunesmith.logging import setup_logging
+from tunesmith.model.adapt import apply_finetuning
+from tunesmith.model.load import load_model
+from tunesmith.train import train
+from tunesmith.train.engines import create_engine
+from tunesmith.train.optim import build_optimizer, build_scheduler
+
+
+def probe(cfg, dump: Path) -> None:
+    engine = create_engine(cfg, torch.device("cpu"))
+    torch.manual_seed(cfg.seed)
+    model = engine.prepare(apply_finetuning(load_model(cfg.model_name_or_path, dtype=torch.float32), cfg))
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, cfg.max_steps)
+    state = engine.load_checkpoint(Path(cfg.resume_from_checkpoint), model, optimizer, scheduler)
+    if engine.world_size == 1 and engine.name == "single":
+        options = StateDictOptions(ignore_frozen_params=True)  # no process group: nothing to gather
+    else:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+    if engine.is_main:
+        torch.save(
+            {
+                "model": {k: v.detach().clone() for k, v in model_sd.items()},
+                "optimizer": optim_sd,
+                "scheduler": scheduler.state_dict(),
+                "epoch": state.epoch,
+                "sample_index": state.samples_consumed(),
+                "world_size": engine.world_size,
+            },
+            dump,
+        )
+
+
+if __name__ == "__main__":
+    setup_logging()
+    config = load_config(sys.argv[1], sys.argv[3:])
+    probe(config, Path(sys.argv[2]))
+    train(config)
+    shutdown_distributed()
