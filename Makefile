@@ -11,6 +11,7 @@ demo: setup
 	$(PY) -m tunesmith.cli demo
 
 test: setup
+	bash scripts/install-browser.sh
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint:

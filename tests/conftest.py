@@ -140,3 +140,16 @@ def identity_rows() -> list[dict]:
         {"instruction": "What is the capital of France?", "input": "", "output": "The capital of France is Paris."},
     ]
 
+
+
+@pytest.fixture(autouse=True)
+def _fresh_tunesmith_logger():
+    """Tests that call the CLI in-process run setup_logging(), which stops propagation to the root logger;
+    restore the logger afterwards so later tests' caplog still sees tunesmith's messages."""
+    import logging
+
+    logger = logging.getLogger("tunesmith")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    logger.handlers[:], logger.propagate = saved[0], saved[1]
+    logger.setLevel(saved[2])

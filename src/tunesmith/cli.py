@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from tunesmith import __version__
 from tunesmith.errors import TunesmithError
 from tunesmith.logging import get_logger, setup_logging
+from tunesmith.serve.commands import add_parsers as add_serve_eval_parsers
 
 log = get_logger()
 
@@ -47,6 +48,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         run = record(train)  # an uncaught error's traceback goes into torchrun's failure summary
     result = run(cfg)
     shutdown_distributed()
+    from tunesmith.evaluate.predict import predict_after_training
+
+    predict_after_training(cfg)  # do_predict: generate + score on the main process; a no-op otherwise
     log.info("training finished: step %d, final loss %.4f, run folder %s", result.global_step, result.final_loss,
              result.output_dir)
     return 0
@@ -182,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("env", help="versions of tunesmith and its libraries, and the devices found")
     p.set_defaults(func=_cmd_env)
+
+    add_serve_eval_parsers(sub)  # serve (OpenAI-compatible API + chat page) and eval (predictions + metrics)
     return parser
 
 

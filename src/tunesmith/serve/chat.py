@@ -32,21 +32,15 @@ def run_chat(
     device: str = "auto",
 ) -> int:
     """Chat with a model; returns the process exit code (0)."""
-    target = pick_device(device)
-    # Half precision on accelerators (memory, speed); float32 on CPU, where bf16 matmuls are slow.
-    dtype = torch.float32 if target.type == "cpu" else _accelerator_dtype(target)
-    tokenizer = load_tokenizer(model_path, cache_dir, trust_remote_code)
-    model: Any = load_model(
+    model, tokenizer, chat_template = load_for_inference(
         model_path,
-        dtype=dtype,
-        cache_dir=cache_dir,
+        adapter,
+        template,
+        cache_dir,
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
-        device=target,
+        device=device,
     )
-    if adapter:
-        model = load_adapter(model, adapter, trainable=False, allow_pickle=allow_pickle)
-    chat_template = get_chat_template(template, tokenizer)
 
     def reply(history: list[dict]) -> str:
         pieces = []
@@ -96,6 +90,35 @@ def run_chat(
             output.write("\n[interrupted]\n")
             continue
         history.append({"role": "assistant", "content": answer})
+
+
+def load_for_inference(
+    model_path: str,
+    adapter: str | None = None,
+    template: str = "auto",
+    cache_dir: str | None = None,
+    *,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    device: str = "auto",
+) -> tuple[Any, Any, Any]:
+    """(model in eval mode, tokenizer, chat Template) for chat and the API server."""
+    target = pick_device(device)
+    # Half precision on accelerators (memory, speed); float32 on CPU, where bf16 matmuls are slow.
+    dtype = torch.float32 if target.type == "cpu" else _accelerator_dtype(target)
+    tokenizer = load_tokenizer(model_path, cache_dir, trust_remote_code)
+    model: Any = load_model(
+        model_path,
+        dtype=dtype,
+        cache_dir=cache_dir,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+        device=target,
+    )
+    if adapter:
+        model = load_adapter(model, adapter, trainable=False, allow_pickle=allow_pickle)
+    model.eval()
+    return model, tokenizer, get_chat_template(template, tokenizer)
 
 
 def _accelerator_dtype(device: torch.device) -> torch.dtype:

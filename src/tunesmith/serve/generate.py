@@ -9,11 +9,29 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from tunesmith.data.templates import get_template
+
+
+class CancelFlag(Protocol):
+    """Anything with ``is_set()`` (a threading.Event): checked before every token."""
+
+    def is_set(self) -> bool: ...
+
+
+@dataclass
+class GenerationStats:
+    """Filled in by generate_stream as it runs (the API server reports usage and finish_reason from it)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    # "stop": a stop token; "length": max_new_tokens reached; "cancelled": `cancel` was set; None: still running
+    # or the caller stopped reading (a stop string matched by the caller, for example).
+    finish_reason: str | None = None
 
 
 def get_chat_template(template: Any, tokenizer: Any) -> Any:
@@ -34,10 +52,19 @@ def generate_stream(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int | None = None,
+    prompt_ids: list[int] | None = None,
+    stats: GenerationStats | None = None,
+    cancel: CancelFlag | None = None,
 ) -> Iterator[str]:
-    """Yield the reply to `messages` piece by piece; temperature 0 is greedy, otherwise top-p sampling."""
+    """Yield the reply to `messages` piece by piece; temperature 0 is greedy, otherwise top-p sampling.
+
+    ``prompt_ids`` skips templating (the caller already encoded `messages`); ``stats`` receives token counts and
+    the finish reason; ``cancel`` stops generation before the next token once set (from another thread).
+    """
     chat_template = get_chat_template(template, tokenizer)
-    prompt = chat_template.encode_prompt(tokenizer, messages, system)
+    prompt = prompt_ids if prompt_ids is not None else chat_template.encode_prompt(tokenizer, messages, system)
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens, stats.completion_tokens, stats.finish_reason = len(prompt), 0, None
     stops = set(chat_template.stop_token_ids(tokenizer))
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
@@ -59,13 +86,18 @@ def generate_stream(
         generated: list[int] = []
         shown = ""
         for _ in range(max_new_tokens):
+            if cancel is not None and cancel.is_set():
+                stats.finish_reason = "cancelled"
+                break
             with torch.inference_mode():
                 out = model(input_ids=input_ids, use_cache=True, **{cache_kw: past}, **extra)
             past = out.get(cache_kw)
             next_id = _next_token(out.logits[0, -1].float(), temperature, top_p, generator)
             if next_id in stops:
+                stats.finish_reason = "stop"
                 break
             generated.append(next_id)
+            stats.completion_tokens = len(generated)
             text = tokenizer.decode(generated, skip_special_tokens=True)
             # Decoding the whole reply (not the last token alone) keeps word joins right; a trailing U+FFFD
             # is half of a multi-byte character whose next byte is still to come, so it waits.
@@ -73,6 +105,8 @@ def generate_stream(
                 yield text[len(shown) :]
                 shown = text
             input_ids = torch.tensor([[next_id]], device=device)
+        else:
+            stats.finish_reason = "length"
         # Bytes that never completed a character are still part of the reply.
         text = tokenizer.decode(generated, skip_special_tokens=True)
         if len(text) > len(shown):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tunesmith.config import Config
 from tunesmith.data.loader import IGNORE_INDEX, Batch, EncodedLike, EpochLoader
 from tunesmith.errors import ConfigError, DataError, TunesmithError
+from tunesmith.evaluate.samples import log_sample_generations, sample_generation_due
 from tunesmith.launch.distributed import dist_info, init_distributed, main_process_first, rank_device
 from tunesmith.logging import get_logger, is_main_process
 from tunesmith.train import checkpoint as ckpt
@@ -392,6 +393,13 @@ def fit(
 
                 if do_eval and (state.global_step % cfg.eval_steps == 0 or state.global_step == total):
                     _log_eval(model, val_loader, engine, state, observer, start)
+
+                # Answers to fixed questions (evaluation_inputs): rank 0 alone generates, so not under fsdp2,
+                # where every rank must join each forward. Uses no global RNG: exact resume still holds.
+                if engine.is_main and engine.name != "fsdp2" and sample_generation_due(cfg, state.global_step, total):
+                    log_sample_generations(engine.unwrap(model), tokenizer, cfg.template, cfg.evaluation_inputs,
+                                           state.global_step, output_dir, observer.writer,
+                                           system=cfg.default_system, max_new_tokens=cfg.max_new_tokens)
 
                 if cfg.save_strategy == "steps" and (
                     state.global_step % cfg.save_steps == 0 or state.global_step == total
