@@ -168,3 +168,22 @@ def test_do_predict_after_training_uses_the_trained_adapter(tmp_path, tiny_model
     base = generate_reply(load_model(tiny_model_dir), tokenizer, "chatml", [{"role": "user", "content": question}],
                           max_new_tokens=6)
     assert base != answer  # so the prediction did come from the trained adapter, not the base model
+
+
+def test_training_logs_answers_to_evaluation_inputs(tmp_path, tiny_model_dir, identity_rows):
+    """The loop's hook: evaluation_inputs are answered every evaluation_freq steps and at the end."""
+    from tunesmith.config import load_config
+    from tunesmith.train import train
+
+    data = write_json(tmp_path / "id.json", identity_rows * 2)
+    cfg = load_config(None, [
+        f"model_name_or_path={tiny_model_dir}", f"dataset={data}", "template=chatml",
+        f"output_dir={tmp_path / 'run'}", "max_steps=5", "per_device_train_batch_size=4", "logging_steps=1",
+        'evaluation_inputs=["Who are you?", "你是谁？"]', "evaluation_freq=2", "max_new_tokens=4",
+        "save_strategy=no", "report_to=tensorboard", "placeholders.name=Ada", "placeholders.author=Lab",
+    ])
+    train(cfg)
+    entries = [json.loads(line) for line in (tmp_path / "run" / "trainer_log.jsonl").read_text().splitlines()]
+    samples = [e for e in entries if "sample_generations" in e]
+    assert [e["step"] for e in samples] == [2, 4, 5]
+    assert [s["question"] for s in samples[0]["sample_generations"]] == ["Who are you?", "你是谁？"]
