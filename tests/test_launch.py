@@ -46,6 +46,7 @@ def test_engine_follows_the_process_count(monkeypatch):
 
     assert engine_name(Config()) == "single"
     assert engine_name(Config(engine="fsdp2")) == "fsdp2"
+    assert engine_name(Config(deepspeed="ds_z3")) == "deepspeed"
     for key, value in TORCHRUN_WORKER.items():
         monkeypatch.setenv(key, value)
     assert engine_name(Config()) == "ddp"
@@ -62,3 +63,13 @@ def test_overrides_may_follow_launch_flags(tmp_path, capsys):
     assert "learning_rate" in capsys.readouterr().err  # the override after the flag reached the config
     with pytest.raises(SystemExit):
         main(["train", str(cfg), "--nproc-per-node", "1", "--bogus"])
+
+
+def test_max_restarts_from_flag_or_env():
+    spec = launch_spec(nproc_per_node=2, env={"MAX_RESTARTS": "3"}, count_gpus=False)
+    assert spec.max_restarts == 3
+    assert "--max-restarts=3" in torchrun_command(spec, ["train", "c.yaml"], port=1)
+    assert launch_spec(nproc_per_node=2, max_restarts=1, env={"MAX_RESTARTS": "3"}, count_gpus=False).max_restarts == 1
+    assert "--max-restarts=0" in torchrun_command(launch_spec(env={}, count_gpus=False), ["train"], port=1)
+    with pytest.raises(ConfigError, match="max_restarts"):
+        launch_spec(max_restarts=-1, env={}, count_gpus=False)

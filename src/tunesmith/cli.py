@@ -6,6 +6,7 @@ Heavy imports (torch, transformers) happen inside the handlers so `tunesmith --h
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         args.node_rank,
         args.master_addr,
         args.master_port,
+        max_restarts=args.max_restarts,
         count_gpus=cfg.device.strip().lower() in ("auto", "cuda"),
     )
     if should_launch(spec):  # re-run this very command as torchrun's workers (they see RANK etc. and train)
@@ -81,6 +83,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from tunesmith.export.convert import convert_checkpoint, describe
+
+    print(describe(convert_checkpoint(args.checkpoint, args.out)))
+    return 0
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
     from tunesmith.serve.chat import run_chat
 
@@ -113,6 +122,50 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return preview(cfg, show=args.show)
 
 
+def _cmd_data_inspect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tunesmith.config import load_config
+
+    is_config = Path(args.target).suffix.lower() in (".yaml", ".yml")
+    if is_config:
+        cfg = load_config(args.target, args.overrides)
+        cfg.require("dataset")
+        if args.model:
+            cfg.model_name_or_path = args.model
+    elif args.model:
+        cfg = load_config(None, [*args.overrides, f"model_name_or_path={args.model}"])
+        cfg.dataset = [args.target]
+    else:
+        cfg = None  # a bare file without --model: rows and malformed rows only, no token counts
+    if cfg is not None and args.template:
+        cfg.template = args.template
+    tokenizer = None
+    if cfg is not None and cfg.model_name_or_path:
+        from tunesmith.model.load import load_tokenizer
+
+        tokenizer = load_tokenizer(
+            cfg.model_name_or_path, cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code
+        )
+    from tunesmith.data.inspect import inspect
+
+    plot = None if args.no_plot else Path(args.plot)
+    text, bad = inspect(args.target, cfg, tokenizer, plot)
+    print(text)
+    return 1 if bad else 0
+
+
+def _cmd_data_convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tunesmith.data.convert import convert_file
+
+    written, extra = convert_file(Path(args.input), args.to, Path(args.out))
+    dropped = f"; {extra} rows had non-conversation columns, dropped" if extra else ""
+    print(f"wrote {written} {args.to} rows to {args.out}{dropped}")
+    return 0
+
+
 def _cmd_env(args: argparse.Namespace) -> int:
     from tunesmith.envinfo import environment_report
 
@@ -126,6 +179,22 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     else:
         p.add_argument("config", nargs="?", help="YAML config file (optional)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. learning_rate=5e-4")
+
+
+def _name_deepspeed_accelerator() -> None:
+    """With DeepSpeed installed, libraries import it on the side (accelerate's ``unwrap_model`` inside
+    ``save_pretrained``), and it then guesses its accelerator, warning in every process of a machine without one.
+    Name the CPU there; anywhere else DeepSpeed's own detection stays in charge."""
+    if "DS_ACCELERATOR" in os.environ or importlib.util.find_spec("deepspeed") is None:
+        return
+    import torch
+
+    has_xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
+    if torch.cuda.is_available() or has_xpu or torch.backends.mps.is_available():
+        return
+    if importlib.util.find_spec("torch_npu") is not None or importlib.util.find_spec("habana_frameworks"):
+        return
+    os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--node-rank", type=int, metavar="R", help="this node's rank, 0..nnodes-1 (NODE_RANK)")
     launch.add_argument("--master-addr", metavar="HOST", help="address of node 0 (MASTER_ADDR)")
     launch.add_argument("--master-port", type=int, metavar="PORT", help="port on node 0 (MASTER_PORT)")
+    launch.add_argument(
+        "--max-restarts",
+        type=int,
+        metavar="N",
+        help="restart the job up to N times when a rank fails; it resumes from the newest checkpoint "
+        "(MAX_RESTARTS; default 0)",
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("export", help="merge an adapter into its base and write an HF folder")
@@ -158,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="export_dtype")
     p.add_argument("--template", help="chat template written into the tokenizer (default: the config's)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
+        "convert", help="turn a checkpoint of any engine (ddp, fsdp2, deepspeed ZeRO) into an HF or PEFT folder"
+    )
+    p.add_argument("checkpoint", help="an output_dir/checkpoint-N (or a run's output_dir)")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("chat", help="chat with a model in the terminal (or answer one --prompt)")
     p.add_argument("model", help="model folder, .gguf, or packaged alias")
@@ -183,6 +266,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(q)
     q.add_argument("--show", type=int, default=2, help="samples to print with their label masks")
     q.set_defaults(func=_cmd_data)
+    q = data_sub.add_parser(
+        "inspect", help="rows, format, every malformed row, token lengths and packing efficiency of a dataset"
+    )
+    q.add_argument("target", metavar="CONFIG|FILE", help="a YAML config, or one .json/.jsonl/.csv/.parquet file")
+    q.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. cutoff_len=512")
+    q.add_argument("--model", help="tokenizer for token stats (needed for a bare FILE; overrides the config's)")
+    q.add_argument("--template", help="chat template (default: the config's; `auto` for a bare FILE)")
+    q.add_argument("--plot", default="token_lengths.png", help="histogram PNG path (default: token_lengths.png)")
+    q.add_argument("--no-plot", action="store_true", help="do not write the histogram")
+    q.set_defaults(func=_cmd_data_inspect)
+    q = data_sub.add_parser("convert", help="rewrite a dataset file as openai, alpaca or sharegpt rows")
+    q.add_argument("input", metavar="IN", help="a .json/.jsonl/.csv/.parquet dataset file")
+    q.add_argument("--to", required=True, choices=["openai", "alpaca", "sharegpt"], help="the output format")
+    q.add_argument("--out", required=True, help="output .json (list) or .jsonl file")
+    q.set_defaults(func=_cmd_data_convert)
 
     p = sub.add_parser("env", help="versions of tunesmith and its libraries, and the devices found")
     p.set_defaults(func=_cmd_env)
@@ -208,6 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline-first: never reach for a hub at run time
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # HF's per-file bars drown our own progress bar
+    _name_deepspeed_accelerator()
     try:
         return int(args.func(args) or 0)
     except TunesmithError as err:

@@ -51,8 +51,8 @@ def test_wrong_type_names_key_expected_type_and_value(tmp_path):
 
 
 def test_known_but_unimplemented_key_is_refused_not_ignored(tmp_path):
-    path = _yaml(tmp_path, "deepspeed: ds_z3_config.json\n")
-    with pytest.raises(ConfigError, match="not supported yet: deepspeed"):
+    path = _yaml(tmp_path, "mix_strategy: interleave_under\n")
+    with pytest.raises(ConfigError, match="not supported yet: mix_strategy"):
         load_config(path)
 
 

@@ -1,5 +1,6 @@
-"""A worker for the distributed tests: load a checkpoint exactly as ``fit`` does, dump the full (unsharded) model
-and optimizer state plus the data position from rank 0, then continue the run with ``train(cfg)``.
+"""A worker for the distributed tests: load a checkpoint exactly as ``fit`` does (any engine, DeepSpeed included),
+dump the full (unsharded) model and optimizer state plus the data position from rank 0, then continue the run with
+``train(cfg)``.
 
     python -m torch.distributed.run --nproc-per-node 3 dist_probe.py CONFIG DUMP [key=value ...]
     python dist_probe.py CONFIG DUMP [key=value ...]                 (one process)
@@ -23,21 +24,24 @@ from tunesmith.model.adapt import apply_finetuning
 from tunesmith.model.load import load_model
 from tunesmith.train import train
 from tunesmith.train.engines import create_engine
-from tunesmith.train.optim import build_optimizer, build_scheduler
+from tunesmith.train.optim import build_scheduler
 
 
 def probe(cfg, dump: Path) -> None:
     engine = create_engine(cfg, torch.device("cpu"))
     torch.manual_seed(cfg.seed)
-    model = engine.prepare(apply_finetuning(load_model(cfg.model_name_or_path, dtype=torch.float32), cfg))
-    optimizer = build_optimizer(model, cfg)
+    model = apply_finetuning(load_model(cfg.model_name_or_path, dtype=torch.float32), cfg)
+    model, optimizer = engine.setup(model, cfg, cfg.max_steps)
     scheduler = build_scheduler(optimizer, cfg, cfg.max_steps)
     state = engine.load_checkpoint(Path(cfg.resume_from_checkpoint), model, optimizer, scheduler)
-    if engine.world_size == 1 and engine.name == "single":
-        options = StateDictOptions(ignore_frozen_params=True)  # no process group: nothing to gather
+    if engine.name == "deepspeed":
+        model_sd, optim_sd = deepspeed_state(engine)
     else:
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+        if engine.world_size == 1 and engine.name == "single":
+            options = StateDictOptions(ignore_frozen_params=True)  # no process group: nothing to gather
+        else:
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     if engine.is_main:
         torch.save(
             {
@@ -50,6 +54,21 @@ def probe(cfg, dump: Path) -> None:
             },
             dump,
         )
+
+
+def deepspeed_state(engine) -> tuple[dict, dict]:
+    """Whole weights and Adam state by parameter name out of ZeRO's partitions (a collective), in the layout of
+    torch's get_state_dict, so dumps of every engine compare directly."""
+    from tunesmith.train import zero_state
+
+    zero_state.link_optimizer_fragments(engine.ds.optimizer)
+    step = torch.tensor(float(zero_state.step_count(engine.optimizer)))
+    model_sd, state = {}, {}
+    for name, param in zero_state.trainable(engine.ds.module):
+        model_sd[name] = zero_state.get_full(param, engine.optimizer).cpu()
+        moments = {key: zero_state.get_full(param, engine.optimizer, key).cpu() for key in zero_state.MOMENTS}
+        state[name] = {"step": step, **moments}
+    return model_sd, {"state": state}
 
 
 if __name__ == "__main__":

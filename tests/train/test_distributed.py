@@ -259,6 +259,40 @@ def test_killing_one_rank_stops_the_job_and_names_the_rank(workdir, tmp_path):
     assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]  # no rank left behind
 
 
+def test_with_max_restarts_a_killed_rank_restarts_the_job_which_resumes_and_finishes(workdir, tmp_path):
+    """`--max-restarts 1`: after kill -9 of rank 1, torchrun restarts both ranks; they resume from the newest
+    complete checkpoint (a partial one is cleaned up) and finish the run."""
+    root, config = workdir
+    out = tmp_path / "restarted"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tunesmith.cli", "train", config, "--nproc-per-node", "2", "--max-restarts", "1",
+         "max_steps=40", "save_steps=10", f"output_dir={out}"],
+        cwd=root,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint-10" / "checkpoint_complete").is_file():
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.05)
+        victim = _rank_process(proc, rank=1)
+        assert victim is not None
+        victim.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-4000:]
+    assert "--max-restarts=1" in err and "resuming from" in err and "training finished: step 40" in err
+    assert [e["step"] for e in read_log(out) if "loss" in e] == list(range(1, 41))  # no step lost or repeated
+    assert json.loads((out / "train_results.json").read_text())["global_step"] == 40
+
+
 def test_two_invocations_with_nnodes_2_train_one_job(workdir, one_rank_run, tmp_path):
     """LLaMA-Factory's multi-node recipe on one machine: NNODES=2, NODE_RANK=0/1, one process per "node"."""
     root, config = workdir

@@ -104,6 +104,15 @@ class DataArgs(_Section):
         default_factory=dict,
         description="Values for `{{name}}`-style placeholders in the data, e.g. `{name: Ada, author: Lab}`.",
     )
+    packing: bool = Field(
+        False,
+        description="Pack several samples into each row of cutoff_len tokens (best-fit decreasing, deterministic). "
+        "Unlike LLaMA-Factory's plain packing, samples never attend to each other: position ids restart per sample "
+        "and a 4-D block-diagonal attention mask isolates them, so the loss equals that of the samples unpacked.",
+    )
+    neat_packing: bool = Field(
+        False, description="LLaMA-Factory's contamination-free packing; the same as `packing: true` here."
+    )
     skip_bad_rows: bool = Field(
         False, description="Skip malformed rows (and count them) instead of stopping at the first one."
     )
@@ -111,7 +120,14 @@ class DataArgs(_Section):
         None, description="Accepted for LLaMA-Factory compatibility; preprocessing runs in one process for now."
     )
     overwrite_cache: bool = Field(
-        False, description="Accepted for LLaMA-Factory compatibility; there is no preprocessing cache yet."
+        False, description="Re-run preprocessing even when a cached result matches (and replace the cache)."
+    )
+    tokenized_path: str | None = Field(
+        None,
+        description="Folder to save the preprocessed (encoded, packed) samples to and load them from. Unset: an "
+        "automatic cache under cache_dir/datasets (`TUNESMITH_DATA_CACHE=0` turns it off). Either is keyed by a "
+        "hash of the data files, tokenizer, template, data settings and tunesmith's version: anything changed "
+        "rebuilds it, a stale cache is never used.",
     )
 
     @field_validator("dataset", mode="before")
@@ -162,12 +178,21 @@ class TrainArgs(_Section):
     seed: int = Field(42, description="Seed for data order, initialisation and dropout.")
     run_name: str | None = Field(None, description="A name for this run in logs.")
     device: str = Field("auto", description="`auto` (CUDA, then NPU, then CPU) or a torch device string.")
-    engine: Literal["auto", "single", "ddp", "fsdp2"] = Field(
+    engine: Literal["auto", "single", "ddp", "fsdp2", "deepspeed"] = Field(
         "auto",
         description="How training uses several processes (launched by `tunesmith train --nproc-per-node N` or "
         "torchrun): `ddp` replicates the model and all-reduces gradients; `fsdp2` shards parameters, gradients "
-        "and optimizer state (torch FSDP2 `fully_shard`); `single` is one process. `auto`: ddp with more than "
-        "one process, else single.",
+        "and optimizer state (torch FSDP2 `fully_shard`); `deepspeed` runs DeepSpeed ZeRO as `deepspeed` "
+        "configures it; `single` is one process. `auto`: deepspeed when `deepspeed` is set, else ddp with more "
+        "than one process, else single.",
+    )
+    deepspeed: str | dict[str, Any] | None = Field(
+        None,
+        description="DeepSpeed config for engine: deepspeed (setting it selects that engine): a ds_config.json "
+        "path as in LLaMA-Factory / the HF Trainer (its `\"auto\"` values are filled from this config, explicit "
+        "values must agree with it), an inline mapping, or a preset: `ds_z0`, `ds_z1`, `ds_z2`, `ds_z2_offload`, "
+        "`ds_z3`, `ds_z3_offload` (default with engine: deepspeed: `ds_z2`). Needs `pip install "
+        "tunesmith[deepspeed]`.",
     )
     ddp_timeout: int | None = Field(
         None,
@@ -273,8 +298,8 @@ class EvalArgs(_Section):
 # sets one fails with "not supported yet: KEY" instead of being silently ignored.
 NOT_SUPPORTED_YET: frozenset[str] = frozenset(
     """
-    deepspeed fsdp fsdp_config packing neat_packing streaming buffer_size mix_strategy interleave_probs
-    tokenized_path quantization_bit quantization_method quantization_type double_quantization
+    deepspeed fsdp fsdp_config streaming buffer_size mix_strategy interleave_probs
+    quantization_bit quantization_method quantization_type double_quantization
     use_dora use_rslora pissa_init loraplus_lr_ratio additional_target lora_modules_to_save
     new_special_tokens resize_vocab flash_attn shift_attn rope_scaling use_unsloth enable_liger_kernel
     do_eval optim neftune_noise_alpha use_galore use_badam
@@ -301,6 +326,14 @@ class Config(ModelArgs, MethodArgs, DataArgs, TrainArgs, EvalArgs, ExportArgs):
             raise ValueError("bf16 and fp16 are both true; choose one")
         if self.fp16 and self.engine == "fsdp2":
             raise ValueError("fp16 with engine: fsdp2 is not supported yet; use bf16: true or engine: ddp")
+        if self.deepspeed is not None and self.engine not in ("auto", "deepspeed"):
+            raise ValueError(
+                f"deepspeed is set but engine is {self.engine}; use engine: deepspeed (or auto), or remove deepspeed"
+            )
+        if self.deepspeed is not None and self.engine == "auto":
+            self.engine = "deepspeed"
+        if self.engine == "deepspeed" and self.deepspeed is None:
+            self.deepspeed = "ds_z2"
         return self
 
     def require(self, *keys: str) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from tunesmith.data.cache import cache_key, cache_location, load_cached, save_cache
 from tunesmith.data.conversation import Conversation, Turn
 from tunesmith.data.encode import Encoded, EncodeReport, encode_conversation, encode_dataset
+from tunesmith.data.pack import PackedSample, pack_samples
 from tunesmith.data.sources import load_conversations
 from tunesmith.data.split import split_train_val
 from tunesmith.data.templates import TEMPLATES, Template, get_template
@@ -38,7 +40,7 @@ logger = get_logger("data")
 
 @dataclass
 class PreparedData:
-    train: list[Encoded]
+    train: list[Encoded] | list[PackedSample]  # packed rows with packing: true
     val: list[Encoded]
     report: EncodeReport
     template: Template
@@ -49,6 +51,34 @@ def prepare_datasets(cfg: Any, tokenizer: Any) -> PreparedData:
     template = get_template(
         cfg.template, tokenizer
     )  # first: a template/tokenizer mismatch fails before reading
+    key = cache_key(cfg, tokenizer, template)
+    location = cache_location(cfg, key)
+    if location is not None and not getattr(cfg, "overwrite_cache", False):
+        cached = load_cached(location, key)
+        if cached is not None:
+            train, val, report = cached
+            logger.info(report.format())
+            logger.info(
+                "data: %d training and %d validation rows loaded from the cache %s",
+                len(train),
+                len(val),
+                location,
+            )
+            return PreparedData(train=train, val=val, report=report, template=template)  # type: ignore[arg-type]
+        if getattr(cfg, "tokenized_path", None) and (location / "meta.json").exists():
+            logger.warning(
+                "data: tokenized_path %s was made from other data, tokenizer, template or settings; "
+                "rebuilding it",
+                location,
+            )
+    prepared = _prepare(cfg, tokenizer, template)
+    if location is not None:
+        save_cache(location, key, prepared.train, prepared.val, prepared.report)  # type: ignore[arg-type]
+        logger.debug("data: cached the encoded samples in %s", location)
+    return prepared
+
+
+def _prepare(cfg: Any, tokenizer: Any, template: Template) -> PreparedData:
     convs, bad_rows = load_conversations(cfg)
     samples, report = encode_dataset(convs, tokenizer, template, cfg)
     report.bad_rows += bad_rows
@@ -61,4 +91,8 @@ def prepare_datasets(cfg: Any, tokenizer: Any) -> PreparedData:
     train, val = split_train_val(samples, cfg.val_size, cfg.seed)
     if val:
         logger.info("data: %d training and %d validation samples (seed %d)", len(train), len(val), cfg.seed)
+    if getattr(cfg, "packing", False) or getattr(cfg, "neat_packing", False):
+        # only the training split: validation stays one sample per row, its loss is the same either way
+        train, stats = pack_samples(train, cfg.cutoff_len)
+        logger.info(stats.format())
     return PreparedData(train=train, val=val, report=report, template=template)

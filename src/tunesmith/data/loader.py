@@ -28,6 +28,8 @@ from typing import Protocol
 
 import torch
 
+from tunesmith.data.pack import packed_inputs
+
 IGNORE_INDEX = -100
 
 
@@ -38,19 +40,38 @@ class EncodedLike(Protocol):
 
 @dataclass
 class Batch:
-    """A padded micro-batch (CPU tensors); ``num_targets`` counts the tokens the loss is computed on."""
+    """A padded micro-batch (CPU tensors); ``num_targets`` counts the tokens the loss is computed on.
+
+    Packed rows (see :mod:`tunesmith.data.pack`) carry ``position_ids`` and a 4-D float ``attention_mask``
+    ``[batch, 1, seq, seq]``; plain batches a 2-D 0/1 mask and no position ids. :meth:`model_inputs` is what the
+    model's forward takes either way.
+    """
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     attention_mask: torch.Tensor
+    position_ids: torch.Tensor | None = None
 
     @property
     def num_targets(self) -> int:
         return count_targets(self.labels)
 
+    @property
+    def packed(self) -> bool:
+        return self.attention_mask.dim() == 4
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.position_ids is not None:
+            inputs["position_ids"] = self.position_ids
+        return inputs
+
     def to(self, device: torch.device | str) -> Batch:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
         return Batch(
-            *(t.to(device, non_blocking=True) for t in (self.input_ids, self.labels, self.attention_mask))
+            move(self.input_ids), move(self.labels), move(self.attention_mask), move(self.position_ids)
         )
 
 
@@ -63,11 +84,15 @@ def masked_copy(sample: EncodedLike, pad_token_id: int) -> Batch:
     """A one-sample batch with every label ignored: it runs forward/backward (keeping ranks in step) but has
     no targets, so it contributes exactly zero to the loss and the gradient."""
     batch = collate([sample], pad_token_id)
-    return Batch(batch.input_ids, torch.full_like(batch.labels, IGNORE_INDEX), batch.attention_mask)
+    return Batch(
+        batch.input_ids, torch.full_like(batch.labels, IGNORE_INDEX), batch.attention_mask, batch.position_ids
+    )
 
 
 def collate(samples: Sequence[EncodedLike], pad_token_id: int) -> Batch:
-    """Right-pad ``input_ids`` with ``pad_token_id`` and ``labels`` with -100; mask marks the real tokens."""
+    """Right-pad ``input_ids`` with ``pad_token_id`` and ``labels`` with -100; mask marks the real tokens.
+
+    Packed rows (samples with ``seq_lens``) get per-sample position ids and a 4-D block-diagonal causal mask."""
     if not samples:
         raise ValueError("collate needs at least one sample")
     width = max(len(s.input_ids) for s in samples)
@@ -81,6 +106,11 @@ def collate(samples: Sequence[EncodedLike], pad_token_id: int) -> Batch:
         input_ids[row, :n] = torch.tensor(sample.input_ids, dtype=torch.long)
         labels[row, :n] = torch.tensor(sample.labels, dtype=torch.long)
         attention_mask[row, :n] = 1
+    seq_lens = [getattr(sample, "seq_lens", None) for sample in samples]
+    if any(seq_lens):
+        lens = [given or [len(s.input_ids)] for given, s in zip(seq_lens, samples, strict=True)]
+        position_ids, mask = packed_inputs(lens, width)
+        return Batch(input_ids=input_ids, labels=labels, attention_mask=mask, position_ids=position_ids)
     return Batch(input_ids=input_ids, labels=labels, attention_mask=attention_mask)
 
 

@@ -98,7 +98,14 @@ def init_distributed(device: torch.device, timeout_s: int | None = None) -> Dist
         return dist_info()
     timeout = timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
     backend = backend_for(device)
-    if launched_by_torchrun():
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if launched_by_torchrun() and restart > 0:
+        info = dist_info()
+        torch.distributed.init_process_group(
+            backend, store=_restart_store(restart, info.rank, info.world_size, timeout), rank=info.rank,
+            world_size=info.world_size, timeout=timeout,
+        )
+    elif launched_by_torchrun():
         torch.distributed.init_process_group(backend, timeout=timeout)
     else:
         torch.distributed.init_process_group(
@@ -107,6 +114,23 @@ def init_distributed(device: torch.device, timeout_s: int | None = None) -> Dist
     info = dist_info()
     log.debug("joined process group: rank %d of %d (%s)", info.rank, info.world_size, backend)
     return info
+
+
+def _restart_store(restart: int, rank: int, world_size: int, timeout: timedelta) -> torch.distributed.Store:
+    """The rendezvous store of a job torchrun restarted (``--max-restarts``), under a prefix of its own.
+
+    With torchrun's default (static) rendezvous the agent keeps one store across restarts and env:// adds no
+    prefix per attempt, so the restarted ranks could read the dead ranks' gloo/nccl addresses and fail to connect
+    (a race, seen on CPU about one restart in three). A per-attempt prefix, as torch's own code intends, avoids it.
+    """
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # the agent hosts the store
+        store = torch.distributed.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+    else:
+        store = torch.distributed.TCPStore(
+            host, port, world_size, is_master=rank == 0, timeout=timeout, multi_tenant=True
+        )
+    return torch.distributed.PrefixStore(f"/tunesmith/attempt_{restart}", store)
 
 
 def shutdown_distributed() -> None:

@@ -8,13 +8,16 @@ The launcher settings come from flags or, as in LLaMA-Factory, from environment 
     --node-rank          NODE_RANK         0
     --master-addr        MASTER_ADDR       127.0.0.1
     --master-port        MASTER_PORT       a free port (single node), 29500 (several nodes)
+    --max-restarts       MAX_RESTARTS      0: restart the job up to N times when a rank fails
                          FORCE_TORCHRUN=1  launch even for one process
 
 A process that torchrun (or anything following its convention: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
 MASTER_PORT) started is never re-launched: it joins the job (``tunesmith.launch.distributed``).
 
 If any rank fails, torchrun stops the others and prints a summary naming the failed rank, its exit code or signal
-and (for Python errors) its traceback; ``tunesmith train`` then exits with torchrun's non-zero code.
+and (for Python errors) its traceback; ``tunesmith train`` then exits with torchrun's non-zero code. With
+``max_restarts`` N > 0 torchrun instead restarts every rank (up to N times); the restarted workers find the newest
+complete checkpoint in ``output_dir`` and resume from it, as a re-run of the same command would.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class LaunchSpec:
     master_addr: str = "127.0.0.1"
     master_port: int | None = None
     force: bool = False
+    max_restarts: int = 0
 
     @property
     def needs_launch(self) -> bool:
@@ -71,6 +75,7 @@ def launch_spec(
     master_port: int | None = None,
     env: Mapping[str, str] | None = None,
     count_gpus: bool = True,
+    max_restarts: int | None = None,
 ) -> LaunchSpec:
     """Flags first, then the LLaMA-Factory environment variables, then defaults (``count_gpus``: default to one
     process per visible GPU; off when the config pins a device such as ``cpu``)."""
@@ -87,7 +92,10 @@ def launch_spec(
         master_addr=master_addr or env.get("MASTER_ADDR") or "127.0.0.1",
         master_port=port,
         force=env.get("FORCE_TORCHRUN", "").strip().lower() in TRUE_VALUES,
+        max_restarts=max_restarts if max_restarts is not None else (_int("MAX_RESTARTS", env.get("MAX_RESTARTS")) or 0),
     )
+    if spec.max_restarts < 0:
+        raise ConfigError(f"max_restarts must be 0 or more, got {spec.max_restarts}")
     if spec.nproc_per_node < 1 or spec.nnodes < 1 or not 0 <= spec.node_rank < spec.nnodes:
         raise ConfigError(
             f"invalid launch: nproc_per_node={spec.nproc_per_node}, nnodes={spec.nnodes}, "
@@ -106,8 +114,8 @@ def master_port(spec: LaunchSpec) -> int:
 
 
 def torchrun_command(spec: LaunchSpec, worker_args: Sequence[str], port: int) -> list[str]:
-    """``python -m torch.distributed.run ... -m tunesmith.cli <worker_args>``; torchrun's default restart policy
-    (none) stops the whole job when one rank fails."""
+    """``python -m torch.distributed.run ... -m tunesmith.cli <worker_args>``. With ``max_restarts`` 0 (the
+    default) the whole job stops when one rank fails; with N it is restarted up to N times."""
     return [
         sys.executable,
         "-m",
@@ -117,6 +125,7 @@ def torchrun_command(spec: LaunchSpec, worker_args: Sequence[str], port: int) ->
         f"--nproc-per-node={spec.nproc_per_node}",
         f"--master-addr={spec.master_addr}",
         f"--master-port={port}",
+        f"--max-restarts={spec.max_restarts}",
         "-m",
         "tunesmith.cli",
         *worker_args,

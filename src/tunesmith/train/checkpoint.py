@@ -5,7 +5,8 @@ Layout of ``output_dir/checkpoint-N/``::
     adapter_model.safetensors + adapter_config.json   (lora)  | model*.safetensors + config.json (full/freeze)
     tokenizer files
     optimizer.pt                                              (single / ddp: the optimizer's own state dict)
-    dcp/                                                      (fsdp2 instead: sharded model + optimizer, DCP)
+    dcp/                                                      (fsdp2, deepspeed: sharded model + optimizer, DCP)
+    ds/                                                       (deepspeed: DeepSpeed's own checkpoint, zero_to_fp32.py)
     scheduler.pt  rng_state.pt  [rng_state_rankR.pt]  [scaler.pt]   (torch.save of plain state dicts)
     trainer_state.json                                        (TrainState: step, data position, log tail, …)
     checkpoint_complete                                       (written last: the completeness marker)
@@ -45,6 +46,7 @@ STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 SHARDED_DIR = "dcp"
+DEEPSPEED_DIR = "ds"
 _CHECKPOINT_RE = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
 
 
@@ -338,16 +340,12 @@ def load_checkpoint(
 ) -> TrainState:
     """Restore weights, optimizer, scheduler, RNG (and ``extra`` objects with ``load_state_dict``) from ``path``.
 
-    Weights and optimizer come from ``dcp/`` when the checkpoint has it (written by fsdp2 on any number of ranks,
-    resharded to this model's layout, sharded or not), else from the HF/PEFT weights and ``optimizer.pt``. Each
-    rank restores its own RNG file, or rank 0's when the checkpoint was written by fewer ranks.
+    Weights and optimizer come from ``dcp/`` when the checkpoint has it (written by fsdp2 or deepspeed on any
+    number of ranks, resharded to this model's layout, sharded or not), else from the HF/PEFT weights and
+    ``optimizer.pt``. Each rank restores its own RNG file, or rank 0's when the checkpoint was written by fewer
+    ranks.
     """
-    path = Path(path)
-    if not is_complete(path):
-        raise TunesmithError(
-            f"checkpoint {path} is incomplete (no {COMPLETE_MARKER} marker); pick another one"
-        )
-    state = TrainState.load(path / STATE_FILE)
+    path = check_complete(path)
     if (path / SHARDED_DIR).is_dir():
         from tunesmith.train.sharded import load_sharded
 
@@ -363,7 +361,34 @@ def load_checkpoint(
                 f"the optimizer state in {path} does not match this run's trainable parameters ({err}); "
                 "resume with the same finetuning settings or use another output_dir"
             ) from None
+    return restore_training_state(path, optimizer, scheduler, extra, rank)
+
+
+def check_complete(path: Path) -> Path:
+    path = Path(path)
+    if not is_complete(path):
+        raise TunesmithError(
+            f"checkpoint {path} is incomplete (no {COMPLETE_MARKER} marker); pick another one"
+        )
+    return path
+
+
+def restore_training_state(
+    path: Path,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    extra: dict[str, Any] | None = None,
+    rank: int = 0,
+) -> TrainState:
+    """Everything but weights and optimizer state: scheduler (and the lr it implies), ``extra``, RNG, progress."""
+    path = Path(path)
+    state = TrainState.load(path / STATE_FILE)
     scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, map_location="cpu", weights_only=True))
+    # The scheduler's last lr is the one the next step uses; set it explicitly rather than trust the optimizer's
+    # saved param groups, which sharded (dcp/) checkpoints do not carry and other engines' optimizers name
+    # differently.
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=False):
+        group["lr"] = lr
     for name, target in (extra or {}).items():
         file = path / f"{name}.pt"
         if file.is_file():

@@ -35,7 +35,7 @@ from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.engines import Engine, Precision, SingleDeviceEngine, create_engine, engine_name
 from tunesmith.train.engines import resolve_precision as resolve_precision
 from tunesmith.train.observe import RunObserver, plot_loss, write_run_info
-from tunesmith.train.optim import build_optimizer, build_scheduler, total_steps
+from tunesmith.train.optim import build_scheduler, total_steps
 from tunesmith.train.state import SIGNATURE_HARD_KEYS, SIGNATURE_SOFT_KEYS, TrainState, run_signature
 
 log = get_logger("train")
@@ -199,9 +199,7 @@ def evaluate(model: torch.nn.Module, loader: EpochLoader, engine: Engine) -> flo
         for _, window in loader.windows(epoch=0, start=0, accumulation=1):
             batch = window[0].to(engine.device)
             with engine.autocast():
-                logits = model(
-                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-                ).logits
+                logits = model(**batch.model_inputs(), use_cache=False).logits
             loss_sum += float(token_loss_sum(logits, batch.labels))
             targets += batch.num_targets
     model.train()
@@ -231,9 +229,7 @@ def train_step(
         batch = batch.to(engine.device)
         with engine.no_sync(model, skip=index < len(window) - 1):
             with engine.autocast():
-                logits = model(
-                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-                ).logits
+                logits = model(**batch.model_inputs(), use_cache=False).logits
             loss = token_loss_sum(logits, batch.labels) / denominator
             engine.backward(loss)
         window_loss += loss.detach().float()
@@ -289,9 +285,6 @@ def fit(
     for param in model.parameters():  # optimizer state and updates in float32, whatever the frozen base's dtype
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
-    model = engine.prepare(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     shard = dict(rank=engine.rank, world_size=engine.world_size)
     loader = EpochLoader(
@@ -304,7 +297,9 @@ def fit(
     )
     do_eval = val_loader is not None and cfg.eval_strategy == "steps"
     total = total_steps(cfg, len(loader))
-    optimizer = build_optimizer(model, cfg)
+    model, optimizer = engine.setup(model, cfg, total)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
     scheduler = build_scheduler(optimizer, cfg, total)
     per_round = cfg.per_device_train_batch_size * engine.world_size
     global_batch = per_round * cfg.gradient_accumulation_steps
@@ -394,9 +389,10 @@ def fit(
                 if do_eval and (state.global_step % cfg.eval_steps == 0 or state.global_step == total):
                     _log_eval(model, val_loader, engine, state, observer, start)
 
-                # Answers to fixed questions (evaluation_inputs): rank 0 alone generates, so not under fsdp2,
-                # where every rank must join each forward. Uses no global RNG: exact resume still holds.
-                if engine.is_main and engine.name != "fsdp2" and sample_generation_due(cfg, state.global_step, total):
+                # Answers to fixed questions (evaluation_inputs): rank 0 alone generates, so not under fsdp2 or
+                # ZeRO-3, where every rank must join each forward. Uses no global RNG: exact resume still holds.
+                alone = engine.is_main and engine.whole_model_on_each_rank
+                if alone and sample_generation_due(cfg, state.global_step, total):
                     log_sample_generations(engine.unwrap(model), tokenizer, cfg.template, cfg.evaluation_inputs,
                                            state.global_step, output_dir, observer.writer,
                                            system=cfg.default_system, max_new_tokens=cfg.max_new_tokens)
@@ -561,8 +557,8 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> TrainResult:
             cache_dir=cfg.cache_dir,
             trust_remote_code=cfg.trust_remote_code,
             allow_pickle=cfg.allow_pickle,
-            # fsdp2 shards from the CPU copy onto the device, so no rank ever holds the whole model there
-            device=torch.device("cpu") if engine == "fsdp2" else device,
+            # fsdp2 and deepspeed shard from the CPU copy onto the device, so no rank holds the whole model there
+            device=torch.device("cpu") if engine in ("fsdp2", "deepspeed") else device,
         )
     model = apply_finetuning(model, cfg)
     return fit(

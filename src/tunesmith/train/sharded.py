@@ -41,7 +41,9 @@ def load_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim
     import torch.distributed.checkpoint as dcp
 
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
-    wanted = {"model": model_sd, "optimizer": optim_sd}
+    # Only the per-parameter state is read: the param groups (hyper-parameters) come from this run's config and
+    # its lr from the scheduler, so folders written by another engine's optimizer load as well.
+    wanted = {"model": model_sd, "optimizer": {"state": optim_sd["state"]}}
     with warnings.catch_warnings():
         # Without a process group DCP warns that it loads "without distributed": that is the point here.
         warnings.filterwarnings("ignore", message=".*distributed.*", category=UserWarning)
@@ -53,9 +55,8 @@ def load_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim
                 f"the sharded checkpoint {directory} does not match this run's trainable parameters ({first}); "
                 "resume with the same model and finetuning settings or use another output_dir"
             ) from None
-    set_state_dict(
-        model, optimizer, model_state_dict=wanted["model"], optim_state_dict=wanted["optimizer"], options=_OPTIONS
-    )
+    loaded_optim = {"state": wanted["optimizer"]["state"], "param_groups": optim_sd["param_groups"]}
+    set_state_dict(model, optimizer, model_state_dict=wanted["model"], optim_state_dict=loaded_optim, options=_OPTIONS)
 
 
 def full_model_state_dict(model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:

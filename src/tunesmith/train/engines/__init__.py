@@ -1,7 +1,8 @@
 """Engines: how the loop's model, gradients and checkpoints map onto processes and devices.
 
-``single`` (one process), ``ddp`` (replicated model, all-reduced gradients) and ``fsdp2`` (sharded with
-``fully_shard``); ``create_engine`` picks one from the config and the way the job was launched.
+``single`` (one process), ``ddp`` (replicated model, all-reduced gradients), ``fsdp2`` (sharded with
+``fully_shard``) and ``deepspeed`` (DeepSpeed ZeRO); ``create_engine`` picks one from the config and the way the
+job was launched. The deepspeed engine is imported only when chosen (DeepSpeed is an optional dependency).
 """
 
 from __future__ import annotations
@@ -53,12 +54,12 @@ def resolve_precision(cfg: Config, device: torch.device) -> Precision:
 def engine_name(cfg: Config) -> str:
     """``cfg.engine`` with ``auto`` resolved: ddp when the job has more than one process, else single."""
     world_size = dist_info().world_size
-    if cfg.engine == "auto":
+    if cfg.engine == "auto":  # (a config with `deepspeed` set already says engine: deepspeed)
         return "ddp" if world_size > 1 else "single"
     if cfg.engine == "single" and world_size > 1:
         raise ConfigError(
             f"engine: single trains in one process but this job runs {world_size} (WORLD_SIZE); "
-            "use engine: auto, ddp or fsdp2"
+            "use engine: auto, ddp, fsdp2 or deepspeed"
         )
     return cfg.engine
 
@@ -73,5 +74,11 @@ def create_engine(cfg: Config, device: torch.device, precision: Precision | None
     if not launched_by_torchrun():
         log.info("engine: %s in a single process (a process group of one)", name)
     info = init_distributed(device, cfg.ddp_timeout)
+    if name == "deepspeed":
+        from tunesmith.train.engines.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(
+            device, precision, rank=info.rank, world_size=info.world_size, ds_config=cfg.deepspeed
+        )
     cls = DDPEngine if name == "ddp" else FSDP2Engine
     return cls(device, precision, rank=info.rank, world_size=info.world_size)

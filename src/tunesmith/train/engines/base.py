@@ -1,9 +1,9 @@
 """The engine interface: where the model meets the hardware and the other ranks.
 
-The loop only calls these methods; an engine decides placement and wrapping (``prepare``), precision
-(``autocast``), gradient synchronisation (``no_sync`` during accumulation, ``backward``), the optimizer step with
-clipping (``step``), reductions of logged numbers (``all_reduce_sum``), and the checkpoint format
-(``save_checkpoint`` / ``load_checkpoint`` / ``save_model``). :class:`Engine` implements everything for one
+The loop only calls these methods; an engine decides placement and wrapping (``prepare``), model and optimizer
+(``setup``), precision (``autocast``), gradient synchronisation (``no_sync`` during accumulation, ``backward``),
+the optimizer step with clipping (``step``), reductions of logged numbers (``all_reduce_sum``), and the checkpoint
+format (``save_checkpoint`` / ``load_checkpoint`` / ``save_model``). :class:`Engine` implements everything for one
 process; the distributed engines override what differs.
 """
 
@@ -17,7 +17,9 @@ from typing import Any, Literal
 
 import torch
 
+from tunesmith.config import Config
 from tunesmith.train import checkpoint as ckpt
+from tunesmith.train.optim import build_optimizer
 from tunesmith.train.state import TrainState
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -42,10 +44,24 @@ class Engine:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def whole_model_on_each_rank(self) -> bool:
+        """Whether one rank can run the model by itself (e.g. rank 0 generating sample answers); False where
+        parameters are sharded and every forward is a collective (fsdp2, ZeRO-3)."""
+        return True
+
     # ------------------------------------------------------------------------------------------- compute
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(self.device)
+
+    def setup(
+        self, model: torch.nn.Module, cfg: Config, total_steps: int
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """The model to train (placed/wrapped by :meth:`prepare`) and its AdamW. DeepSpeed overrides this: it
+        builds both together. The lr schedule is attached to the returned optimizer by the loop."""
+        model = self.prepare(model)
+        return model, build_optimizer(model, cfg)
 
     def autocast(self) -> AbstractContextManager:
         if self.precision == "fp32":
@@ -121,7 +137,12 @@ class Engine:
             ckpt.save_model(model, tokenizer, directory)
 
     def save_weights_and_optimizer(
-        self, directory: Path, model: torch.nn.Module, tokenizer: Any, optimizer: torch.optim.Optimizer
+        self,
+        directory: Path,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        optimizer: torch.optim.Optimizer,
+        step: int,
     ) -> None:
         """Replicated state (single, DDP): rank 0 writes the HF/PEFT weights and ``optimizer.pt``."""
         if self.is_main:
@@ -143,7 +164,7 @@ class Engine:
         if self.is_main:
             ckpt.begin_checkpoint(output_dir, state.global_step)
         self.barrier()
-        self.save_weights_and_optimizer(tmp, model, tokenizer, optimizer)
+        self.save_weights_and_optimizer(tmp, model, tokenizer, optimizer, state.global_step)
         ckpt.save_rng_state(tmp, self.rank)
         self.barrier()
         final = Path(output_dir) / f"{ckpt.CHECKPOINT_PREFIX}{state.global_step}"

@@ -35,6 +35,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 class FSDP2Engine(Engine):
     name = "fsdp2"
+    whole_model_on_each_rank = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -88,7 +89,12 @@ class FSDP2Engine(Engine):
             ckpt.save_model(model, tokenizer, directory, state_dict=full)
 
     def save_weights_and_optimizer(
-        self, directory: Path, model: torch.nn.Module, tokenizer: Any, optimizer: torch.optim.Optimizer
+        self,
+        directory: Path,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        optimizer: torch.optim.Optimizer,
+        step: int,
     ) -> None:
         save_sharded(Path(directory) / ckpt.SHARDED_DIR, model, optimizer)
         self.save_model(model, tokenizer, directory)

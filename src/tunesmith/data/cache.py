@@ -1,0 +1,222 @@
+"""The preprocessing cache: encoded (and packed) samples saved on disk, reused only when nothing they depend on
+changed.
+
+Where: ``tokenized_path`` when set (as in LLaMA-Factory: saved there, loaded from there), else automatically under
+``<cache>/datasets/<key>/`` with ``<cache>`` = ``cache_dir``, ``$TUNESMITH_CACHE`` or ``~/.cache/tunesmith``.
+``overwrite_cache: true`` rebuilds it; ``TUNESMITH_DATA_CACHE=0`` turns the automatic cache off.
+
+The key is a sha256 over everything the samples depend on: the bytes of every data file (and of
+dataset_info.json), the tokenizer (its serialized backend: vocab, merges, normalizer, added/special tokens; plus
+its chat template and special tokens), the template's full definition, the data config keys (cutoff_len,
+packing, train_on_prompt, mask_history, default_system, placeholders, max_samples, val_size, seed, ...) and
+tunesmith's version together with a hash of the data package's own source (so a code change during development
+never reuses samples the new code would encode differently). Unlike LLaMA-Factory, a ``tokenized_path`` whose key
+differs is rebuilt (with a warning), never silently reused.
+
+Layout (compact, loads in a few numpy reads): ``meta.json`` (key, report, counts) and ``train.npz`` /
+``val.npz`` holding flat int32 ``input_ids`` and ``labels``, int64 ``offsets`` into them and, for packed rows,
+flat ``seq_lens`` with their own offsets. Everything is written into a temporary sibling folder and renamed into
+place, so a crash or a concurrent writer (every rank preprocesses) never leaves a half cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tunesmith import __version__
+from tunesmith.data.encode import Encoded, EncodeReport
+from tunesmith.data.pack import PackedSample
+from tunesmith.data.sources import read_dataset_info, resolve_source
+from tunesmith.logging import get_logger
+
+logger = get_logger("data")
+
+FORMAT_VERSION = 1
+META = "meta.json"
+CONFIG_KEYS = (
+    "dataset",
+    "template",
+    "cutoff_len",
+    "packing",
+    "neat_packing",
+    "train_on_prompt",
+    "mask_history",
+    "default_system",
+    "placeholders",
+    "max_samples",
+    "val_size",
+    "seed",
+    "skip_bad_rows",
+)
+
+Sample = Encoded | PackedSample
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def data_files(cfg: Any) -> list[Path]:
+    """Every file the config's datasets read (dataset_info.json included when present)."""
+    dataset_dir = Path(cfg.dataset_dir).expanduser()
+    info = read_dataset_info(dataset_dir)
+    files = [f for name in cfg.dataset or [] for f in resolve_source(name, dataset_dir, info).files]
+    if (dataset_dir / "dataset_info.json").is_file():
+        files.append(dataset_dir / "dataset_info.json")
+    return files
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of what decides the token ids: the backend's serialization (fast tokenizers), else the vocab."""
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        digest.update(backend.to_str().encode())
+    else:  # a slow tokenizer: its vocabulary and added tokens are what we can see
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    extra = {
+        "class": type(tokenizer).__name__,
+        "special": getattr(tokenizer, "all_special_tokens", []),
+        "pad": tokenizer.pad_token_id,
+        "eos": tokenizer.eos_token_id,
+        "bos": getattr(tokenizer, "bos_token_id", None),
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
+    digest.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _code_fingerprint() -> str:
+    digest = hashlib.sha256(__version__.encode())
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def cache_key(cfg: Any, tokenizer: Any, template: Any) -> str:
+    parts = {
+        "format": FORMAT_VERSION,
+        "code": _code_fingerprint(),
+        "files": [[str(p), _sha256_file(p)] for p in data_files(cfg)],
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "template": repr(template),  # the frozen dataclass: every field, the jinja of `auto` included
+        "config": {key: getattr(cfg, key, None) for key in CONFIG_KEYS},
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cache_location(cfg: Any, key: str) -> Path | None:
+    """The folder for this key: tokenized_path, the automatic cache, or None when caching is off."""
+    if getattr(cfg, "tokenized_path", None):
+        return Path(cfg.tokenized_path).expanduser()
+    if os.environ.get("TUNESMITH_DATA_CACHE", "1").lower() in ("0", "off", "false", "no"):
+        return None
+    root = (
+        getattr(cfg, "cache_dir", None)
+        or os.environ.get("TUNESMITH_CACHE")
+        or Path.home() / ".cache" / "tunesmith"
+    )
+    return Path(root).expanduser() / "datasets" / key[:32]
+
+
+# ------------------------------------------------------------------------------------------ save and load
+
+
+def _to_arrays(samples: list[Sample]) -> dict[str, np.ndarray]:
+    lengths = np.fromiter((len(s.input_ids) for s in samples), dtype=np.int64, count=len(samples))
+    offsets = np.zeros(len(samples) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    arrays = {
+        "input_ids": np.fromiter(
+            (t for s in samples for t in s.input_ids), dtype=np.int32, count=int(offsets[-1])
+        ),
+        "labels": np.fromiter((t for s in samples for t in s.labels), dtype=np.int32, count=int(offsets[-1])),
+        "offsets": offsets,
+    }
+    if samples and isinstance(samples[0], PackedSample):
+        seq_lens = [s.seq_lens for s in samples]  # type: ignore[union-attr]
+        seq_offsets = np.zeros(len(samples) + 1, dtype=np.int64)
+        np.cumsum([len(x) for x in seq_lens], out=seq_offsets[1:])
+        arrays["seq_lens"] = np.array([n for x in seq_lens for n in x], dtype=np.int32)
+        arrays["seq_offsets"] = seq_offsets
+    return arrays
+
+
+def _from_arrays(arrays: Any) -> list[Sample]:
+    offsets = arrays["offsets"].tolist()
+    ids, labels = arrays["input_ids"].tolist(), arrays["labels"].tolist()
+    spans = list(zip(offsets[:-1], offsets[1:], strict=True))
+    if "seq_lens" not in arrays:
+        return [Encoded(ids[a:b], labels[a:b]) for a, b in spans]
+    seq_lens, seq_offsets = arrays["seq_lens"].tolist(), arrays["seq_offsets"].tolist()
+    return [
+        PackedSample(ids[a:b], labels[a:b], seq_lens[seq_offsets[k] : seq_offsets[k + 1]])
+        for k, (a, b) in enumerate(spans)
+    ]
+
+
+def _key_of(path: Path) -> str | None:
+    try:
+        return json.loads((path / META).read_text(encoding="utf-8")).get("key")
+    except (OSError, ValueError):
+        return None
+
+
+def load_cached(path: Path, key: str) -> tuple[list[Sample], list[Sample], EncodeReport] | None:
+    """The cached (train, val, report) when ``path`` holds this key's cache, else None."""
+    if _key_of(path) != key:
+        return None
+    try:
+        meta = json.loads((path / META).read_text(encoding="utf-8"))
+        with np.load(path / "train.npz") as train, np.load(path / "val.npz") as val:
+            loaded = _from_arrays(train), _from_arrays(val)
+    except (OSError, ValueError, KeyError) as err:  # unreadable: treat as a miss and rebuild
+        logger.warning("data: ignoring the unreadable cache in %s (%s)", path, err)
+        return None
+    return loaded[0], loaded[1], EncodeReport(**meta["report"])
+
+
+def save_cache(path: Path, key: str, train: list[Sample], val: list[Sample], report: EncodeReport) -> None:
+    """Write atomically: a temporary sibling folder, renamed over ``path`` once complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    try:
+        np.savez(tmp / "train.npz", **_to_arrays(train))
+        np.savez(tmp / "val.npz", **_to_arrays(val))
+        meta = {
+            "key": key,
+            "version": __version__,
+            "train": len(train),
+            "val": len(val),
+            "report": asdict(report),
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        if _key_of(path) == key:  # another process (rank) wrote the same cache meanwhile: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        old = None
+        if path.exists():  # a stale cache (tokenized_path with another key): move it aside, then replace
+            old = path.parent / f".old-{path.name}-{os.getpid()}"
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process (rank) renamed its identical cache in first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

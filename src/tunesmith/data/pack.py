@@ -1,0 +1,124 @@
+"""Packing: several encoded samples per row of ``cutoff_len`` tokens, each sample still seeing only itself.
+
+``packing: true`` (and LLaMA-Factory's ``neat_packing: true``, which behaves the same here) turns the encoded
+samples into :class:`PackedSample` rows before the EpochLoader sees them, so the packed rows *are* the dataset:
+the seeded epoch order, the resumable data position and the exact-resume guarantees apply unchanged.
+
+Which samples share a row: best-fit decreasing. Samples are taken longest first (ties by their index, so the
+result depends only on the lengths) and each goes into the open row with the *least* room that still fits it,
+else into a new row. This is deterministic and wastes little (a row is rarely left with room another sample
+could use); the rows are then in creation order and the loader shuffles them per epoch.
+
+Isolation (see :func:`packed_inputs`): position ids restart at 0 for every sample, and the attention mask is a
+4-D block-diagonal causal float mask (0 where attention is allowed, -inf elsewhere) of shape
+``[batch, 1, seq, seq]``, which HF models (SDPA and eager) use as-is. Position ids alone do not isolate samples
+on SDPA; the mask does. Padding tokens attend only to themselves, so no softmax row is all -inf (no NaN), and
+they carry no labels. The first token of every sample gets label -100: in a packed row it sits right after
+the previous sample, whose last token would otherwise be trained to predict it; unpacked, the first label is
+never predicted either, so the target tokens (and the token-normalised loss) are exactly the same.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+class _Sample(Protocol):
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class PackedSample:
+    """One packed row (unpadded): the samples' tokens concatenated; ``seq_lens`` are their lengths in order."""
+
+    input_ids: list[int]
+    labels: list[int]
+    seq_lens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class PackingStats:
+    samples: int
+    rows: int
+    tokens: int
+    cutoff_len: int
+
+    @property
+    def fill(self) -> float:
+        """Fraction of the rows' cutoff_len slots that hold real tokens."""
+        return self.tokens / max(self.rows * self.cutoff_len, 1)
+
+    def format(self) -> str:
+        return (
+            f"data: packed {self.samples} samples into {self.rows} rows of cutoff_len={self.cutoff_len} "
+            f"({self.fill:.1%} filled)"
+        )
+
+
+def pack_groups(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of the samples in each row (best-fit decreasing; see the module docstring)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    # open rows as a sorted list of (room left, row index): bisect finds the tightest row that fits
+    room: list[tuple[int, int]] = []
+    for i in order:
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"sample {i} has {n} tokens, more than the packing capacity {capacity}")
+        at = bisect.bisect_left(room, (n, -1))
+        if at < len(room):
+            left, row = room.pop(at)
+            rows[row].append(i)
+            left -= n
+        else:
+            row, left = len(rows), capacity - n
+            rows.append([i])
+        if left > 0:
+            bisect.insort(room, (left, row))
+    return rows
+
+
+def pack_samples(samples: Sequence[_Sample], cutoff_len: int) -> tuple[list[PackedSample], PackingStats]:
+    """Pack samples (each at most cutoff_len tokens) into rows; each sample's first label becomes -100."""
+    groups = pack_groups([len(s.input_ids) for s in samples], cutoff_len)
+    rows: list[PackedSample] = []
+    for group in groups:
+        row = PackedSample([], [])
+        # within a row, keep the dataset order (readable previews; the order does not change the loss)
+        for i in sorted(group):
+            sample = samples[i]
+            row.input_ids += sample.input_ids
+            row.labels += [IGNORE_INDEX, *sample.labels[1:]]
+            row.seq_lens.append(len(sample.input_ids))
+        rows.append(row)
+    tokens = sum(len(s.input_ids) for s in samples)
+    return rows, PackingStats(samples=len(samples), rows=len(rows), tokens=tokens, cutoff_len=cutoff_len)
+
+
+def packed_inputs(seq_lens: Sequence[Sequence[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position_ids [batch, width], float mask [batch, 1, width, width]) for right-padded packed rows."""
+    batch = len(seq_lens)
+    position_ids = torch.zeros((batch, width), dtype=torch.long)
+    segment = torch.empty((batch, width), dtype=torch.long)
+    for row, lens in enumerate(seq_lens):
+        start = 0
+        for k, n in enumerate(lens):
+            position_ids[row, start : start + n] = torch.arange(n)
+            segment[row, start : start + n] = k
+            start += n
+        # every pad token is a segment of its own: it attends to itself only, so its softmax row is finite
+        segment[row, start:] = torch.arange(len(lens), len(lens) + width - start)
+    same = segment[:, :, None] == segment[:, None, :]
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    allowed = same & causal
+    mask = torch.zeros((batch, 1, width, width), dtype=torch.float32)
+    mask.masked_fill_(~allowed[:, None], float("-inf"))
+    return position_ids, mask

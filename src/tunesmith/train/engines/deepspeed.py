@@ -1,0 +1,299 @@
+"""``engine: deepspeed``: DeepSpeed ZeRO (stages 0-3, CPU offload) driven by tunesmith's own loop.
+
+``deepspeed.initialize`` builds the engine and its optimizer from the resolved ds_config
+(:mod:`tunesmith.train.ds_config`); the loop keeps everything else: data order, the loss, the lr schedule,
+logging and checkpoints.
+
+The loss. The loop hands each micro-batch's token-loss sum divided by the target tokens of the whole window on
+all ranks (see ``train_step``), so summing the gradients of all micro-batches of all ranks gives exactly the
+gradient of one big batch. DeepSpeed instead expects per-micro-batch means: ``engine.backward`` divides by
+``gradient_accumulation_steps`` and ZeRO averages over the data-parallel ranks. We call ``backward(loss ×
+world_size, scale_wrt_gas=False)``: no division by the accumulation steps, and the rank average undone, so
+DeepSpeed's reduced gradient is the loop's sum, as under DDP and FSDP2. The accumulation boundary is set
+explicitly for every micro-batch (``set_gradient_accumulation_boundary``), since an epoch's last window may
+hold fewer micro-batches than ``gradient_accumulation_steps``.
+
+The learning rate. tunesmith's LambdaLR drives the lr of DeepSpeed's (inner) optimizer, stepped by the loop as
+on every engine; DeepSpeed gets no scheduler. Clipping (``gradient_clipping`` = ``max_grad_norm``) happens
+inside DeepSpeed's step, on the global norm, like the other engines'.
+
+Checkpoints hold ``ds/`` (``engine.save_checkpoint``: DeepSpeed's own format and its ``zero_to_fp32.py``, for
+DeepSpeed's tools; it only resumes on the same number of ranks), ``dcp/`` (weights, Adam moments and step by
+parameter name: :mod:`tunesmith.train.zero_state`; what tunesmith resumes from, on any number of ranks and
+with any engine), and the consolidated HF/PEFT weights from rank 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunesmith.config import Config
+from tunesmith.errors import ConfigError, TunesmithError
+from tunesmith.logging import get_logger
+from tunesmith.train import checkpoint as ckpt
+from tunesmith.train import zero_state
+from tunesmith.train.ds_config import ResolvedConfig, RunValues, extensions_dir, resolve_ds_config
+from tunesmith.train.engines.base import Engine
+from tunesmith.train.optim import param_groups, warmup_steps
+from tunesmith.train.state import TrainState
+
+log = get_logger("train")
+
+
+def import_deepspeed(device: torch.device) -> Any:
+    """Import DeepSpeed for ``device``: on a CPU its accelerator is named (instead of guessed with a warning)
+    and its C++ ops compile into the tunesmith cache; its INFO chatter is kept out of the training output."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    extensions_dir()
+    try:
+        import deepspeed
+    except ImportError:
+        raise ConfigError(
+            "engine: deepspeed needs DeepSpeed: pip install --no-build-isolation 'tunesmith[deepspeed]' "
+            "(--no-build-isolation: its build then uses the installed torch instead of downloading one)"
+        ) from None
+    from deepspeed.utils import logger as ds_logger
+
+    # DeepSpeed's ZeRO calls a collective torch deprecates; the warning would repeat on every rank
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+
+    if not log.isEnabledFor(logging.DEBUG):
+        ds_logger.setLevel(logging.WARNING)
+    return deepspeed
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    def __init__(self, *args: Any, ds_config: str | dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.scaler = None  # DeepSpeed scales fp16 losses itself
+        self.ds_config_value = ds_config
+        self.ds: Any = None  # the DeepSpeedEngine, once set up
+        self.optimizer: torch.optim.Optimizer | None = None  # the torch optimizer inside ZeRO's wrapper
+        self.resolved: ResolvedConfig | None = None
+        self._boundary = True
+
+    @property
+    def whole_model_on_each_rank(self) -> bool:
+        return self.resolved is not None and self.resolved.stage < 3  # ZeRO-3 partitions the parameters
+
+    # ------------------------------------------------------------------------------------------- compute
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        raise TunesmithError("engine: deepspeed builds model and optimizer together; call setup()")
+
+    def setup(
+        self, model: torch.nn.Module, cfg: Config, total_steps: int
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        deepspeed = import_deepspeed(self.device)
+        base = self.unwrap(model)
+        config = getattr(base, "config", None)
+        self.resolved = resolve_ds_config(
+            self.ds_config_value,
+            RunValues(
+                micro_batch=cfg.per_device_train_batch_size,
+                accumulation=cfg.gradient_accumulation_steps,
+                world_size=self.world_size,
+                max_grad_norm=cfg.max_grad_norm,
+                learning_rate=cfg.learning_rate,
+                betas=(cfg.adam_beta1, cfg.adam_beta2),
+                eps=cfg.adam_epsilon,
+                weight_decay=cfg.weight_decay,
+                lr_scheduler_type=cfg.lr_scheduler_type,
+                warmup_steps=warmup_steps(cfg, total_steps),
+                total_steps=total_steps,
+                precision=self.precision,
+                hidden_size=getattr(config, "hidden_size", None),
+                on_cpu=self.device.type == "cpu",
+            ),
+        )
+        if self.is_main:
+            for message in self.resolved.notes:
+                log.info("%s", message)
+            for message in self.resolved.warnings:
+                log.warning("%s", message)
+        log.info(
+            "DeepSpeed ZeRO stage %d%s from %s (C++ ops compile once, into %s)",
+            self.resolved.stage,
+            " with optimizer offload to the CPU" if self.resolved.offload_optimizer else "",
+            self.resolved.source,
+            extensions_dir(),
+        )
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on it, also in a process group of one
+        # tunesmith's decay / no-decay groups (no weight decay on biases and norms), as on every engine
+        groups = param_groups(model, cfg.weight_decay)
+        with _quiet_stdout():  # DeepSpeed prints op-build notices on every rank
+            self.ds, ds_optimizer, _, _ = deepspeed.initialize(
+                model=model,
+                model_parameters=groups,
+                config=self.resolved.for_deepspeed,
+                dist_init_required=False,
+            )
+        # ZeRO / bf16 wrappers keep the torch optimizer (whose param groups hold the lr) in .optimizer
+        self.optimizer = getattr(ds_optimizer, "optimizer", ds_optimizer)
+        return self.ds, self.optimizer
+
+    def autocast(self) -> AbstractContextManager:
+        return nullcontext()  # DeepSpeed casts the module itself for bf16 / fp16
+
+    def no_sync(self, model: torch.nn.Module, skip: bool) -> AbstractContextManager:
+        self._boundary = not skip
+        self.ds.set_gradient_accumulation_boundary(self._boundary)
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # see the module docstring: undo DeepSpeed's 1/GAS and its average over ranks
+        self.ds.backward(loss * self.world_size, scale_wrt_gas=False)
+
+    def step(
+        self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], max_grad_norm: float
+    ) -> float:
+        measured = None
+        if self.resolved is not None and self.resolved.stage == 0 and not _zero_managed_params(params):
+            # plain ZeRO-0 fp32 does not report the norm; its gradients are whole and reduced by now
+            grads = [p.grad for p in params if p.grad is not None]
+            measured = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        self.ds.step()
+        norm = self.ds.get_global_grad_norm()
+        return measured if norm is None else float(norm)
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return getattr(model, "module", model)
+
+    def save_model(self, model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
+        self._save_consolidated(
+            model, tokenizer, directory, zero_state.gather_weights(self._module(), self.optimizer, self.rank)
+        )
+
+    def save_weights_and_optimizer(
+        self,
+        directory: Path,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        optimizer: torch.optim.Optimizer,
+        step: int,
+    ) -> None:
+        directory = Path(directory)
+        with _quiet_stdout():
+            self.ds.save_checkpoint(
+                str(directory / ckpt.DEEPSPEED_DIR),
+                tag=f"global_step{step}",
+                client_state={"tunesmith_global_step": step},
+                exclude_frozen_parameters=True,  # the frozen base comes from model_name_or_path
+            )
+        zero_state.link_optimizer_fragments(self.ds.optimizer)
+        weights = zero_state.save_state(
+            directory / ckpt.SHARDED_DIR,
+            self._module(),
+            self.optimizer,
+            self.rank,
+            self.world_size,
+            gather_weights_on_main=True,
+        )
+        self._save_consolidated(model, tokenizer, directory, weights)
+
+    def load_checkpoint(
+        self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    ) -> TrainState:
+        path = ckpt.check_complete(path)
+        if not (path / ckpt.SHARDED_DIR).is_dir():
+            raise TunesmithError(
+                f"{path} was written by engine single or ddp (no {ckpt.SHARDED_DIR}/ folder); engine: "
+                "deepspeed cannot resume it yet: resume with engine: ddp (or one process), or start fresh "
+                "with another output_dir"
+            )
+        self._materialize_optimizer_state()
+        zero_state.link_optimizer_fragments(self.ds.optimizer)
+        zero_state.load_state(path / ckpt.SHARDED_DIR, self._module(), self.optimizer)
+        return ckpt.restore_training_state(path, optimizer, scheduler, self.extra_state(), self.rank)
+
+    # ------------------------------------------------------------------------------------------- helpers
+
+    def _module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    def _materialize_optimizer_state(self) -> None:
+        """Adam creates its moments at its first step (and ZeRO links them to the parameters only then), so a
+        resume before any step first takes one with zero gradients and lr 0: moments stay 0, weights unchanged
+        (torch's DCP ``get_state_dict`` initialises plain optimizers the same way); the loaded values then
+        overwrite them, step count included."""
+        if self.optimizer.state:
+            return
+        lrs = [group["lr"] for group in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["lr"] = 0.0
+        self.ds.set_gradient_accumulation_boundary(True)
+        token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        logits = self.ds(input_ids=token, use_cache=False).logits
+        self.ds.backward(logits.float().sum() * 0.0, scale_wrt_gas=False)
+        self.ds.step()
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+
+    def _save_consolidated(
+        self, model: torch.nn.Module, tokenizer: Any, directory: Path, trainable: dict[str, torch.Tensor]
+    ) -> None:
+        """HF/PEFT weights on rank 0: the gathered fp32 trainable weights, plus (full/freeze) the frozen ones,
+        which ZeRO-3 must gather too (a collective, so every rank walks the same parameters)."""
+        module = self._module()
+        peft = ckpt.is_peft_model(module)
+        full: dict[str, torch.Tensor] = dict(trainable)
+        if not peft:
+            full.update(self._frozen_weights(module))
+            by_object = {id(p): name for name, p in module.named_parameters()}
+            for name, param in module.named_parameters(
+                remove_duplicate=False
+            ):  # tied weights under both names
+                first = by_object.get(id(param))
+                if name not in full and first in full:
+                    full[name] = full[first]
+            if self.is_main:
+                params = dict(module.named_parameters(remove_duplicate=False))
+                for name, value in module.state_dict().items():  # persistent buffers
+                    if name not in full and name not in params:
+                        full[name] = value.detach().cpu()
+        if self.is_main:
+            ckpt.save_model(module, tokenizer, directory, state_dict=full)
+
+    def _frozen_weights(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        import deepspeed
+
+        frozen = {}
+        for name, param in module.named_parameters():
+            if param.requires_grad:
+                continue
+            if hasattr(param, "ds_id"):  # ZeRO-3: partitioned, gather it (all ranks take part)
+                with deepspeed.zero.GatheredParameters([param]):
+                    if self.is_main:
+                        frozen[name] = param.data.detach().cpu().clone()
+            elif self.is_main:
+                frozen[name] = param.detach().cpu()
+        return frozen
+
+
+def _zero_managed_params(params: list[torch.nn.Parameter]) -> bool:
+    return any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in params)
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """DeepSpeed ``print``s notices (op builds) on every rank; keep them for ``--verbose`` only."""
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        yield
