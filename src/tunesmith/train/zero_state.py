@@ -41,7 +41,7 @@ def full_shape(param: torch.nn.Parameter) -> torch.Size:
     return getattr(param, "ds_shape", None) or param.shape
 
 
-def _zero_managed(param: torch.nn.Parameter) -> bool:
+def zero_managed(param: torch.nn.Parameter) -> bool:
     """ZeRO-3 parameters carry ``ds_id``; ZeRO-1/2 (and bf16) ones a ``_hp_mapping`` to their fp32 fragment.
     Plain ZeRO-0 fp32 parameters are their own master weights, with torch's optimizer state keyed by the
     parameter."""
@@ -55,7 +55,7 @@ def get_full(
     ZeRO)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    if _zero_managed(param):
+    if zero_managed(param):
         value = safe_get_full_fp32_param(param) if key is None else safe_get_full_optimizer_state(param, key)
     else:
         value = param.detach() if key is None else optimizer.state[param][key]
@@ -70,7 +70,7 @@ def set_full(
     """Write a whole weight / moment into this rank's part of ``param`` (every rank passes the same value)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    if not _zero_managed(param):
+    if not zero_managed(param):
         target = param.data if key is None else optimizer.state[param][key]
         target.copy_(value.to(target.device, target.dtype))
         return

@@ -82,7 +82,7 @@ class DeepSpeedEngine(Engine):
         self.ds: Any = None  # the DeepSpeedEngine, once set up
         self.optimizer: torch.optim.Optimizer | None = None  # the torch optimizer inside ZeRO's wrapper
         self.resolved: ResolvedConfig | None = None
-        self._boundary = True
+        self._norm_from_grads = False  # plain ZeRO-0 fp32 reports no gradient norm: measure it ourselves
 
     @property
     def whole_model_on_each_rank(self) -> bool:
@@ -142,14 +142,15 @@ class DeepSpeedEngine(Engine):
             )
         # ZeRO / bf16 wrappers keep the torch optimizer (whose param groups hold the lr) in .optimizer
         self.optimizer = getattr(ds_optimizer, "optimizer", ds_optimizer)
+        self._norm_from_grads = not any(zero_state.zero_managed(p) for p in self.ds.module.parameters())
         return self.ds, self.optimizer
 
     def autocast(self) -> AbstractContextManager:
         return nullcontext()  # DeepSpeed casts the module itself for bf16 / fp16
 
     def no_sync(self, model: torch.nn.Module, skip: bool) -> AbstractContextManager:
-        self._boundary = not skip
-        self.ds.set_gradient_accumulation_boundary(self._boundary)
+        # the last micro-batch of a window is DeepSpeed's accumulation boundary, however short the window
+        self.ds.set_gradient_accumulation_boundary(not skip)
         return nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -160,11 +161,10 @@ class DeepSpeedEngine(Engine):
         self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], max_grad_norm: float
     ) -> float:
         measured = None
-        if self.resolved is not None and self.resolved.stage == 0 and not _zero_managed_params(params):
-            # plain ZeRO-0 fp32 does not report the norm; its gradients are whole and reduced by now
+        if self._norm_from_grads:  # the gradients are whole and reduced by now; DeepSpeed clips in step()
             grads = [p.grad for p in params if p.grad is not None]
             measured = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-        self.ds.step()
+        self.ds.step()  # clips to gradient_clipping (= max_grad_norm), steps, zeroes the gradients
         norm = self.ds.get_global_grad_norm()
         return measured if norm is None else float(norm)
 
@@ -174,9 +174,8 @@ class DeepSpeedEngine(Engine):
         return getattr(model, "module", model)
 
     def save_model(self, model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
-        self._save_consolidated(
-            model, tokenizer, directory, zero_state.gather_weights(self._module(), self.optimizer, self.rank)
-        )
+        weights = zero_state.gather_weights(self._module(), self.optimizer, self.rank)
+        self._save_consolidated(tokenizer, directory, weights)
 
     def save_weights_and_optimizer(
         self,
@@ -203,7 +202,7 @@ class DeepSpeedEngine(Engine):
             self.world_size,
             gather_weights_on_main=True,
         )
-        self._save_consolidated(model, tokenizer, directory, weights)
+        self._save_consolidated(tokenizer, directory, weights)
 
     def load_checkpoint(
         self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
@@ -243,9 +242,7 @@ class DeepSpeedEngine(Engine):
         for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
 
-    def _save_consolidated(
-        self, model: torch.nn.Module, tokenizer: Any, directory: Path, trainable: dict[str, torch.Tensor]
-    ) -> None:
+    def _save_consolidated(self, tokenizer: Any, directory: Path, trainable: dict[str, torch.Tensor]) -> None:
         """HF/PEFT weights on rank 0: the gathered fp32 trainable weights, plus (full/freeze) the frozen ones,
         which ZeRO-3 must gather too (a collective, so every rank walks the same parameters)."""
         module = self._module()
@@ -253,10 +250,9 @@ class DeepSpeedEngine(Engine):
         full: dict[str, torch.Tensor] = dict(trainable)
         if not peft:
             full.update(self._frozen_weights(module))
+            # tied weights (one parameter, two names) go under both names, as in the model's state_dict
             by_object = {id(p): name for name, p in module.named_parameters()}
-            for name, param in module.named_parameters(
-                remove_duplicate=False
-            ):  # tied weights under both names
+            for name, param in module.named_parameters(remove_duplicate=False):
                 first = by_object.get(id(param))
                 if name not in full and first in full:
                     full[name] = full[first]
@@ -282,10 +278,6 @@ class DeepSpeedEngine(Engine):
             elif self.is_main:
                 frozen[name] = param.detach().cpu()
         return frozen
-
-
-def _zero_managed_params(params: list[torch.nn.Parameter]) -> bool:
-    return any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in params)
 
 
 @contextlib.contextmanager
