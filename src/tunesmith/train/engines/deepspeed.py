@@ -170,9 +170,6 @@ class DeepSpeedEngine(Engine):
 
     # ---------------------------------------------------------------------------------------- checkpoints
 
-    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        return getattr(model, "module", model)
-
     def save_model(self, model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
         weights = zero_state.gather_weights(self._module(), self.optimizer, self.rank)
         self._save_consolidated(tokenizer, directory, weights)
