@@ -286,6 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_env)
 
     add_serve_eval_parsers(sub)  # serve (OpenAI-compatible API + chat page) and eval (predictions + metrics)
+    # TEMPORARY while these modules are being written: each adds its subcommands with add_parsers(sub)
+    for module in ("tunesmith.plan.commands", "tunesmith.recipes.commands", "tunesmith.launch.commands"):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if found:
+            importlib.import_module(module).add_parsers(sub)
     return parser
 
 

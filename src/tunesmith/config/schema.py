@@ -70,6 +70,40 @@ class MethodArgs(_Section):
     lora_rank: int = Field(8, ge=1, description="lora: rank r of the adapters.")
     lora_alpha: int | None = Field(None, description="lora: scaling alpha (default: 2 × lora_rank).")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="lora: dropout on the adapter input.")
+    use_dora: bool = Field(
+        False, description="lora: weight-decomposed adapters (DoRA): a learned magnitude per output channel."
+    )
+    use_rslora: bool = Field(
+        False, description="lora: rank-stabilised scaling alpha / sqrt(r) instead of alpha / r (rsLoRA)."
+    )
+    quantization_bit: Literal[4, 8] | None = Field(
+        None,
+        description="QLoRA: load the frozen base quantized to 4 or 8 bits with bitsandbytes (finetuning_type: "
+        "lora only). Runs on CPU too. `export` merges the adapter into the full-precision base.",
+    )
+    quantization_method: Literal["bitsandbytes", "bnb"] = Field(
+        "bitsandbytes", description="QLoRA: the quantization library (only bitsandbytes)."
+    )
+    quantization_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="QLoRA 4-bit: the data type, NormalFloat4 (nf4) or FP4."
+    )
+    double_quantization: bool = Field(
+        True, description="QLoRA 4-bit: also quantize the quantization constants (saves ~0.4 bit per weight)."
+    )
+    quantization_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="QLoRA: dtype the dequantized weights compute in (`auto`: bfloat16 with bf16, float16 with "
+        "fp16, else float32).",
+    )
+
+    @model_validator(mode="after")
+    def _quantization_needs_lora(self) -> MethodArgs:
+        if self.quantization_bit is not None and self.finetuning_type != "lora":
+            raise ValueError(
+                f"quantization_bit: {self.quantization_bit} needs finetuning_type: lora (a quantized base cannot "
+                f"be trained {self.finetuning_type}); set finetuning_type: lora or remove quantization_bit"
+            )
+        return self
 
     @field_validator("lora_target", "freeze_trainable_modules", mode="before")
     @classmethod
@@ -92,6 +126,25 @@ class DataArgs(_Section):
     dataset_dir: str = Field("data", description="Folder holding dataset_info.json and relative data files.")
     cutoff_len: int = Field(2048, ge=8, description="Maximum tokens per sample; longer samples are truncated.")
     max_samples: int | None = Field(None, ge=1, description="Use at most this many rows of each dataset.")
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = Field(
+        "concat",
+        description="How several datasets combine: concat (one after another, then shuffled), interleave_under "
+        "(sample by interleave_probs until the first dataset runs out), interleave_over (until every dataset "
+        "has been used up once; smaller ones repeat).",
+    )
+    interleave_probs: list[float] | None = Field(
+        None,
+        description="interleave_*: the probability of drawing from each dataset, in `dataset` order (comma "
+        "list; default: equal).",
+    )
+    streaming: bool = Field(
+        False,
+        description="Read and encode the data lazily while training, for datasets larger than memory (needs "
+        "max_steps; a checkpoint records the stream position, so resuming continues where it stopped).",
+    )
+    buffer_size: int = Field(
+        16384, ge=1, description="streaming: rows held in the shuffle buffer (seeded, deterministic)."
+    )
     val_size: float = Field(
         0.0, ge=0.0, description="Validation split: a fraction (< 1) or a row count (≥ 1) held out from training."
     )
@@ -117,7 +170,10 @@ class DataArgs(_Section):
         False, description="Skip malformed rows (and count them) instead of stopping at the first one."
     )
     preprocessing_num_workers: int | None = Field(
-        None, description="Accepted for LLaMA-Factory compatibility; preprocessing runs in one process for now."
+        None, ge=1, description="Processes that encode the data in parallel (default: one; the result is the same)."
+    )
+    preprocessing_batch_size: int = Field(
+        1000, ge=1, description="Rows handed to the fast tokenizer per batch while preprocessing."
     )
     overwrite_cache: bool = Field(
         False, description="Re-run preprocessing even when a cached result matches (and replace the cache)."
@@ -134,6 +190,23 @@ class DataArgs(_Section):
     @classmethod
     def _split_dataset(cls, value: Any) -> Any:
         return _comma_list(value)
+
+    @field_validator("interleave_probs", mode="before")
+    @classmethod
+    def _split_probs(cls, value: Any) -> Any:
+        return [float(part) for part in _comma_list(value)] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_mixing(self) -> DataArgs:
+        if self.interleave_probs is not None:
+            if any(p < 0 for p in self.interleave_probs) or sum(self.interleave_probs) <= 0:
+                raise ValueError("interleave_probs must be non-negative and not all zero")
+            if self.dataset is not None and len(self.interleave_probs) != len(self.dataset):
+                raise ValueError(
+                    f"interleave_probs has {len(self.interleave_probs)} values for {len(self.dataset)} datasets; "
+                    "give one probability per dataset"
+                )
+        return self
 
 
 class TrainArgs(_Section):
@@ -298,9 +371,8 @@ class EvalArgs(_Section):
 # sets one fails with "not supported yet: KEY" instead of being silently ignored.
 NOT_SUPPORTED_YET: frozenset[str] = frozenset(
     """
-    deepspeed fsdp fsdp_config streaming buffer_size mix_strategy interleave_probs
-    quantization_bit quantization_method quantization_type double_quantization
-    use_dora use_rslora pissa_init loraplus_lr_ratio additional_target lora_modules_to_save
+    fsdp fsdp_config
+    pissa_init loraplus_lr_ratio additional_target lora_modules_to_save
     new_special_tokens resize_vocab flash_attn shift_attn rope_scaling use_unsloth enable_liger_kernel
     do_eval optim neftune_noise_alpha use_galore use_badam
     use_apollo upcast_layernorm torch_compile export_quantization_bit export_hub_model_id push_to_hub
@@ -334,6 +406,15 @@ class Config(ModelArgs, MethodArgs, DataArgs, TrainArgs, EvalArgs, ExportArgs):
             self.engine = "deepspeed"
         if self.engine == "deepspeed" and self.deepspeed is None:
             self.deepspeed = "ds_z2"
+        return self
+
+    @model_validator(mode="after")
+    def _streaming_needs_max_steps(self) -> Config:
+        if self.streaming and self.max_steps <= 0:
+            raise ValueError(
+                "streaming: true needs max_steps (a stream has no known length, so epochs cannot be counted); "
+                "set max_steps: N"
+            )
         return self
 
     def require(self, *keys: str) -> None:
