@@ -8,15 +8,19 @@ checkpoint formats without a launcher).
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 
+from tunesmith.errors import TunesmithError
 from tunesmith.logging import get_logger
 
 log = get_logger("launch")
@@ -58,7 +62,7 @@ def dist_info() -> DistInfo:
     if launched_by_torchrun():
         return DistInfo(
             rank=int(os.environ["RANK"]),
-            local_rank=int(os.environ["LOCAL_RANK"]),
+            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
             world_size=int(os.environ["WORLD_SIZE"]),
         )
     return DistInfo()
@@ -102,8 +106,11 @@ def init_distributed(device: torch.device, timeout_s: int | None = None) -> Dist
     if launched_by_torchrun() and restart > 0:
         info = dist_info()
         torch.distributed.init_process_group(
-            backend, store=_restart_store(restart, info.rank, info.world_size, timeout), rank=info.rank,
-            world_size=info.world_size, timeout=timeout,
+            backend,
+            store=_restart_store(restart, info.rank, info.world_size, timeout),
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout=timeout,
         )
     elif launched_by_torchrun():
         torch.distributed.init_process_group(backend, timeout=timeout)
@@ -145,16 +152,134 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-@contextmanager
-def main_process_first() -> Iterator[None]:
-    """Rank 0 runs the block first (e.g. converting a model into the shared cache), the others after it.
+# ------------------------------------------------------------------------------ one rank first, the others wait
 
-    The cache writes are atomic (temp folder + rename), so this is about doing the work once, not correctness.
-    When rank 0 fails inside the block it skips the barrier and exits; torchrun then stops the waiting ranks.
+WAIT_POLL_S = 0.5
+WAIT_LOG_S = 30.0
+ERROR_ACK_S = 10.0  # how long a failed leader waits for its followers to read its error before it exits
+# every rank calls main_process_first in the same order (never under a rank condition): same keys everywhere
+_first_calls = itertools.count()
+
+
+def _store() -> Any:
+    return torch.distributed.distributed_c10d._get_default_store()
+
+
+def _leaders(rank: int, local_rank: int, world_size: int) -> tuple[int, int]:
+    """(this node's leader, how many ranks wait on this rank when it leads). The job's leader is rank 0; each
+    other node's leader is its local rank 0, which waits for rank 0 first."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    if not 0 < local_world <= world_size or local_rank >= local_world:  # unknown layout: rank 0 leads alone
+        return 0, (world_size - 1 if rank == 0 else 0)
+    node_leader = rank - local_rank
+    if rank == 0:
+        return 0, (local_world - 1) + (world_size // local_world - 1)
+    return node_leader, (local_world - 1 if rank == node_leader else 0)
+
+
+def _wait_for(store: Any, key: str, leader: int, what: str, log_every_s: float, loud: bool) -> None:
+    """Poll the store (no collective, so no process-group timeout) until ``leader`` marks ``key`` done or
+    failed; log a line every ``log_every_s`` seconds from one waiting rank per leader."""
+    start = last = time.monotonic()
+    while True:
+        try:
+            if store.check([f"{key}/error"]):
+                message = store.get(f"{key}/error").decode(errors="replace")
+                store.add(f"{key}/ack", 1)
+                raise TunesmithError(f"rank {leader} failed while {what}: {message}")
+            if store.check([f"{key}/done"]):
+                return
+        except TunesmithError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the store went away with the process hosting it
+            raise TunesmithError(
+                f"lost contact with rank {leader} while it was {what} ({err}); its log names the cause"
+            ) from None
+        now = time.monotonic()
+        if loud and now - last >= log_every_s:
+            last = now
+            log.warning("waiting for rank %d to finish %s (%d s)", leader, what, now - start)
+        time.sleep(WAIT_POLL_S)
+
+
+def _signal_error(store: Any, key: str, err: BaseException, followers: int) -> None:
+    """Tell the waiting ranks why this one failed, and give them a moment to read it (when this rank hosts the
+    store, e.g. without torchrun, its exit would otherwise take the message with it)."""
+    try:
+        store.set(
+            f"{key}/error",
+            f"{type(err).__name__}: {err}" if not isinstance(err, TunesmithError) else str(err),
+        )
+        deadline = time.monotonic() + ERROR_ACK_S
+        while followers and store.add(f"{key}/ack", 0) < followers and time.monotonic() < deadline:
+            time.sleep(0.1)
+    except Exception:  # noqa: BLE001 - the original error matters more than a failed report of it
+        pass
+
+
+@contextmanager
+def main_process_first(
+    what: str = "preparing", enabled: bool = True, log_every_s: float = WAIT_LOG_S
+) -> Iterator[bool]:
+    """Rank 0 runs the block first (preprocessing the data into the cache, converting a model into the cache),
+    then each other node's local rank 0, then everyone else; the block's work is cached on disk, so the later
+    ranks find it done (on a shared filesystem the whole job does it once; on node-local disks once per node).
+    Yields whether this rank leads (runs before the others).
+
+    The waiting ranks poll the rendezvous store instead of entering a barrier, so however long the leader takes,
+    no collective times out (``ddp_timeout`` bounds collectives only); one of them logs
+    ``waiting for rank 0 to finish <what> (N s)`` every ``log_every_s`` seconds. When the leader fails, its
+    error goes to the store and the waiting ranks stop at once with ``rank 0 failed while <what>: <error>``
+    (torchrun stops them too, at the leader's exit). With ``enabled`` False (e.g. the data cache is off) every
+    rank runs the block at once: there is nothing to share.
     """
+    if not (enabled and dist_initialized() and torch.distributed.get_world_size() > 1):
+        yield True
+        return
     info = dist_info()
-    if dist_initialized() and not info.is_main:
-        barrier()
-    yield
-    if dist_initialized() and info.is_main:
-        barrier()
+    store = _store()
+    key = f"tunesmith/first/{next(_first_calls)}"
+    node_leader, followers = _leaders(info.rank, info.local_rank, info.world_size)
+    leads = info.rank in (0, node_leader)
+    if info.rank != 0:
+        # a node leader waits for rank 0; the others for their node's leader (rank 0's node: rank 0)
+        waits_on = 0 if leads else node_leader
+        loud = info.rank == waits_on + 1 or (leads and info.rank == node_leader)
+        try:
+            _wait_for(store, f"{key}/{waits_on}", waits_on, what, log_every_s, loud)
+        except BaseException as err:
+            if leads:  # this node's ranks wait on us: pass the failure on
+                _signal_error(store, f"{key}/{info.rank}", err, followers)
+            raise
+    elif followers:
+        log.debug("rank 0 is %s; the other ranks wait for it (without a timeout), then read its result", what)
+    try:
+        yield leads
+    except BaseException as err:
+        if leads:
+            _signal_error(store, f"{key}/{info.rank}", err, followers)
+        raise
+    if leads:
+        store.set(f"{key}/{info.rank}/done", "1")
+
+
+def data_cache_enabled(cfg: Any) -> bool:
+    """Whether preprocessed samples are shared through a cache (``tokenized_path`` or the automatic one)."""
+    from tunesmith.data.cache import cache_location
+
+    if getattr(cfg, "streaming", False):  # a stream is read while training and never cached
+        return False
+    return cache_location(cfg, "0" * 64) is not None
+
+
+def prepare_datasets_once(cfg: Any, tokenizer: Any, log_every_s: float = WAIT_LOG_S) -> Any:
+    """``tunesmith.data.prepare_datasets`` run by rank 0 (then once per other node), the other ranks loading its
+    cache afterwards; see :func:`main_process_first`. Without a cache every rank preprocesses, as before."""
+    from tunesmith.data import prepare_datasets
+
+    with main_process_first(
+        "preprocessing the data", enabled=data_cache_enabled(cfg), log_every_s=log_every_s
+    ) as leads:
+        if not leads and getattr(cfg, "overwrite_cache", False):
+            cfg = cfg.model_copy(update={"overwrite_cache": False})  # rebuilt once by the leader, read here
+        return prepare_datasets(cfg, tokenizer)
