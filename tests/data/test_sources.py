@@ -244,3 +244,21 @@ def test_shared_alpaca_demo_loads(shared_dir):
     cfg = Config(dataset=[str(shared_dir / "data" / "alpaca_zh_demo.json")], max_samples=50)
     convs, bad = load_conversations(cfg)
     assert len(convs) == 50 and bad == 0
+
+
+def test_jsonl_is_read_line_by_line_with_exact_line_numbers(tmp_path):
+    """The lazy reader cuts lines at \\n only (a raw U+2028 inside a string stays), drops a BOM, skips blank lines
+    and counts lines like an editor; parquet row groups are read one batch at a time, rows numbered across them."""
+    rows = [{"instruction": "a\u2028b", "output": "x"}, {"instruction": "c", "output": "y"}]
+    text = "\ufeff" + json.dumps(rows[0], ensure_ascii=False) + "\r\n\n" + json.dumps(rows[1]) + "\n{broken\n"
+    (tmp_path / "l.jsonl").write_text(text, encoding="utf-8", newline="")
+    convs, bad = load_conversations(cfg_for(tmp_path, "l.jsonl", skip_bad_rows=True))
+    assert bad == 1 and [c.turns[0].content for c in convs] == ["a\u2028b", "c"]
+    assert [c.source.rsplit(":", 1)[1] for c in convs] == ["line 1", "line 3"]
+    with pytest.raises(DataError, match=r"l\.jsonl:line 4: invalid JSON"):
+        load_conversations(cfg_for(tmp_path, "l.jsonl"))
+    table = pa.Table.from_pylist([{"instruction": f"q{i}", "output": "a"} for i in range(2500)])
+    pq.write_table(table, tmp_path / "p.parquet", row_group_size=1000)
+    convs, _ = load_conversations(cfg_for(tmp_path, "p.parquet"))
+    assert len(convs) == 2500 and convs[2499].turns[0].content == "q2499"
+    assert convs[2499].source.endswith("p.parquet:row 2500")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from train_helpers import Enc
 
-from tunesmith.data.loader import EpochLoader, collate, count_targets
+from tunesmith.data.loader import DataPosition, EpochLoader, collate, count_targets
 
 
 def _data(n: int) -> list[Enc]:
@@ -96,3 +96,15 @@ def test_ranks_without_samples_run_a_masked_copy():
     assert last[0][1][0].num_targets > 0
     for _, window in last[1:]:
         assert window[0].num_targets == 0 and window[0].input_ids.numel() > 0
+
+
+def test_windows_from_rolls_over_to_the_next_epoch():
+    """The position after each window, as the loop records it: the epoch's last window leads to the next epoch's
+    start, and continuing from any recorded position yields the rest of the epoch."""
+    data = _data(7)
+    loader = EpochLoader(data, 2, 0, seed=4)
+    steps = list(loader.windows_from(DataPosition(0, 0), accumulation=2))
+    assert [after for after, _ in steps] == [DataPosition(0, 4), DataPosition(1, 0)]
+    rest = list(loader.windows_from(DataPosition(0, 4), accumulation=2))
+    assert [[b.input_ids.tolist() for b in w] for _, w in rest] == [[b.input_ids.tolist() for b in steps[1][1]]]
+    assert [a for a, _ in loader.windows_from(DataPosition(1, 0), 2)][-1] == DataPosition(2, 0)

@@ -3,6 +3,8 @@
 ``prepare_datasets(cfg, tokenizer)`` runs the whole path; the modules hold the steps:
 sources (files, dataset_info.json) → formats (alpaca / sharegpt / openai → Conversation) → templates
 (registry and ``auto``) → segments (exact tokenization) → encode (labels, truncation, report) → split.
+Several datasets are mixed by ``mix_strategy`` (:mod:`tunesmith.data.mix`); ``streaming: true`` returns a lazy
+:class:`~tunesmith.data.stream.StreamingData` instead of a list (:mod:`tunesmith.data.stream`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from tunesmith.data.encode import Encoded, EncodeReport, encode_conversation, en
 from tunesmith.data.pack import PackedSample, pack_samples
 from tunesmith.data.sources import load_conversations
 from tunesmith.data.split import split_train_val
+from tunesmith.data.stream import StreamingData
 from tunesmith.data.templates import TEMPLATES, Template, get_template
 from tunesmith.errors import DataError
 from tunesmith.logging import get_logger
@@ -26,6 +29,7 @@ __all__ = [
     "EncodeReport",
     "Encoded",
     "PreparedData",
+    "StreamingData",
     "Template",
     "Turn",
     "encode_conversation",
@@ -40,7 +44,8 @@ logger = get_logger("data")
 
 @dataclass
 class PreparedData:
-    train: list[Encoded] | list[PackedSample]  # packed rows with packing: true
+    # packed rows with packing: true; a lazy stream with streaming: true
+    train: list[Encoded] | list[PackedSample] | StreamingData
     val: list[Encoded]
     report: EncodeReport
     template: Template
@@ -51,6 +56,8 @@ def prepare_datasets(cfg: Any, tokenizer: Any) -> PreparedData:
     template = get_template(
         cfg.template, tokenizer
     )  # first: a template/tokenizer mismatch fails before reading
+    if getattr(cfg, "streaming", False):
+        return _prepare_stream(cfg, tokenizer, template)  # nothing to cache: the stream is encoded while training
     key = cache_key(cfg, tokenizer, template)
     location = cache_location(cfg, key)
     if location is not None and not getattr(cfg, "overwrite_cache", False):
@@ -96,3 +103,25 @@ def _prepare(cfg: Any, tokenizer: Any, template: Template) -> PreparedData:
         train, stats = pack_samples(train, cfg.cutoff_len)
         logger.info(stats.format())
     return PreparedData(train=train, val=val, report=report, template=template)
+
+
+def _prepare_stream(cfg: Any, tokenizer: Any, template: Template) -> PreparedData:
+    stream = StreamingData(cfg, tokenizer, template)
+    val: list[Encoded] = []
+    report = stream.report
+    if stream.val_rows:
+        val, report = encode_dataset(stream.val_conversations(), tokenizer, template, cfg)
+        logger.info(
+            "data: streaming; the first %d rows of the stream are the validation set (%d samples)",
+            stream.val_rows,
+            len(val),
+        )
+    logger.info(
+        "data: streaming %s (%s); rows are read, shuffled in a buffer of %d rows (seed %d) and encoded while "
+        "training",
+        ",".join(cfg.dataset),
+        cfg.mix_strategy,
+        cfg.buffer_size,
+        cfg.seed,
+    )
+    return PreparedData(train=stream, val=val, report=report, template=template)

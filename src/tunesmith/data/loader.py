@@ -17,25 +17,52 @@ permutation and takes its own slices of it, so each sample is trained exactly on
   DDP's and FSDP's collectives require.
 
 The position in an epoch is the number of samples of its permutation consumed, which does not depend on W: a run
-saved on 2 ranks continues on 1 or 3 ranks from the very next sample.
+saved on 2 ranks continues on 1 or 3 ranks from the very next sample. :class:`DataPosition` carries it (and, for
+``streaming: true``, the stream cursor of :mod:`tunesmith.data.stream`, whose loader has the same
+:meth:`EpochLoader.windows_from` and the same rank layout, :func:`rank_slices`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
 from tunesmith.data.pack import packed_inputs
 
 IGNORE_INDEX = -100
+T = TypeVar("T")
 
 
 class EncodedLike(Protocol):
     input_ids: list[int]
     labels: list[int]
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where training stands in the data, counted in the global order shared by all ranks (world-size-free).
+
+    ``samples``: samples (rows of the loader's dataset, packed rows with packing) of epoch ``epoch`` consumed.
+    Streaming only: the next sample is number ``stream_skip`` of the preprocessing batch that starts at
+    shuffled row ``stream_rows`` of pass ``epoch`` (see :mod:`tunesmith.data.stream`).
+    """
+
+    epoch: int = 0
+    samples: int = 0
+    stream_rows: int = 0
+    stream_skip: int = 0
+
+
+def rank_slices(window: Sequence[T], batch_size: int, rank: int, world_size: int) -> list[Sequence[T]]:
+    """This rank's micro-batches of an accumulation window (the layout of the module docstring): micro-batch k
+    holds items ``[(k·W + r)·B, (k·W + r + 1)·B)``; an empty one must be filled with a masked copy."""
+    per_round = batch_size * world_size
+    return [
+        window[k + rank * batch_size : k + (rank + 1) * batch_size] for k in range(0, len(window), per_round)
+    ]
 
 
 @dataclass
@@ -181,11 +208,8 @@ class EpochLoader:
         per_round = self.batch_size * self.world_size
         for first in range(start, len(order), accumulation * per_round):
             chunk = order[first : first + accumulation * per_round]
-            mine = [
-                chunk[k + self.rank * self.batch_size : k + (self.rank + 1) * self.batch_size]
-                for k in range(0, len(chunk), per_round)
-            ]
-            yield first + len(chunk), mine
+            yield first + len(chunk), [list(ids) for ids in rank_slices(chunk, self.batch_size, self.rank,
+                                                                         self.world_size)]
 
     def windows(self, epoch: int, start: int, accumulation: int) -> Iterator[tuple[int, list[Batch]]]:
         """Like :meth:`window_indices`, collated (masked copies where this rank has no samples)."""
@@ -197,3 +221,10 @@ class EpochLoader:
                 else masked_copy(filler, self.pad_token_id)
                 for ids in groups
             ]
+
+    def windows_from(self, position: DataPosition, accumulation: int) -> Iterator[tuple[DataPosition, list[Batch]]]:
+        """:meth:`windows` of ``position.epoch`` from ``position.samples``, each with the position after it (the
+        next epoch's start after its last window)."""
+        for after, window in self.windows(position.epoch, position.samples, accumulation):
+            done = after >= len(self.dataset)
+            yield (DataPosition(position.epoch + 1) if done else DataPosition(position.epoch, after)), window

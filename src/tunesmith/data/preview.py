@@ -27,7 +27,7 @@ def render_sample(tokenizer, input_ids: list[int], labels: list[int], color: boo
 def preview(cfg: Config, show: int = 2, color: bool | None = None) -> int:
     import sys
 
-    from tunesmith.data import prepare_datasets
+    from tunesmith.data import StreamingData, prepare_datasets
     from tunesmith.model.load import load_tokenizer
 
     if color is None:
@@ -36,12 +36,15 @@ def preview(cfg: Config, show: int = 2, color: bool | None = None) -> int:
         cfg.model_name_or_path, cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code
     )
     prepared = prepare_datasets(cfg, tokenizer)
-    print(prepared.report.format())
-    print(
-        f"train samples: {len(prepared.train)}, validation samples: {len(prepared.val)}, "
-        f"template: {prepared.template.name}"
-    )
-    for index, sample in enumerate(prepared.train[:show]):
+    if isinstance(prepared.train, StreamingData):
+        train = prepared.train.head(show)  # reads and encodes only what it shows
+        count = "? (streaming: encoded while training)"
+        print(f"streaming: the first {len(train)} samples of pass 0 follow")
+    else:
+        train, count = prepared.train[:show], str(len(prepared.train))
+        print(prepared.report.format())
+    print(f"train samples: {count}, validation samples: {len(prepared.val)}, template: {prepared.template.name}")
+    for index, sample in enumerate(train):
         targets = sum(label != -100 for label in sample.labels)
         print(
             f"\n--- sample {index}: {len(sample.input_ids)} tokens, {targets} targets ([[...]] are trained) ---"

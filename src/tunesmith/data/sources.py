@@ -4,12 +4,15 @@ Local files only: tunesmith is offline-first, so hub entries fail with a message
 file instead. Rows and lines count from 1 (``x.json:row 1`` is the first record, ``x.jsonl:line 7`` the 7th
 line of the file, ``x.csv:row 1`` the first record after the header). A dataset_info.json entry with both
 file_name and a hub url uses the file.
+
+Reading is lazy (``.jsonl`` line by line, ``.csv`` record by record, ``.parquet`` batch by batch; a ``.json``
+file is parsed whole), so ``streaming: true`` (:mod:`tunesmith.data.stream`) reads only the rows it trains on.
+Several datasets are mixed by ``mix_strategy`` (:mod:`tunesmith.data.mix`) after ``max_samples`` cut each one.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import re
 from collections.abc import Iterator
@@ -26,6 +29,7 @@ from tunesmith.data.formats import (
     fill_placeholders,
     row_to_conversation,
 )
+from tunesmith.data.mix import mix_lists
 from tunesmith.errors import DataError
 from tunesmith.logging import get_logger
 
@@ -165,53 +169,89 @@ def resolve_source(name: str, dataset_dir: Path, info: dict[str, Any]) -> Datase
 
 # Each reader yields (location, row, problem); problem is set when the row could not even be parsed.
 RowItem = tuple[str, Any, str | None]
+_PARQUET_BATCH = 1024  # rows per pyarrow record batch: bounded memory for files larger than RAM
+
+
+def _not_utf8(where: str) -> DataError:
+    return DataError(f"{where} is not UTF-8 text; re-save the file as UTF-8")
 
 
 def _read_jsonl_lines(path: Path, text: str) -> Iterator[RowItem]:
     # split("\n"), not splitlines(): JSON strings may hold a raw U+2028, which splitlines() would cut at
     for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:line {lineno}", json.loads(line), None
-        except json.JSONDecodeError as err:
-            yield f"{path}:line {lineno}", None, f"invalid JSON ({err.msg} at column {err.colno})"
+        yield from _jsonl_line(path, lineno, line)
 
 
-def _read_rows(path: Path) -> Iterator[RowItem]:
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except Exception as err:  # pyarrow raises several types for a damaged file
-            raise DataError(f"{path}: cannot read it as parquet ({err}); check the file") from None
-        for i, row in enumerate(rows, 1):
-            yield f"{path}:row {i}", row, None
+def _jsonl_line(path: Path, lineno: int, line: str) -> Iterator[RowItem]:
+    if not line.strip():
         return
+    try:
+        yield f"{path}:line {lineno}", json.loads(line), None
+    except json.JSONDecodeError as err:
+        yield f"{path}:line {lineno}", None, f"invalid JSON ({err.msg} at column {err.colno})"
+
+
+def _stream_jsonl(path: Path) -> Iterator[RowItem]:
+    """JSON lines one at a time: the file is never held whole. Lines are cut at b"\n" only (the same lines as
+    ``text.split("\n")``), then decoded."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise _not_utf8(f"{path}:line {lineno}") from None
+            yield from _jsonl_line(path, lineno, line.lstrip("\ufeff") if lineno == 1 else line)
+
+
+def _stream_parquet(path: Path) -> Iterator[RowItem]:
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=_PARQUET_BATCH)
+        index = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                index += 1
+                yield f"{path}:row {index}", row, None
+    except DataError:
+        raise
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise DataError(f"{path}: cannot read it as parquet ({err}); check the file") from None
+
+
+def _stream_csv(path: Path) -> Iterator[RowItem]:
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        index = 0
+        try:
+            for row in reader:
+                index += 1
+                extra = row.pop(None, None)  # DictReader files surplus cells under the key None
+                problem = f"it has {len(extra)} more cells than the header" if extra else None
+                yield f"{path}:row {index}", row, problem
+        except UnicodeDecodeError:
+            raise _not_utf8(f"{path}:row {index + 1}") from None
+
+
+def _read_json(path: Path) -> Iterator[RowItem]:
+    """A .json file is read whole: a JSON array cannot be parsed row by row with the standard library (use
+    .jsonl for files larger than memory)."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
-        raise DataError(f"{path} is not UTF-8 text; re-save it as UTF-8") from None
-    if suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        for i, row in enumerate(reader, 1):
-            extra = row.pop(None, None)  # DictReader files surplus cells under the key None
-            problem = f"it has {len(extra)} more cells than the header" if extra else None
-            yield f"{path}:row {i}", row, problem
-        return
-    if suffix == ".json" and text.lstrip().startswith("["):
+        raise _not_utf8(str(path)) from None
+    if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as err:
             raise DataError(
                 f"{path}:line {err.lineno}: invalid JSON ({err.msg}); fix the syntax at that line"
             ) from None
+        del text
         for i, row in enumerate(rows, 1):
             yield f"{path}:row {i}", row, None
         return
-    if suffix == ".json" and text.lstrip().startswith("{") and "\n" in text.strip():
+    if text.lstrip().startswith("{") and "\n" in text.strip():
         try:  # one pretty-printed object is not a list of rows; say so instead of failing line by line
             json.loads(text)
         except json.JSONDecodeError:
@@ -221,8 +261,21 @@ def _read_rows(path: Path) -> Iterator[RowItem]:
                 f"{path} holds one JSON object; a dataset file must be a list of rows ([{{...}}, ...]) "
                 "or JSON lines (one row per line)"
             )
-    # .jsonl, and .json files holding JSON lines (HF datasets reads both shapes as "json")
+    # .json files holding JSON lines (HF datasets reads both shapes as "json")
     yield from _read_jsonl_lines(path, text)
+
+
+def _read_rows(path: Path) -> Iterator[RowItem]:
+    """The rows of one file, lazily: .jsonl line by line, .csv record by record, .parquet batch by batch;
+    .json whole (see :func:`_read_json`)."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return _stream_parquet(path)
+    if suffix == ".csv":
+        return _stream_csv(path)
+    if suffix == ".json":
+        return _read_json(path)
+    return _stream_jsonl(path)
 
 
 class _BadRows:
@@ -241,16 +294,16 @@ class _BadRows:
             logger.warning("skipped %s: %s", where, problem)
 
 
-def _read_source(
+def iter_conversations(
     source: DatasetSource, max_samples: int | None, placeholders: dict[str, str], bad: _BadRows
-) -> list[Conversation]:
-    convs: list[Conversation] = []
+) -> Iterator[Conversation]:
+    """The conversations of one dataset, lazily, in file order; ``max_samples`` counts rows (bad ones too)."""
     taken = 0
     for path in source.files:
         spec = source.spec
         for where, row, problem in _read_rows(path):
             if max_samples is not None and taken >= max_samples:
-                return convs
+                return
             taken += 1
             if problem is None and spec is None:
                 spec = detect_format(row)
@@ -269,12 +322,11 @@ def _read_source(
             if problem is not None:
                 bad(where, problem)
                 continue
-            convs.append(fill_placeholders(conv, placeholders))
-    return convs
+            yield fill_placeholders(conv, placeholders)
 
 
-def load_conversations(cfg: Any) -> tuple[list[Conversation], int]:
-    """All conversations of ``cfg.dataset`` in order, and how many bad rows were skipped."""
+def resolve_sources(cfg: Any) -> list[DatasetSource]:
+    """The sources of ``cfg.dataset``, in order (files resolved, nothing read yet)."""
     if not cfg.dataset:
         raise DataError(
             "no dataset given; set dataset=NAME_OR_PATH (a .json/.jsonl/.csv/.parquet file or a name "
@@ -282,17 +334,32 @@ def load_conversations(cfg: Any) -> tuple[list[Conversation], int]:
         )
     dataset_dir = Path(cfg.dataset_dir).expanduser()
     info = read_dataset_info(dataset_dir)
+    return [resolve_source(name, dataset_dir, info) for name in cfg.dataset]
+
+
+def load_conversations(cfg: Any) -> tuple[list[Conversation], int]:
+    """All conversations of ``cfg.dataset``, at most ``max_samples`` rows of each, mixed by ``mix_strategy``
+    (see :mod:`tunesmith.data.mix`; seeded by ``seed``), and how many bad rows were skipped."""
     bad = _BadRows(cfg.skip_bad_rows)
-    convs: list[Conversation] = []
-    for name in cfg.dataset:
-        source = resolve_source(name, dataset_dir, info)
-        before, bad_before = len(convs), bad.count
-        convs += _read_source(source, cfg.max_samples, cfg.placeholders, bad)
+    per_dataset: list[list[Conversation]] = []
+    for source in resolve_sources(cfg):
+        bad_before = bad.count
+        per_dataset.append(list(iter_conversations(source, cfg.max_samples, cfg.placeholders, bad)))
         logger.info(
             "dataset %s: %d conversations from %s%s",
-            name,
-            len(convs) - before,
+            source.name,
+            len(per_dataset[-1]),
             ", ".join(str(f) for f in source.files),
             f" ({bad.count - bad_before} bad rows skipped)" if bad.count > bad_before else "",
+        )
+    strategy = getattr(cfg, "mix_strategy", "concat")
+    convs = mix_lists(per_dataset, strategy, getattr(cfg, "interleave_probs", None), cfg.seed)
+    if strategy != "concat" and len(per_dataset) > 1:
+        logger.info(
+            "data: %s of %s → %d conversations (seed %d)",
+            strategy,
+            " + ".join(str(len(d)) for d in per_dataset),
+            len(convs),
+            cfg.seed,
         )
     return convs, bad.count

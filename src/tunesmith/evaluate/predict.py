@@ -52,7 +52,9 @@ def prediction_conversations(cfg: Any, tokenizer: Any, template: Any) -> tuple[l
     from tunesmith.data.split import split_train_val
 
     if cfg.eval_dataset:
-        convs, _ = load_conversations(cfg.model_copy(update={"dataset": cfg.eval_dataset}))
+        # eval_dataset is read whole, one after another: the training mix (and its probabilities) is not its own
+        only_eval = {"dataset": cfg.eval_dataset, "mix_strategy": "concat", "interleave_probs": None}
+        convs, _ = load_conversations(cfg.model_copy(update=only_eval))
         return convs, f"eval_dataset={','.join(cfg.eval_dataset)}"
     cfg.require("dataset")
     convs, _ = load_conversations(cfg)

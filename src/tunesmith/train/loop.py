@@ -27,9 +27,16 @@ import torch.nn.functional as F
 
 from tunesmith.config import Config
 from tunesmith.data.loader import IGNORE_INDEX, Batch, EncodedLike, EpochLoader
+from tunesmith.data.stream import StreamingData, StreamLoader
 from tunesmith.errors import ConfigError, DataError, TunesmithError
 from tunesmith.evaluate.samples import log_sample_generations, sample_generation_due
-from tunesmith.launch.distributed import dist_info, init_distributed, main_process_first, rank_device
+from tunesmith.launch.distributed import (
+    dist_info,
+    init_distributed,
+    main_process_first,
+    prepare_datasets_once,
+    rank_device,
+)
 from tunesmith.logging import get_logger, is_main_process
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.engines import Engine, Precision, SingleDeviceEngine, create_engine, engine_name
@@ -248,22 +255,26 @@ def fit(
     cfg: Config,
     model: torch.nn.Module,
     tokenizer: Any,
-    train_data: Sequence[EncodedLike],
+    train_data: Sequence[EncodedLike] | StreamingData,
     val_data: Sequence[EncodedLike] = (),
     *,
     device: torch.device | str | None = None,
     resume_from: Path | str | None | Literal["auto"] = "auto",
     callbacks: Sequence[StepCallback] = (),
 ) -> TrainResult:
-    """Train ``model`` (already set up for cfg.finetuning_type) on encoded samples; checkpoints, logs and the
-    final model go to ``cfg.output_dir``. ``resume_from``: a checkpoint, None (fresh) or ``"auto"`` (see
-    :func:`find_resume_checkpoint`). ``callbacks`` run after every optimizer step (on every rank).
+    """Train ``model`` (already set up for cfg.finetuning_type) on encoded samples, or on a stream of them
+    (:mod:`tunesmith.data.stream`); checkpoints, logs and the final model go to ``cfg.output_dir``.
+    ``resume_from``: a checkpoint, None (fresh) or ``"auto"`` (see :func:`find_resume_checkpoint`).
+    ``callbacks`` run after every optimizer step (on every rank).
 
     Under torchrun every rank calls this with the same model and data; the engine (``cfg.engine``) decides how
     they share the work."""
     cfg.require("output_dir")
     output_dir = Path(cfg.output_dir)
-    if not train_data:
+    streaming = isinstance(train_data, StreamingData)
+    if streaming and cfg.max_steps <= 0:
+        raise ConfigError("streaming: true needs max_steps (a stream has no known length); set max_steps: N")
+    if not streaming and not train_data:
         raise DataError(
             "there are no training samples after preprocessing; check dataset, max_samples and val_size"
         )
@@ -277,7 +288,8 @@ def fit(
         device = rank_device(device, dist_info().local_rank)
     engine = create_engine(cfg, device)
     tensorboard_dir = Path(cfg.logging_dir or output_dir / "runs") if cfg.use_tensorboard else None
-    _check_same_data(engine, train_data, val_data)
+    if not streaming:  # a stream is read while training: every rank reads the same files with the same config
+        _check_same_data(engine, train_data, val_data)
 
     # ---- model, data, optimizer, schedule
     if cfg.gradient_checkpointing:  # before wrapping: DDP/FSDP2 wrappers do not expose the HF switch
@@ -287,11 +299,14 @@ def fit(
             param.data = param.data.float()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     shard = dict(rank=engine.rank, world_size=engine.world_size)
-    loader = EpochLoader(
-        train_data, cfg.per_device_train_batch_size, pad_id if pad_id is not None else 0, cfg.seed, **shard
-    )
+    pad_id = pad_id if pad_id is not None else 0
+    if isinstance(train_data, StreamingData):
+        loader: EpochLoader | StreamLoader = StreamLoader(train_data, cfg.per_device_train_batch_size, pad_id, **shard)
+    else:
+        loader = EpochLoader(train_data, cfg.per_device_train_batch_size, pad_id, cfg.seed, **shard)
+    num_samples = None if streaming else len(train_data)  # per epoch; a stream's is unknown
     val_loader = (
-        EpochLoader(val_data, cfg.per_device_eval_batch_size, pad_id or 0, shuffle=False, **shard)
+        EpochLoader(val_data, cfg.per_device_eval_batch_size, pad_id, shuffle=False, **shard)
         if val_data
         else None
     )
@@ -307,7 +322,7 @@ def fit(
         total_steps=total,
         batches_per_epoch=len(loader),
         sample_index=0,
-        samples_per_epoch=len(train_data),
+        samples_per_epoch=num_samples or 0,
         world_size=engine.world_size,
         global_batch_size=global_batch,
         signature=run_signature(cfg),
@@ -317,30 +332,31 @@ def fit(
     seed_everything(cfg.seed)
     if resume_from is not None:
         saved = engine.load_checkpoint(resume_from, model, optimizer, scheduler)
-        state = _resumed_state(saved, state, len(train_data), per_round)
+        state = _resumed_state(saved, state, num_samples, per_round)
         log.info(
-            "resuming from %s (step %d of %d, epoch %.2f, sample %d of the epoch's %d)",
+            "resuming from %s (step %d of %d, %s %d, sample %d of its %s)",
             resume_from,
             state.global_step,
             total,
-            state.epoch_float,
+            "pass" if streaming else "epoch",
+            state.epoch,
             state.sample_index,
-            len(train_data),
+            "stream" if streaming else f"{num_samples}",
         )
     elif cfg.overwrite_output_dir:
         _clear_previous_run(output_dir, tensorboard_dir)
     write_run_info(output_dir, cfg)
     log.info(
-        "training %d samples with engine %s on %d rank(s): global batch %d = %d per device × %d accumulation × "
-        "%d rank(s); %d micro-batch rounds per epoch, %d optimizer steps, %s on %s",
-        len(train_data),
+        "training %s with engine %s on %d rank(s): global batch %d = %d per device × %d accumulation × "
+        "%d rank(s); %s micro-batch rounds per epoch, %d optimizer steps, %s on %s",
+        "a stream of samples" if streaming else f"{num_samples} samples",
         engine.name,
         engine.world_size,
         global_batch,
         cfg.per_device_train_batch_size,
         cfg.gradient_accumulation_steps,
         engine.world_size,
-        len(loader),
+        len(loader) if not streaming else "?",
         total,
         engine.precision,
         device,
@@ -351,8 +367,8 @@ def fit(
     interval_targets = 0
     last_saved = state.global_step if resume_from is not None else None
     try:
-        while state.global_step < total:
-            windows = loader.windows(state.epoch, state.sample_index, cfg.gradient_accumulation_steps)
+        while state.global_step < total:  # one epoch (a pass over the stream) per round of this loop
+            windows = loader.windows_from(state.position(), cfg.gradient_accumulation_steps)
             for position, window in windows:
                 lr = scheduler.get_last_lr()[0]
                 loss, targets, grad_norm = train_step(
@@ -360,9 +376,7 @@ def fit(
                 )
                 scheduler.step()
                 state.global_step += 1
-                state.sample_index, state.batch_index = position, -(-position // per_round)
-                if position >= len(train_data):
-                    state.epoch, state.sample_index, state.batch_index = state.epoch + 1, 0, 0
+                state.move_to(position, per_round)
                 state.last_loss = loss
                 state.best_loss = loss if state.best_loss is None else min(state.best_loss, loss)
                 state.interval_loss_sum += loss
@@ -450,9 +464,10 @@ def _check_same_data(engine: Engine, train_data: Sequence[EncodedLike], val_data
         )
 
 
-def _resumed_state(saved: TrainState, fresh: TrainState, num_samples: int, per_round: int) -> TrainState:
+def _resumed_state(saved: TrainState, fresh: TrainState, num_samples: int | None, per_round: int) -> TrainState:
     """The checkpoint's progress, with the data position carried over in samples (world-size-free) and the
-    per-round counters recomputed for this run's batch size and world size."""
+    per-round counters recomputed for this run's batch size and world size. ``num_samples`` None: a stream,
+    whose position (pass, samples, cursor) carries over as saved."""
     consumed = saved.samples_consumed()
     old_samples = saved.samples_per_epoch or None
     state = TrainState.from_dict(
@@ -460,14 +475,19 @@ def _resumed_state(saved: TrainState, fresh: TrainState, num_samples: int, per_r
             **saved.to_dict(),
             "total_steps": fresh.total_steps,
             "signature": fresh.signature,
-            "samples_per_epoch": num_samples,
+            "samples_per_epoch": num_samples or 0,
             "batches_per_epoch": fresh.batches_per_epoch,
             "world_size": fresh.world_size,
             "global_batch_size": fresh.global_batch_size,
         }
     )
     old_batch = int(saved.signature.get("per_device_train_batch_size") or 1)
-    changed = (old_samples != num_samples) if old_samples else saved.batches_per_epoch != -(-num_samples // old_batch)
+    if num_samples is None:
+        changed = False
+    elif old_samples:
+        changed = old_samples != num_samples
+    else:
+        changed = saved.batches_per_epoch != -(-num_samples // old_batch)
     if changed:
         log.warning(
             "the dataset now has %d samples (the checkpoint's run had %s); the data order differs from the "
@@ -485,7 +505,7 @@ def _resumed_state(saved: TrainState, fresh: TrainState, num_samples: int, per_r
             fresh.world_size,
         )
     state.sample_index = consumed
-    if consumed >= num_samples:
+    if num_samples is not None and consumed >= num_samples:
         state.epoch, state.sample_index = state.epoch + 1, 0
     state.batch_index = -(-state.sample_index // per_round)
     return state
@@ -529,36 +549,43 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> TrainResult:
     """The whole run: tokenizer → datasets → model → fine-tuning method → :func:`fit`. Re-running the same config
     continues from the newest complete checkpoint in ``output_dir``.
 
-    Distributed (under torchrun, or ``engine: ddp``/``fsdp2``): the process group is joined first; rank 0 loads
-    (and, for packaged or GGUF models, converts into the cache) tokenizer and model before the other ranks; every
-    rank preprocesses the data itself, deterministically, and :func:`fit` checks they agree."""
-    from tunesmith.data import prepare_datasets
+    Distributed (under torchrun, or ``engine: ddp``/``fsdp2``/``deepspeed``): the process group is joined first;
+    rank 0 loads (and, for packaged or GGUF models, converts into the cache) tokenizer and model, and preprocesses
+    the data into the data cache, before the other ranks, which wait on the store without any timeout and then read
+    the caches (with ``TUNESMITH_DATA_CACHE=0`` every rank preprocesses itself); :func:`fit` checks the ranks' data
+    agree. With ``streaming: true`` every rank reads the whole stream while training and collates only its own
+    micro-batches."""
     from tunesmith.model.adapt import apply_finetuning
-    from tunesmith.model.load import load_model, load_tokenizer, pick_device
+    from tunesmith.model.load import load_model, load_tokenizer, pick_device, quantization_from_config
+    from tunesmith.train.engines import check_quantization_supported
 
     cfg.require("model_name_or_path", "dataset", "output_dir")
     device = pick_device(cfg.device)
     engine = engine_name(cfg)
+    check_quantization_supported(cfg)  # before the process group and the slow part
     if engine != "single":
         device = rank_device(device, dist_info().local_rank)
         init_distributed(device, cfg.ddp_timeout)
     resume_from = find_resume_checkpoint(cfg)  # fail before the slow part when the folder cannot be continued
     precision = resolve_precision(cfg, device)
+    quantization = quantization_from_config(cfg, precision)
     seed_everything(cfg.seed)
-    with main_process_first():
+    with main_process_first("loading the tokenizer"):
         tokenizer = load_tokenizer(
             cfg.model_name_or_path, cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code
         )
-    data = prepare_datasets(cfg, tokenizer)
-    with main_process_first():
+    data = prepare_datasets_once(cfg, tokenizer)
+    with main_process_first("loading the model"):
         model = load_model(
             cfg.model_name_or_path,
             dtype=model_dtype(cfg, precision, device, engine),
             cache_dir=cfg.cache_dir,
             trust_remote_code=cfg.trust_remote_code,
             allow_pickle=cfg.allow_pickle,
-            # fsdp2 and deepspeed shard from the CPU copy onto the device, so no rank holds the whole model there
-            device=torch.device("cpu") if engine in ("fsdp2", "deepspeed") else device,
+            # fsdp2 and deepspeed shard from the CPU copy onto the device, so no rank holds the whole model there;
+            # a quantized base is quantized on (and stays on) the device it computes on
+            device=torch.device("cpu") if engine in ("fsdp2", "deepspeed") and quantization is None else device,
+            quantization=quantization,
         )
     model = apply_finetuning(model, cfg)
     return fit(

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from tunesmith.data.loader import DataPosition
+
 LOG_HISTORY_TAIL = 100
 
 # Config keys whose change makes a checkpoint impossible to load (different trainable weights) ...
@@ -16,12 +18,17 @@ SIGNATURE_HARD_KEYS = (
     "lora_target",
     "freeze_trainable_layers",
     "freeze_trainable_modules",
+    "use_dora",  # DoRA adds magnitude vectors: the adapter's weights differ
+    "streaming",  # a stream position and an epoch position cannot stand in for each other
 )
 # ... and keys whose change still loads but no longer reproduces the interrupted run (warned about).
 SIGNATURE_SOFT_KEYS = (
     "model_name_or_path",
     "adapter_name_or_path",
     "lora_alpha",
+    "use_rslora",
+    "quantization_bit",
+    "quantization_type",
     "dataset",
     "seed",
     "per_device_train_batch_size",
@@ -30,13 +37,27 @@ SIGNATURE_SOFT_KEYS = (
     "template",
     "learning_rate",
     "lr_scheduler_type",
+    # the sample order
+    "packing",
+    "neat_packing",
+    "mix_strategy",
+    "interleave_probs",
+    "max_samples",
+    "val_size",
+    "buffer_size",
+    "preprocessing_batch_size",
 )
+# Keys that only shape the order of a stream: recorded as None without streaming, so changing them then is silent.
+STREAM_ONLY_KEYS = ("buffer_size", "preprocessing_batch_size")
 
 
 def run_signature(cfg: Any) -> dict[str, Any]:
     """The config values a checkpoint depends on (compared on resume)."""
     keys = SIGNATURE_HARD_KEYS + SIGNATURE_SOFT_KEYS
-    return {key: getattr(cfg, key, None) for key in keys}
+    signature = {key: getattr(cfg, key, None) for key in keys}
+    if not getattr(cfg, "streaming", False):
+        signature.update(dict.fromkeys(STREAM_ONLY_KEYS))
+    return signature
 
 
 @dataclass
@@ -45,7 +66,8 @@ class TrainState:
     permutation are consumed, counted in the global order shared by all ranks, so it means the same on any number
     of ranks. ``batch_index`` / ``batches_per_epoch`` count micro-batch rounds (``per_device_train_batch_size ×
     world_size`` samples) for display (``epoch_float``); checkpoints written before ``sample_index`` existed
-    (single process) hold only ``batch_index``, see :meth:`samples_consumed`.
+    (single process) hold only ``batch_index``, see :meth:`samples_consumed`. With ``streaming: true``, ``epoch``
+    is the pass over the stream and ``(stream_rows, stream_skip)`` its cursor (:mod:`tunesmith.data.stream`).
     """
 
     global_step: int = 0
@@ -57,6 +79,8 @@ class TrainState:
     samples_per_epoch: int = 0
     world_size: int = 1
     global_batch_size: int = 0
+    stream_rows: int = 0
+    stream_skip: int = 0
     last_loss: float | None = None
     best_loss: float | None = None
     last_eval_loss: float | None = None
@@ -81,6 +105,15 @@ class TrainState:
         batch_size = int(self.signature.get("per_device_train_batch_size") or 1)
         consumed = self.batch_index * batch_size
         return min(consumed, self.samples_per_epoch) if self.samples_per_epoch else consumed
+
+    def position(self) -> DataPosition:
+        return DataPosition(self.epoch, self.samples_consumed(), self.stream_rows, self.stream_skip)
+
+    def move_to(self, position: DataPosition, per_round: int) -> None:
+        """Record the data position after a step; ``per_round`` samples make one micro-batch round."""
+        self.epoch, self.sample_index = position.epoch, position.samples
+        self.stream_rows, self.stream_skip = position.stream_rows, position.stream_skip
+        self.batch_index = -(-position.samples // per_round)
 
     def record(self, entry: dict[str, Any]) -> None:
         self.log_history.append(entry)
