@@ -56,6 +56,8 @@ def export_model(
     out = Path(out_dir).expanduser()
     _check_out_dir(out)
     base_dir = resolve_model_path(model_name_or_path, cache_dir)
+    if adapter:
+        _refuse_quantized_base(base_dir)
     torch_dtype = resolve_dtype(dtype, base_dir)
     tokenizer = load_tokenizer(base_dir, trust_remote_code=trust_remote_code)
     # Loaded straight in the export dtype: PEFT computes the LoRA delta in float32 and rounds once when merging.
@@ -110,6 +112,14 @@ def export_model(
 def export_from_config(cfg: Config) -> Path:
     """export_model with the config's model, adapter and export_* keys."""
     cfg.require("model_name_or_path", "export_dir")
+    if cfg.quantization_bit is not None and cfg.adapter_name_or_path:
+        # QLoRA: the adapter learned against dequantized weights, which approximate these full-precision ones;
+        # merging into the quantized base would round the merged weights to 4/8 bits again.
+        logger.info(
+            "quantization_bit: %s was for training; merging the adapter into the full-precision base %s",
+            cfg.quantization_bit,
+            cfg.model_name_or_path,
+        )
     return export_model(
         cfg.model_name_or_path,
         cfg.export_dir,
@@ -122,6 +132,22 @@ def export_from_config(cfg: Config) -> Path:
         cache_dir=cfg.cache_dir,
         trust_remote_code=cfg.trust_remote_code,
         allow_pickle=cfg.allow_pickle,
+    )
+
+
+def _refuse_quantized_base(base_dir: Path) -> None:
+    from tunesmith.model.load import saved_quantization
+
+    quantization = saved_quantization(base_dir)
+    if quantization is None:
+        return
+    method = quantization.get("quant_method", "quantized")
+    bits = next((b for b in (4, 8) if quantization.get(f"load_in_{b}bit") or quantization.get("bits") == b), None)
+    kind = f"{method} {bits}-bit" if bits else str(method)
+    raise ModelError(
+        f"model {base_dir} is quantized ({kind}: its config.json has a quantization_config) and export merges "
+        "adapters into full-precision weights only; set model_name_or_path (--model) to the full-precision "
+        "model the quantized one was made from."
     )
 
 

@@ -8,9 +8,10 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
-from tunesmith.errors import ModelError
+from tunesmith.errors import ConfigError, ModelError
 from tunesmith.logging import get_logger
 
 if TYPE_CHECKING:
@@ -54,7 +55,10 @@ def trainable_summary(model: nn.Module) -> str:
     """'trainable params: X of Y (Z%)', counting tied weights once."""
     total = trainable = 0
     for param in model.parameters():  # parameters() yields each shared tensor once
-        total += param.numel()
+        # a bitsandbytes 4-bit weight packs two values per byte: count the weights, not the bytes
+        quant_state = getattr(param, "quant_state", None)
+        shape = getattr(quant_state, "shape", None)
+        total += shape.numel() if isinstance(shape, torch.Size) else param.numel()
         if param.requires_grad:
             trainable += param.numel()
     percent = 100.0 * trainable / total if total else 0.0
@@ -125,18 +129,48 @@ def _wrap_lora(model: nn.Module, cfg: Config) -> Any:
             f"lora_target {', '.join(unknown)} is not a linear layer of {type(model).__name__}; "
             f"use all or names from: {', '.join(available)}."
         )
-    logger.info("lora targets: %s", ", ".join(targets))
+    _check_dora_on_quantized(model, cfg)
+    alpha = cfg.lora_alpha or 2 * cfg.lora_rank
+    logger.info(
+        "lora targets: %s (r %d, alpha %d, scaling %.4g%s%s)",
+        ", ".join(targets),
+        cfg.lora_rank,
+        alpha,
+        lora_scaling(alpha, cfg.lora_rank, cfg.use_rslora),
+        ", rsLoRA" if cfg.use_rslora else "",
+        ", DoRA" if cfg.use_dora else "",
+    )
     config = LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
+        lora_alpha=alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=targets,
+        use_dora=cfg.use_dora,
+        use_rslora=cfg.use_rslora,
     )
     with warnings.catch_warnings():
         # PEFT still asks for `is_gradient_checkpointing`, which transformers ≥ 5 renamed; nothing to act on.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, config)
+
+
+def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
+    """The factor on the adapter's output: alpha / r, or alpha / sqrt(r) with rsLoRA (whose updates then keep
+    their size as r grows, so higher ranks actually learn more)."""
+    return alpha / rank**0.5 if rslora else alpha / rank
+
+
+def _check_dora_on_quantized(model: Any, cfg: Config) -> None:
+    # bitsandbytes' CPU backend cannot dequantize an 8-bit weight once it has been used in a training step
+    # (int8_mm_dequant gets no column statistics), which DoRA does on every forward: it crashes on the 2nd step.
+    if not (cfg.use_dora and getattr(model, "is_loaded_in_8bit", False)):
+        return
+    if next(model.parameters()).device.type == "cpu":
+        raise ConfigError(
+            "use_dora: true with quantization_bit: 8 does not work on CPU (bitsandbytes cannot dequantize 8-bit "
+            "weights there during training); use quantization_bit: 4, or use_dora: false"
+        )
 
 
 def _enable_gradient_checkpointing(model: Any, frozen_embeddings: bool) -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from tunesmith.errors import ModelError
+from tunesmith.errors import ConfigError, ModelError
 from tunesmith.logging import get_logger
 from tunesmith.model.resolve import resolve_model_path
 
@@ -92,6 +93,89 @@ def _saved_dtype(model_dir: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
+@dataclass(frozen=True)
+class Quantization:
+    """How to quantize the frozen base while loading (QLoRA): bitsandbytes 4-bit (nf4/fp4) or 8-bit (LLM.int8)."""
+
+    bits: Literal[4, 8]
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: torch.dtype = torch.float32
+
+    def describe(self) -> str:
+        if self.bits == 8:
+            return "8-bit (LLM.int8)"
+        double = ", double quantization" if self.double_quant else ""
+        return f"4-bit {self.quant_type}{double}, compute in {str(self.compute_dtype).removeprefix('torch.')}"
+
+    def bnb_config(self) -> Any:
+        from transformers import BitsAndBytesConfig
+
+        if self.bits == 8:
+            return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=self.compute_dtype,
+        )
+
+
+def quantization_from_config(cfg: Config, precision: str = "fp32") -> Quantization | None:
+    """The config's QLoRA settings (None without quantization_bit). ``precision`` is the run's resolved autocast
+    precision (fp32/bf16/fp16): quantization_compute_dtype auto follows it."""
+    if cfg.quantization_bit is None:
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            f"quantization_bit: {cfg.quantization_bit} needs bitsandbytes, which is not installed; "
+            "pip install bitsandbytes, or remove quantization_bit"
+        )
+    name = cfg.quantization_compute_dtype
+    if name == "auto":
+        name = {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
+    return Quantization(
+        bits=cfg.quantization_bit,
+        quant_type=cfg.quantization_type,
+        double_quant=cfg.double_quantization,
+        compute_dtype=_DTYPES[name],
+    )
+
+
+def is_quantized(model: Any) -> bool:
+    """Whether a (PEFT-wrapped) model's base was loaded quantized (bitsandbytes 4/8-bit)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else getattr(model, "module", model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    return bool(
+        getattr(base, "is_loaded_in_4bit", False)
+        or getattr(base, "is_loaded_in_8bit", False)
+        or getattr(base, "is_quantized", False)
+    )
+
+
+def saved_quantization(model_dir: Path) -> dict | None:
+    """The quantization_config of a model folder's config.json (a folder saved from a quantized model)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    value = config.get("quantization_config")
+    return value if isinstance(value, dict) else None
+
+
+def _prepare_quantized(model: Any, compute_dtype: torch.dtype) -> None:
+    """What matters of PEFT's prepare_model_for_kbit_training, without its memory cost: freeze everything (the
+    adapters are added later and are the only trainable weights) and keep the small 1-D weights (norms, biases)
+    in float32 for stable statistics. PEFT's version would also upcast the embeddings and the output head, a
+    full-precision copy of the largest matrices that QLoRA is meant to avoid."""
+    model.requires_grad_(False)
+    for param in model.parameters():
+        if param.ndim == 1 and param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
+    model.config.use_cache = False
+    logger.debug("prepared the quantized base for adapter training (compute dtype %s)", compute_dtype)
+
+
 def check_weights(model_dir: Path, allow_pickle: bool) -> bool:
     """True when the folder has safetensors weights; pickled-only folders need `allow_pickle: true`."""
     if any(model_dir.glob("*.safetensors")):
@@ -144,14 +228,27 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     device: str | torch.device = "cpu",
+    quantization: Quantization | None = None,
 ) -> PreTrainedModel:
-    """A causal LM from a local folder / .gguf / alias, on `device` (`auto` picks CUDA, NPU, then CPU)."""
+    """A causal LM from a local folder / .gguf / alias, on `device` (`auto` picks CUDA, NPU, then CPU).
+
+    With `quantization` (QLoRA) the linear layers are quantized by bitsandbytes while loading, straight onto
+    `device`, where the model stays (quantized weights cannot be moved back to full precision); everything is
+    frozen, ready for `apply_finetuning` to add the trainable adapters."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path, cache_dir)
     use_safetensors = check_weights(path, allow_pickle)
     torch_dtype = resolve_dtype(dtype, path)
     target = device if isinstance(device, torch.device) else pick_device(device)
+    extra: dict[str, Any] = {}
+    if quantization is not None:
+        if saved_quantization(path) is not None:
+            raise ModelError(
+                f"model {path} is already quantized (its config.json has a quantization_config); remove "
+                "quantization_bit, or point model_name_or_path at the full-precision model."
+            )
+        extra = {"quantization_config": quantization.bnb_config(), "device_map": {"": str(target)}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -159,11 +256,17 @@ def load_model(
             trust_remote_code=trust_remote_code,
             use_safetensors=use_safetensors,
             local_files_only=True,
+            **extra,
         )
     except (OSError, ValueError) as err:
         raise ModelError(
             f"cannot load the model in {path} ({_first_line(err)}); {_remote_code_hint(err)}"
         ) from err
+    if quantization is not None:
+        _prepare_quantized(model, quantization.compute_dtype)
+        logger.info("loaded %s quantized %s on %s from %s", type(model).__name__, quantization.describe(),
+                    target, path)
+        return model
     if target.type != "cpu":
         model.to(target)
     logger.info("loaded %s (%s, %s) from %s", type(model).__name__, torch_dtype, target, path)

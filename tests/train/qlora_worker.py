@@ -1,0 +1,51 @@
+"""A QLoRA training worker for tests/train/test_qlora_engines.py: the tiny model loaded quantized, adapters added,
+then tunesmith's loop on hand-encoded samples, on one process or under torchrun (any engine).
+
+    python -m torch.distributed.run --nproc-per-node 2 qlora_worker.py MODEL_DIR OUTPUT_DIR [key=value ...]
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from train_helpers import encode_pairs, make_cfg
+
+from tunesmith.launch.distributed import dist_info, init_distributed, rank_device, shutdown_distributed
+from tunesmith.logging import setup_logging
+from tunesmith.model.adapt import apply_finetuning
+from tunesmith.model.load import load_model, load_tokenizer, quantization_from_config
+from tunesmith.train.engines import check_quantization_supported, engine_name
+from tunesmith.train.loop import fit, resolve_precision
+
+
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def run(model_dir: str, output_dir: str, overrides: dict) -> None:
+    values = dict(finetuning_type="lora", quantization_bit=4, lora_rank=4, learning_rate=2e-2, max_steps=6)
+    values.update(overrides)
+    cfg = make_cfg(output_dir, model_dir, **values)
+    check_quantization_supported(cfg)
+    device = torch.device("cpu")
+    if engine_name(cfg) != "single":
+        device = rank_device(device, dist_info().local_rank)
+        init_distributed(device, cfg.ddp_timeout)
+    tokenizer = load_tokenizer(model_dir)
+    torch.manual_seed(cfg.seed)  # the adapters start identical on every rank
+    quantization = quantization_from_config(cfg, resolve_precision(cfg, device))
+    model = apply_finetuning(load_model(model_dir, device=device, quantization=quantization), cfg)
+    fit(cfg, model, tokenizer, encode_pairs(tokenizer, repeat=2), device=device, resume_from=None)
+
+
+if __name__ == "__main__":
+    setup_logging()
+    pairs = dict(arg.split("=", 1) for arg in sys.argv[3:])
+    run(sys.argv[1], sys.argv[2], {k: _value(v) for k, v in pairs.items()})
+    shutdown_distributed()
