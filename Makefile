@@ -12,6 +12,7 @@ demo: setup
 
 test: setup
 	bash scripts/install-browser.sh
+	bash scripts/install-slurm.sh
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint:
