@@ -119,9 +119,9 @@ def test_a_slurm_task_per_node_derives_the_launch_from_slurm_alone():
     spec = launch_spec(env={**SLURM, "SLURM_GPUS_ON_NODE": "8"}, count_gpus=False)
     assert spec.source == "slurm-node" and should_launch(spec, SLURM)
     assert (spec.nnodes, spec.nproc_per_node, spec.rdzv_id, spec.master_addr) == (3, 8, "4242", "node01")
-    assert spec.master_port == slurm_master_port("4242") == 24242
+    assert spec.master_port == slurm_master_port("4242") == 19242
     cmd = torchrun_command(spec, ["train", "c.yaml"], port=spec.master_port)
-    assert "--rdzv-endpoint=node01:24242" in cmd and "--rdzv-id=4242" in cmd
+    assert "--rdzv-endpoint=node01:19242" in cmd and "--rdzv-id=4242" in cmd
     # the sbatch script's exports (MASTER_ADDR, MASTER_PORT, NPROC_PER_NODE, RDZV_ID) win
     exported = {
         **SLURM,
@@ -150,7 +150,7 @@ def test_a_slurm_task_per_node_derives_the_launch_from_slurm_alone():
         count_gpus=False,
     )
     assert (one.nnodes, one.nproc_per_node, one.rdzv_id) == (1, 2, None)
-    assert slurm_master_port("99_3") == 20000 + 993 % 20000  # array job ids
+    assert slurm_master_port("99_3") == 15000 + 993 % 15000  # array job ids
 
 
 def test_several_slurm_tasks_per_node_are_workers_themselves():
@@ -168,7 +168,7 @@ def test_several_slurm_tasks_per_node_are_workers_themselves():
         "6",
         "2",
     )
-    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("node01", "24242")
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("node01", "19242")
     assert not should_launch(launch_spec(env=env, count_gpus=False), env)
     batch = {**SLURM, "SLURM_NTASKS": "6"}
     del batch["SLURM_STEP_ID"]  # the batch script itself is never a rank

@@ -24,8 +24,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     cfg.require("model_name_or_path", "dataset", "output_dir")
+    if args.dry_run:  # validate, resolve the launch, plan memory; load and train nothing
+        from tunesmith.plan import dry_run_report
+
+        print(dry_run_report(cfg, args.nproc_per_node, args.nnodes))
+        return 0
     from tunesmith.launch.distributed import launched_by_torchrun
     from tunesmith.launch.torchrun import launch_spec, run_torchrun, should_launch
+    from tunesmith.train.engines import check_quantization_supported
+
+    check_quantization_supported(cfg)  # once, here: not as one error per rank under torchrun
 
     spec = launch_spec(
         args.nproc_per_node,
@@ -208,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train from a YAML config (re-running resumes from the newest checkpoint)")
     _add_config_args(p)
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the config, print the resolved launch (engine, ranks, global batch) and the memory plan; "
+        "train nothing",
+    )
     launch = p.add_argument_group(
         "distributed (runs torchrun; each flag defaults to the env variable of the same name, as in LLaMA-Factory)"
     )
@@ -298,7 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from tunesmith.launch.cluster_env import strip_launcher_args  # light: no torch
+
     parser = build_parser()
+    # the deepspeed launcher (and torch.distributed.launch) put --local_rank=N before our own arguments
+    argv = strip_launcher_args(sys.argv[1:] if argv is None else list(argv), os.environ)
     args, extra = parser.parse_known_args(argv)
     # `tunesmith train cfg.yaml --nproc-per-node 2 lr=1e-4`: argparse stops filling `overrides` at the first
     # option, so KEY=VALUE words after an option arrive here; anything else is a real error.
@@ -314,7 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline-first: never reach for a hub at run time
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # HF's per-file bars drown our own progress bar
-    _name_deepspeed_accelerator()
+    if args.command not in ("launch", "jobs", "recipes", "plan"):  # these never import torch: keep them quick
+        _name_deepspeed_accelerator()
     try:
         return int(args.func(args) or 0)
     except TunesmithError as err:

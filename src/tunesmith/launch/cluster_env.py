@@ -15,7 +15,7 @@
   ``SLURM_NNODES`` / ``SLURM_JOB_NUM_NODES``, this node's rank from ``SLURM_NODEID``, processes from
   ``SLURM_GPUS_ON_NODE`` (else one per visible GPU), the master from the first host of ``SLURM_JOB_NODELIST``
   (the compressed form, ``node[01-03,07],gpu5``, is expanded here: ``scontrol`` may be absent) and an elastic c10d
-  rendezvous with id ``SLURM_JOB_ID`` on ``MASTER_PORT`` (default ``20000 + SLURM_JOB_ID mod 20000``, the same on
+  rendezvous with id ``SLURM_JOB_ID`` on ``MASTER_PORT`` (default ``15000 + SLURM_JOB_ID mod 15000``, the same on
   every node). With several tasks per node inside an ``srun`` step, each task is one worker instead (``RANK`` =
   ``SLURM_PROCID``, ``LOCAL_RANK`` = ``SLURM_LOCALID``, ``WORLD_SIZE`` = ``SLURM_NTASKS``).
 
@@ -110,7 +110,7 @@ def _first(env: Mapping[str, str], *names: str) -> str | None:
 def slurm_master_port(job_id: str) -> int:
     """A port every node of the job computes alike, spread so that two jobs sharing a node rarely collide."""
     digits = re.sub(r"\D", "", job_id) or "0"  # array jobs: 1234_7
-    return 20000 + int(digits) % 20000
+    return 15000 + int(digits) % 15000  # below Linux's ephemeral ports (32768+); as launch/slurm.py
 
 
 def _pytorchjob(env: Mapping[str, str]) -> dict[str, str]:
