@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from test_pipeline import write_run_config
 
 from tunesmith.config import load_config
+from tunesmith.errors import TunesmithError
 from tunesmith.launch.distributed import free_port
 from tunesmith.train import train
 from tunesmith.train.observe import read_log
@@ -321,3 +322,13 @@ def test_two_invocations_with_nnodes_2_train_one_job(workdir, one_rank_run, tmp_
     ref, got = losses(one_rank_run), losses(out)
     assert max(abs(ref[s] - got[s]) for s in ref) < LOSS_TOL
     assert weights_diff(one_rank_run, out) < WEIGHT_TOL
+
+
+@pytest.mark.slow
+def test_a_single_process_checkpoint_is_refused_by_fsdp2(workdir, tmp_path):
+    """README table: single/ddp → fsdp2 is refused (no dcp/), with the way out in the message."""
+    root, config = workdir
+    train(load_config(config, [f"output_dir={tmp_path / 'one'}", "max_steps=2", "save_steps=2"]))
+    with pytest.raises(TunesmithError, match="no dcp/ folder.*resume with engine: ddp"):
+        train(load_config(config, ["engine=fsdp2", f"resume_from_checkpoint={tmp_path / 'one' / 'checkpoint-2'}",
+                                   f"output_dir={tmp_path / 'two'}", "max_steps=4"]))
