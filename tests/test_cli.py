@@ -9,7 +9,10 @@ import pytest
 
 from tunesmith import __version__
 
-SUBCOMMANDS = ["train", "export", "chat", "demo", "data", "data preview", "env"]
+SUBCOMMANDS = [
+    "train", "export", "chat", "demo", "data", "data preview", "env", "plan", "recipes", "launch", "launch k8s",
+    "launch slurm", "launch ranktable", "jobs",
+]
 
 
 def run_cli(*args: str, cwd=None, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -52,3 +55,18 @@ def test_missing_required_key_names_it(tmp_path):
     result = run_cli("train", str(cfg))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "model_name_or_path is required" in result.stderr
+
+
+def test_data_preview_of_a_stream_shows_its_head(tmp_path, tiny_model_dir):
+    rows = [f'{{"instruction": "question {i}", "input": "", "output": "answer {i}"}}' for i in range(40)]
+    (tmp_path / "rows.jsonl").write_text("\n".join(rows), encoding="utf-8")
+    cfg = tmp_path / "stream.yaml"
+    cfg.write_text(
+        f"model_name_or_path: {tiny_model_dir}\ndataset: rows.jsonl\ndataset_dir: {tmp_path}\ntemplate: chatml\n"
+        f"output_dir: {tmp_path / 'out'}\nstreaming: true\nmax_steps: 3\n",
+        encoding="utf-8",
+    )
+    result = run_cli("data", "preview", str(cfg), "--show", "2")
+    assert result.returncode == 0, result.stderr
+    assert "streaming" in result.stdout and result.stdout.count("--- sample") == 2
+    assert "answer" in result.stdout
