@@ -27,7 +27,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:  # validate, resolve the launch, plan memory; load and train nothing
         from tunesmith.plan import dry_run_report
 
-        print(dry_run_report(cfg, args.nproc_per_node, args.nnodes))
+        report = dry_run_report(
+            cfg, args.nproc_per_node, args.nnodes, config_path=args.config, overrides=args.overrides
+        )
+        print(report)
         return 0
     from tunesmith.launch.distributed import launched_by_torchrun
     from tunesmith.launch.torchrun import launch_spec, run_torchrun, should_launch

@@ -568,6 +568,11 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> TrainResult:
         init_distributed(device, cfg.ddp_timeout)
     resume_from = find_resume_checkpoint(cfg)  # fail before the slow part when the folder cannot be continued
     precision = resolve_precision(cfg, device)
+    if is_main_process():  # warn before an obvious out-of-memory, from the config alone (see tunesmith plan)
+        from tunesmith.plan import preflight
+
+        for message in preflight(cfg, dist_info().world_size, device):
+            log.warning("%s", message)
     quantization = quantization_from_config(cfg, precision)
     seed_everything(cfg.seed)
     with main_process_first("loading the tokenizer"):
