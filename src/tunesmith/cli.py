@@ -13,7 +13,10 @@ from collections.abc import Sequence
 
 from tunesmith import __version__
 from tunesmith.errors import TunesmithError
+from tunesmith.launch.commands import add_parsers as add_launch_parsers
 from tunesmith.logging import get_logger, setup_logging
+from tunesmith.plan.commands import add_parsers as add_plan_parsers
+from tunesmith.recipes.commands import add_parsers as add_recipes_parsers
 from tunesmith.serve.commands import add_parsers as add_serve_eval_parsers
 
 log = get_logger()
@@ -303,14 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_env)
 
     add_serve_eval_parsers(sub)  # serve (OpenAI-compatible API + chat page) and eval (predictions + metrics)
-    # TEMPORARY while these modules are being written: each adds its subcommands with add_parsers(sub)
-    for module in ("tunesmith.plan.commands", "tunesmith.recipes.commands", "tunesmith.launch.commands"):
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except ModuleNotFoundError:
-            found = False
-        if found:
-            importlib.import_module(module).add_parsers(sub)
+    add_plan_parsers(sub)  # plan: per-device memory, verdict, cheapest fix
+    add_recipes_parsers(sub)  # recipes list | show | copy
+    add_launch_parsers(sub)  # launch k8s | slurm | ranktable, and jobs
     return parser
 
 

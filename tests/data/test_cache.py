@@ -115,3 +115,34 @@ def test_overwrite_cache_and_switch_off(tmp_path, tiny_tokenizer, cache_root, mo
     shutil.rmtree(cache_root)
     prepare_datasets(cfg_for(tmp_path), tiny_tokenizer)
     assert len(calls) == 2 and not cache_root.exists()
+
+
+def test_speed_settings_share_the_cache_and_mixing_settings_do_not(tmp_path, tiny_tokenizer, monkeypatch):
+    write_json(tmp_path / "d.json", ROWS)
+    write_json(tmp_path / "e.json", ROWS[:4])
+    two = dict(dataset=["d.json", "e.json"])
+    first = prepare_datasets(cfg_for(tmp_path, **two), tiny_tokenizer)
+    calls = []
+    real = data_mod.load_conversations
+    monkeypatch.setattr(data_mod, "load_conversations", lambda cfg: calls.append(1) or real(cfg))
+    # workers and batch size change only the speed: the very same samples, straight from the cache
+    fast = cfg_for(tmp_path, preprocessing_num_workers=2, preprocessing_batch_size=3, **two)
+    assert _rows(prepare_datasets(fast, tiny_tokenizer)) == _rows(first) and calls == []
+    # how datasets are mixed changes which samples there are: never the cache of another mix
+    prepare_datasets(cfg_for(tmp_path, mix_strategy="interleave_under", **two), tiny_tokenizer)
+    prepare_datasets(
+        cfg_for(tmp_path, mix_strategy="interleave_under", interleave_probs=[0.9, 0.1], **two), tiny_tokenizer
+    )
+    prepare_datasets(cfg_for(tmp_path, max_samples=5, **two), tiny_tokenizer)
+    assert len(calls) == 3
+
+
+def test_cache_is_compact_int32(tmp_path, tiny_tokenizer, cache_root):
+    import numpy as np
+
+    write_json(tmp_path / "d.json", ROWS)
+    cold = prepare_datasets(cfg_for(tmp_path, packing=True), tiny_tokenizer)
+    (folder,) = (cache_root / "datasets").iterdir()
+    with np.load(folder / "train.npz") as train:
+        assert train["input_ids"].dtype == np.int32 and train["labels"].dtype == np.int32
+        assert len(train["input_ids"]) == sum(len(r.input_ids) for r in cold.train)

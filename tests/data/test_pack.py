@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tunesmith.data.encode import TokenIds
 from tunesmith.data.loader import collate
-from tunesmith.data.pack import PackedSample, pack_groups, pack_samples
+from tunesmith.data.pack import PackedSample, balanced_groups, pack_groups, pack_samples
 from tunesmith.train.loop import token_loss_sum
 
 QA = [
@@ -118,3 +119,42 @@ def test_changing_one_sample_leaves_the_other_samples_logits_unchanged(model, ti
     n = len(a.input_ids)
     assert not torch.allclose(logits[0][:n], logits[1][:n])  # sample A did change ...
     assert torch.allclose(logits[0][n:], logits[1][n:], atol=1e-6)  # ... and sample B did not notice
+
+
+def _batch_waste(row_lens: list[int], batch: int) -> float:
+    """Pad positions over all positions when rows are batched in order and padded to each batch's longest."""
+    real = padded = 0
+    for k in range(0, len(row_lens), batch):
+        chunk = row_lens[k : k + batch]
+        real, padded = real + sum(chunk), padded + max(chunk) * len(chunk)
+    return 1 - real / padded
+
+
+def test_balanced_rows_keep_the_row_count_and_leave_almost_no_padding():
+    import random
+
+    rng = random.Random(0)
+    lengths = [min(1024, int(rng.lognormvariate(5.0, 0.6)) + 8) for _ in range(600)]  # alpaca-like lengths
+    plain = pack_groups(lengths, 1024)
+    balanced = balanced_groups(lengths, 1024)
+    assert balanced == balanced_groups(lengths, 1024)  # deterministic
+    assert sorted(i for g in balanced for i in g) == list(range(len(lengths)))
+    assert len(balanced) == len(plain)  # no extra rows: the same compute per epoch
+    plain_lens = [sum(lengths[i] for i in g) for g in plain]
+    row_lens = [sum(lengths[i] for i in g) for g in balanced]
+    assert max(row_lens) <= 1024
+    order = random.Random(1).sample(range(len(row_lens)), len(row_lens))  # as the loader shuffles rows
+    for batch in (4, 8):
+        assert _batch_waste([row_lens[i] for i in order], batch) <= 0.02
+        assert _batch_waste([plain_lens[i] for i in order], batch) > _batch_waste(
+            [row_lens[i] for i in order], batch
+        )
+
+
+def test_pack_samples_uses_balanced_rows(tiny_tokenizer):
+    samples = _samples(tiny_tokenizer) * 7
+    rows, stats = pack_samples(samples, 100)
+    groups = balanced_groups([len(s.input_ids) for s in samples], 100)
+    assert [r.seq_lens for r in rows] == [[len(samples[i].input_ids) for i in sorted(g)] for g in groups]
+    assert stats.width == max(len(r.input_ids) for r in rows) <= 100 and stats.balance >= stats.fill
+    assert isinstance(rows[0].input_ids, TokenIds) and rows[0].labels[0] == -100

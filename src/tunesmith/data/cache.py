@@ -8,19 +8,23 @@ Where: ``tokenized_path`` when set (as in LLaMA-Factory: saved there, loaded fro
 The key is a sha256 over everything the samples depend on: the bytes of every data file (and of
 dataset_info.json), the tokenizer (its serialized backend: vocab, merges, normalizer, added/special tokens; plus
 its chat template and special tokens), the template's full definition, the data config keys (cutoff_len,
-packing, train_on_prompt, mask_history, default_system, placeholders, max_samples, val_size, seed, ...) and
+packing, train_on_prompt, mask_history, default_system, placeholders, max_samples, mix_strategy,
+interleave_probs, val_size, seed, ...; not preprocessing_num_workers / preprocessing_batch_size, which change
+only the speed) and
 tunesmith's version together with a hash of the data package's own source (so a code change during development
 never reuses samples the new code would encode differently). Unlike LLaMA-Factory, a ``tokenized_path`` whose key
 differs is rebuilt (with a warning), never silently reused.
 
 Layout (compact, loads in a few numpy reads): ``meta.json`` (key, report, counts) and ``train.npz`` /
 ``val.npz`` holding flat int32 ``input_ids`` and ``labels``, int64 ``offsets`` into them and, for packed rows,
-flat ``seq_lens`` with their own offsets. Everything is written into a temporary sibling folder and renamed into
+flat ``seq_lens`` with their own offsets. Saving and loading copy raw int32 buffers into the samples'
+``array('i')`` ids (no Python int per token): 22k samples / 3.8M tokens load in well under a second. Everything is written into a temporary sibling folder and renamed into
 place, so a crash or a concurrent writer (every rank preprocesses) never leaves a half cache.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -33,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from tunesmith import __version__
-from tunesmith.data.encode import Encoded, EncodeReport
+from tunesmith.data.encode import Encoded, EncodeReport, TokenIds
 from tunesmith.data.pack import PackedSample
 from tunesmith.data.sources import read_dataset_info, resolve_source
 from tunesmith.logging import get_logger
@@ -53,10 +57,15 @@ CONFIG_KEYS = (
     "default_system",
     "placeholders",
     "max_samples",
+    "mix_strategy",
+    "interleave_probs",
     "val_size",
     "seed",
     "skip_bad_rows",
 )
+# Keys deliberately NOT in the key: they change how fast the samples are made, never which ones
+# (preprocessing_num_workers, preprocessing_batch_size), only where they are kept (tokenized_path, cache_dir,
+# overwrite_cache), or apply to streaming only, which never uses this cache (streaming, buffer_size).
 
 Sample = Encoded | PackedSample
 
@@ -99,7 +108,10 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return digest.hexdigest()
 
 
+@functools.cache
 def _code_fingerprint() -> str:
+    """Of the data package's source as this process imported it (read once: a file edited while the process
+    runs is not the code it runs)."""
     digest = hashlib.sha256(__version__.encode())
     for path in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(path.name.encode() + path.read_bytes())
@@ -135,15 +147,25 @@ def cache_location(cfg: Any, key: str) -> Path | None:
 # ------------------------------------------------------------------------------------------ save and load
 
 
+def _flat(seqs: list[Any]) -> np.ndarray:
+    """Concatenate int sequences into one int32 array (TokenIds are read as raw buffers: no Python ints)."""
+    if not seqs:
+        return np.zeros(0, dtype=np.int32)
+    return np.concatenate(
+        [
+            np.frombuffer(x, dtype=np.int32) if isinstance(x, TokenIds) else np.asarray(x, np.int32)
+            for x in seqs
+        ]
+    )
+
+
 def _to_arrays(samples: list[Sample]) -> dict[str, np.ndarray]:
     lengths = np.fromiter((len(s.input_ids) for s in samples), dtype=np.int64, count=len(samples))
     offsets = np.zeros(len(samples) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     arrays = {
-        "input_ids": np.fromiter(
-            (t for s in samples for t in s.input_ids), dtype=np.int32, count=int(offsets[-1])
-        ),
-        "labels": np.fromiter((t for s in samples for t in s.labels), dtype=np.int32, count=int(offsets[-1])),
+        "input_ids": _flat([s.input_ids for s in samples]),
+        "labels": _flat([s.labels for s in samples]),
         "offsets": offsets,
     }
     if samples and isinstance(samples[0], PackedSample):
@@ -155,16 +177,27 @@ def _to_arrays(samples: list[Sample]) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _slices(flat: np.ndarray, bounds: list[tuple[int, int]]) -> list[TokenIds]:
+    """One TokenIds per [a, b) span, copied straight from the array's bytes (no Python int per token)."""
+    raw = memoryview(np.ascontiguousarray(flat, dtype=np.int32)).cast("B")
+    out = []
+    for a, b in bounds:
+        ids = TokenIds()
+        ids.frombytes(raw[4 * a : 4 * b])
+        out.append(ids)
+    return out
+
+
 def _from_arrays(arrays: Any) -> list[Sample]:
     offsets = arrays["offsets"].tolist()
-    ids, labels = arrays["input_ids"].tolist(), arrays["labels"].tolist()
     spans = list(zip(offsets[:-1], offsets[1:], strict=True))
+    ids, labels = _slices(arrays["input_ids"], spans), _slices(arrays["labels"], spans)
     if "seq_lens" not in arrays:
-        return [Encoded(ids[a:b], labels[a:b]) for a, b in spans]
+        return [Encoded(a, b) for a, b in zip(ids, labels, strict=True)]
     seq_lens, seq_offsets = arrays["seq_lens"].tolist(), arrays["seq_offsets"].tolist()
     return [
-        PackedSample(ids[a:b], labels[a:b], seq_lens[seq_offsets[k] : seq_offsets[k + 1]])
-        for k, (a, b) in enumerate(spans)
+        PackedSample(ids[k], labels[k], seq_lens[seq_offsets[k] : seq_offsets[k + 1]])
+        for k in range(len(spans))
     ]
 
 

@@ -13,12 +13,28 @@ Truncation never leaves a sample without targets:
    user turn and the assistant header, so the reply still follows the header it will follow at generation);
    a cut reply keeps its beginning.
 3. When not even the assistant header plus one reply token fits, the sample is dropped and counted.
+
+Speed and memory (:func:`encode_dataset`): conversations are consumed from any iterable in batches of
+``preprocessing_batch_size``; each batch is rendered and tokenized in ONE fast-tokenizer batch call (Rust,
+see segments.py), then assembled. Only one batch of texts and encodings is alive at a time, and every kept
+sample stores its ids and labels as ``array('i')`` (:class:`TokenIds`, 4 bytes a token instead of a Python
+int object and a list slot). ``preprocessing_num_workers: N`` (> 1) encodes batches in N worker processes,
+at most 2·N batches in flight, results taken back in input order: the samples, the report and the log lines
+are exactly those of one worker.
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
+import sys
+from array import array
+from collections import deque
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import chain, islice
 from typing import Any
 
 from tunesmith.data.conversation import Conversation
@@ -28,15 +44,56 @@ from tunesmith.errors import DataError
 from tunesmith.logging import get_logger
 
 IGNORE_INDEX = -100
-_BATCH = 2048  # conversations per tokenizer call: big enough for Rust-side parallelism, bounded memory
+_BATCH = 1000  # conversations per tokenizer call when the config has no preprocessing_batch_size
 
 logger = get_logger("data")
 
 
+class TokenIds(array):
+    """Token ids (or labels) as a compact ``array('i')`` that still compares equal to a list of the same ints
+    (so ``sample.input_ids == tokenizer(text)["input_ids"]`` keeps its meaning)."""
+
+    __slots__ = ()
+    __hash__ = None  # type: ignore[assignment]  # mutable, like list
+
+    def __new__(cls, values: Iterable[int] = ()) -> TokenIds:
+        return super().__new__(cls, "i", values)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:  # pickles (worker results) as raw bytes, as array does
+        return _token_ids_from_bytes, (self.tobytes(),)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (list, tuple)):
+            return len(self) == len(other) and self.tolist() == list(other)
+        return super().__eq__(other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __repr__(self) -> str:
+        return f"TokenIds({self.tolist()})"
+
+
+def _token_ids_from_bytes(raw: bytes) -> TokenIds:
+    ids = TokenIds()
+    ids.frombytes(raw)
+    return ids
+
+
+def as_token_ids(values: Iterable[int]) -> TokenIds:
+    return values if type(values) is TokenIds else TokenIds(values)  # type: ignore[return-value]
+
+
 @dataclass
 class Encoded:
-    input_ids: list[int]
-    labels: list[int]
+    """One training sample; lists given to the constructor are stored as :class:`TokenIds`."""
+
+    input_ids: TokenIds
+    labels: TokenIds
+
+    def __post_init__(self) -> None:
+        self.input_ids = as_token_ids(self.input_ids)
+        self.labels = as_token_ids(self.labels)
 
 
 @dataclass
@@ -136,9 +193,9 @@ def assemble(
         labels += prompt if train_on_prompt else [IGNORE_INDEX] * len(prompt)
         input_ids += reply
         labels += reply if (not mask_history or index == n - 1) else [IGNORE_INDEX] * len(reply)
-    if all(label == IGNORE_INDEX for label in labels):
+    if labels.count(IGNORE_INDEX) == len(labels):
         return None, truncated
-    return Encoded(input_ids, labels), truncated
+    return Encoded(TokenIds(input_ids), TokenIds(labels)), truncated
 
 
 def encode_conversation(
@@ -157,30 +214,144 @@ def encode_conversation(
     return assemble(turns, cutoff_len, train_on_prompt, mask_history)[0]
 
 
+@dataclass(frozen=True)
+class _Options:
+    """The config keys encoding reads (a small picklable copy for worker processes)."""
+
+    cutoff_len: int
+    train_on_prompt: bool = False
+    mask_history: bool = False
+    default_system: str | None = None
+    skip_bad_rows: bool = False
+
+    @classmethod
+    def of(cls, cfg: Any) -> _Options:
+        return cls(
+            cfg.cutoff_len,
+            bool(getattr(cfg, "train_on_prompt", False)),
+            bool(getattr(cfg, "mask_history", False)),
+            getattr(cfg, "default_system", None),
+            bool(getattr(cfg, "skip_bad_rows", False)),
+        )
+
+
+# One batch's outcome, in input order: a kept sample, None (dropped), or the DataError of a bad row; and
+# whether each kept sample was truncated.
+_Outcome = list[tuple[Encoded | None | DataError, bool]]
+
+
+def _encode_batch(convs: list[Conversation], tokenizer: Any, template: Template, opts: _Options) -> _Outcome:
+    out: _Outcome = []
+    for turns in template.encode_many(tokenizer, convs, opts.default_system):
+        if isinstance(turns, DataError):
+            out.append((turns, False))
+            continue
+        out.append(assemble(turns, opts.cutoff_len, opts.train_on_prompt, opts.mask_history))
+    return out
+
+
+def _batches(convs: Iterable[Conversation], size: int) -> Iterator[list[Conversation]]:
+    if isinstance(convs, list):  # slicing a list is cheaper than islice
+        for start in range(0, len(convs), size):
+            yield convs[start : start + size]
+        return
+    it = iter(convs)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+# The worker processes' tokenizer, template and options: set once per worker by the pool initializer.
+_WORKER: tuple[Any, Template, _Options] | None = None
+
+
+def _init_worker(tokenizer: Any, template: Template, opts: _Options) -> None:
+    global _WORKER
+    _WORKER = (tokenizer, template, opts)
+
+
+def _worker_batch(convs: list[Conversation]) -> _Outcome:
+    assert _WORKER is not None
+    return _encode_batch(convs, *_WORKER)
+
+
+def _pool_context() -> Any:
+    """fork where the platform has it: workers start in milliseconds and inherit the loaded tokenizer (the
+    parent only waits on them). Elsewhere spawn, which pickles the tokenizer to every worker once."""
+    if sys.platform.startswith("linux"):
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
+def _outcomes(
+    convs: Iterable[Conversation], tokenizer: Any, template: Template, opts: _Options, size: int, workers: int
+) -> Iterator[_Outcome]:
+    """Each batch's outcome in input order, from this process or from ``workers`` processes."""
+    batches = _batches(convs, size)
+    if workers <= 1:
+        for batch in batches:
+            yield _encode_batch(batch, tokenizer, template, opts)
+        return
+    first = next(batches, None)
+    second = next(batches, None)
+    if second is None:  # a single batch: a pool would only add its start-up time
+        if first is not None:
+            yield _encode_batch(first, tokenizer, template, opts)
+        return
+    with _worker_pool(workers, tokenizer, template, opts) as pool:
+        pending: deque[Any] = deque()
+        # at most 2 batches per worker in flight: the input is consumed lazily, memory stays bounded
+        for batch in chain((first, second), batches):
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+            pending.append(pool.apply_async(_worker_batch, (batch,)))
+        while pending:
+            yield pending.popleft().get()
+
+
+@contextmanager
+def _worker_pool(workers: int, tokenizer: Any, template: Template, opts: _Options) -> Iterator[Any]:
+    # Each worker tokenizes single-threaded (N processes already use N cores). Setting the variable while the
+    # workers fork also keeps `tokenizers` from printing its "process just got forked" warning in each one.
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        pool = _pool_context().Pool(workers, _init_worker, (tokenizer, template, opts))
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+    with pool:
+        yield pool
+
+
 def encode_dataset(
-    convs: list[Conversation], tokenizer: Any, template: Template, cfg: Any
+    convs: Iterable[Conversation], tokenizer: Any, template: Template, cfg: Any
 ) -> tuple[list[Encoded], EncodeReport]:
     """All conversations → samples (in order), with the kept / dropped / truncated counts and lengths.
 
+    ``convs`` may be any iterable (a list, a generator over a large file, a mixed stream); it is read one
+    batch of ``preprocessing_batch_size`` at a time. ``preprocessing_num_workers`` only changes the speed.
     ``report.bad_rows`` counts only conversations the template could not render here (with skip_bad_rows);
     prepare_datasets adds the rows skipped while loading.
     """
+    opts = _Options.of(cfg)
+    size = getattr(cfg, "preprocessing_batch_size", None) or _BATCH
+    workers = getattr(cfg, "preprocessing_num_workers", None) or 1
     out: list[Encoded] = []
     dropped = truncated = bad = 0
-    for start in range(0, len(convs), _BATCH):
-        for turns in template.encode_many(tokenizer, convs[start : start + _BATCH], cfg.default_system):
-            if isinstance(turns, DataError):
-                if not cfg.skip_bad_rows:
-                    raise turns
+    for outcome in _outcomes(convs, tokenizer, template, opts, size, workers):
+        for sample, was_truncated in outcome:
+            if isinstance(sample, DataError):
+                if not opts.skip_bad_rows:
+                    raise sample
                 bad += 1
-                logger.warning("skipped: %s", turns)
-                continue
-            sample, was_truncated = assemble(turns, cfg.cutoff_len, cfg.train_on_prompt, cfg.mask_history)
-            if sample is None:
+                logger.warning("skipped: %s", sample)
+            elif sample is None:
                 dropped += 1
-                continue
-            truncated += was_truncated
-            out.append(sample)
+            else:
+                truncated += was_truncated
+                out.append(sample)
     report = EncodeReport(
         kept=len(out),
         dropped=dropped,

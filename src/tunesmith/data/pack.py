@@ -9,6 +9,14 @@ result depends only on the lengths) and each goes into the open row with the *le
 else into a new row. This is deterministic and wastes little (a row is rarely left with room another sample
 could use); the rows are then in creation order and the loader shuffles them per epoch.
 
+Balanced rows (:func:`balanced_groups`, what pack_samples uses): a batch is padded to its longest row, so what
+costs compute is not the rows' room up to cutoff_len but the *difference* between rows. Best-fit decreasing
+at cutoff_len leaves most rows a few tokens short and the last rows half empty (on the alpaca demo, 1024
+tokens, batches of 4: 3.7 % of the batch positions were padding). So after it has found the number of rows R,
+the capacity is lowered to the smallest one (binary search, each probe a best-fit decreasing) that still packs
+everything into R rows: every row then ends within a few tokens of total/R, and the padding drops to ~0.4 %.
+Same rows count, same samples, still deterministic (a function of the lengths only), every row ≤ cutoff_len.
+
 Isolation (see :func:`packed_inputs`): position ids restart at 0 for every sample, and the attention mask is a
 4-D block-diagonal causal float mask (0 where attention is allowed, -inf elsewhere) of shape
 ``[batch, 1, seq, seq]``, which HF models (SDPA and eager) use as-is. Position ids alone do not isolate samples
@@ -27,6 +35,8 @@ from typing import Protocol
 
 import torch
 
+from tunesmith.data.encode import TokenIds, as_token_ids
+
 IGNORE_INDEX = -100
 
 
@@ -37,11 +47,16 @@ class _Sample(Protocol):
 
 @dataclass
 class PackedSample:
-    """One packed row (unpadded): the samples' tokens concatenated; ``seq_lens`` are their lengths in order."""
+    """One packed row (unpadded): the samples' tokens concatenated; ``seq_lens`` are their lengths in order.
+    ids and labels are stored as :class:`~tunesmith.data.encode.TokenIds` (compact, list-comparable)."""
 
-    input_ids: list[int]
-    labels: list[int]
+    input_ids: TokenIds
+    labels: TokenIds
     seq_lens: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.input_ids = as_token_ids(self.input_ids)
+        self.labels = as_token_ids(self.labels)
 
 
 @dataclass
@@ -50,16 +65,23 @@ class PackingStats:
     rows: int
     tokens: int
     cutoff_len: int
+    width: int = 0  # the longest row (balanced rows end at most here, often a little under cutoff_len)
 
     @property
     def fill(self) -> float:
         """Fraction of the rows' cutoff_len slots that hold real tokens."""
         return self.tokens / max(self.rows * self.cutoff_len, 1)
 
+    @property
+    def balance(self) -> float:
+        """Real tokens over rows × the longest row. A batch is padded to its longest row, never beyond the
+        longest of all, so 1 − this bounds the padding fraction of the batches (over an epoch)."""
+        return self.tokens / max(self.rows * (self.width or self.cutoff_len), 1)
+
     def format(self) -> str:
         return (
             f"data: packed {self.samples} samples into {self.rows} rows of cutoff_len={self.cutoff_len} "
-            f"({self.fill:.1%} filled)"
+            f"({self.fill:.1%} filled; rows of {self.width} tokens at most, {self.balance:.1%} of that filled)"
         )
 
 
@@ -86,21 +108,45 @@ def pack_groups(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def balanced_groups(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """As many rows as best-fit decreasing needs at ``capacity``, at the smallest capacity that keeps that row
+    count (module docstring): rows of near-equal length, so batches carry almost no padding."""
+    groups = pack_groups(lengths, capacity)
+    if len(groups) <= 1:
+        return groups
+    rows = len(groups)
+    # lo: no capacity below the longest sample or the mean row can hold everything in `rows` rows
+    lo, hi = max(max(lengths), -(-sum(lengths) // rows)), capacity
+    while lo < hi:  # the smallest capacity found that still packs into `rows` rows (each probe verified)
+        mid = (lo + hi) // 2
+        probe = pack_groups(lengths, mid)
+        if len(probe) <= rows:
+            hi, groups = mid, probe
+        else:
+            lo = mid + 1
+    return groups
+
+
 def pack_samples(samples: Sequence[_Sample], cutoff_len: int) -> tuple[list[PackedSample], PackingStats]:
-    """Pack samples (each at most cutoff_len tokens) into rows; each sample's first label becomes -100."""
-    groups = pack_groups([len(s.input_ids) for s in samples], cutoff_len)
+    """Pack samples (each at most cutoff_len tokens) into balanced rows; each sample's first label is -100."""
+    groups = balanced_groups([len(s.input_ids) for s in samples], cutoff_len)
     rows: list[PackedSample] = []
     for group in groups:
-        row = PackedSample([], [])
+        row = PackedSample(TokenIds(), TokenIds())
         # within a row, keep the dataset order (readable previews; the order does not change the loss)
         for i in sorted(group):
             sample = samples[i]
-            row.input_ids += sample.input_ids
-            row.labels += [IGNORE_INDEX, *sample.labels[1:]]
+            row.input_ids.extend(sample.input_ids)
+            row.labels.append(IGNORE_INDEX)
+            row.labels.extend(sample.labels[1:])
             row.seq_lens.append(len(sample.input_ids))
         rows.append(row)
     tokens = sum(len(s.input_ids) for s in samples)
-    return rows, PackingStats(samples=len(samples), rows=len(rows), tokens=tokens, cutoff_len=cutoff_len)
+    width = max((len(r.input_ids) for r in rows), default=0)
+    stats = PackingStats(
+        samples=len(samples), rows=len(rows), tokens=tokens, cutoff_len=cutoff_len, width=width
+    )
+    return rows, stats
 
 
 def packed_inputs(seq_lens: Sequence[Sequence[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -52,7 +52,7 @@ class EncodedTurns:
 
 
 def _cuts(offsets: list[tuple[int, int]], seams: list[int]) -> list[int] | None:
-    """Token index at each character seam, or None when a token spans a seam."""
+    """Token index at each character seam, or None when a token spans a seam (the reference rule)."""
     starts = [start for start, _ in offsets]
     cuts = []
     for seam in seams:
@@ -60,6 +60,24 @@ def _cuts(offsets: list[tuple[int, int]], seams: list[int]) -> list[int] | None:
         if idx > 0 and offsets[idx - 1][1] > seam:
             return None
         cuts.append(idx)
+    return cuts
+
+
+def _quick_cuts(enc: Any, seams: list[int]) -> list[int] | None:
+    """:func:`_cuts` without materialising every token's offsets (millions of Python tuples on a big dataset):
+    asks the encoding which token holds each seam's character. Returns None whenever that shortcut is not
+    conclusive (no token at the seam, multi-byte characters split across tokens, empty-width tokens); the
+    caller then applies the reference rule, so the result is always the reference rule's."""
+    cuts = []
+    for seam in seams:
+        token = enc.char_to_token(seam)
+        if token is None or enc.token_to_chars(token)[0] != seam:
+            return None
+        if token > 0:
+            before_start, before_end = enc.token_to_chars(token - 1)
+            if before_end > seam or before_start >= seam:
+                return None
+        cuts.append(token)
     return cuts
 
 
@@ -72,12 +90,21 @@ def _count_tokens(tokenizer: Any, text: str, cache: dict[str, int]) -> int:
     if not text:
         return 0
     if text not in cache:
-        cache[text] = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        # the backend directly where there is one: the same ids without the HF call's per-call overhead
+        backend = (
+            getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+        )
+        if backend is not None:
+            cache[text] = len(backend.encode(text, add_special_tokens=False).ids)
+        else:
+            cache[text] = len(tokenizer(text, add_special_tokens=False)["input_ids"])
     return cache[text]
 
 
-def encode_rendered(tokenizer: Any, rendered: list[Rendered]) -> list[EncodedTurns]:
-    """Tokenize many rendered conversations in one batch (see the module docstring for the guarantee)."""
+def encode_rendered(tokenizer: Any, rendered: list[Rendered], quick: bool = True) -> list[EncodedTurns]:
+    """Tokenize many rendered conversations in one batch (see the module docstring for the guarantee).
+
+    ``quick=False`` finds every seam from the full offsets (the reference rule; tests compare the two)."""
     fast = getattr(tokenizer, "is_fast", False) and hasattr(tokenizer, "backend_tokenizer")
     all_pieces = [r.pieces() for r in rendered]
     encodings = _encode_texts(tokenizer, ["".join(p) for p in all_pieces]) if fast else [None] * len(rendered)
@@ -89,7 +116,10 @@ def encode_rendered(tokenizer: Any, rendered: list[Rendered]) -> list[EncodedTur
         for piece in pieces[:-1]:
             pos += len(piece)
             seams.append(pos)
-        cuts = _cuts(enc.offsets, seams) if enc is not None else None
+        cuts = None
+        if enc is not None:
+            cuts = _quick_cuts(enc, seams) if quick else None
+            cuts = cuts if cuts is not None else _cuts(enc.offsets, seams)
         if cuts is not None:
             ids = enc.ids
             bounds = [0, *cuts, len(ids)]
