@@ -108,7 +108,7 @@ def token_stats(convs: list[Conversation], tokenizer: Any, cfg: Any) -> dict[str
     import torch
 
     from tunesmith.data.encode import encode_dataset, percentiles
-    from tunesmith.data.pack import pack_groups
+    from tunesmith.data.pack import balanced_groups
     from tunesmith.data.templates import get_template
 
     template = get_template(cfg.template, tokenizer)
@@ -119,7 +119,7 @@ def token_stats(convs: list[Conversation], tokenizer: Any, cfg: Any) -> dict[str
     lengths = [len(s.input_ids) for s in kept]
     batch = cfg.per_device_train_batch_size
     order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    rows = [sum(lengths[i] for i in g) for g in pack_groups(lengths, cfg.cutoff_len)] if lengths else []
+    rows = [sum(lengths[i] for i in g) for g in balanced_groups(lengths, cfg.cutoff_len)] if lengths else []
     row_order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     return {
         "lengths": full,

@@ -77,6 +77,8 @@ class Template:
 
     # -- rendering ---------------------------------------------------------------------------------------------
     def _fill(self, fmt: str, tokenizer: Any, content: str = "") -> str:
+        if "{{" not in fmt.replace(CONTENT, ""):  # no bos/eos placeholder: skip HF's slow attribute lookups
+            return fmt.replace(CONTENT, content)
         text = fmt.replace(BOS, tokenizer.bos_token or "").replace(EOS, tokenizer.eos_token or "")
         return text.replace(CONTENT, content)  # last: content may itself contain "{{eos_token}}"
 
