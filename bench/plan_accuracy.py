@@ -4,7 +4,7 @@ figures vs DeepSpeed's own estimators, and the 7B figures people quote.
     python bench/plan_accuracy.py [--models tiny,smollm2] [--runs full,lora,qlora,zero2,zero3,full_ckpt]
                                   [--json out.json] [--skip-measure]
 
-Measured peak memory (one definition everywhere): per process, ``ru_maxrss`` (the kernel's high-water mark of
+Measured peak memory (one definition everywhere): per process, ``VmHWM`` (the kernel's high-water mark of
 the resident set) at the end of the last training step, minus the resident set right after the imports (torch,
 transformers, peft, tunesmith's train/data/model modules, and deepspeed for ZeRO runs). So it counts everything
 a run adds: model load, tokenizer and data, weights, gradients, optimizer states, activations, buffers and
@@ -59,6 +59,12 @@ def rss_now() -> int:
 
 
 def maxrss() -> int:
+    """VmHWM, the peak resident set of this process's own memory (``ru_maxrss`` would carry over an exec the
+    parent's size at fork time)."""
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
