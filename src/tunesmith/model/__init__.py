@@ -7,6 +7,7 @@ importing torch and transformers.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from typing import Any
 
@@ -14,6 +15,9 @@ from typing import Any
 # this also stops libraries' own "is there a newer config on the hub" lookups (read when huggingface_hub is
 # first imported, so it helps only when tunesmith is imported first).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# PEFT imports bitsandbytes whenever it is installed; on CPUs with AVX512-BF16 bitsandbytes then warns, on import,
+# that an optional hub-downloaded kernel is missing, and falls back to its own. Nothing to act on: keep it quiet.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _EXPORTS = {
     "PACKAGED_MODELS": "resolve",
