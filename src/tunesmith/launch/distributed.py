@@ -94,6 +94,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _indexed(device: torch.device) -> torch.device:
+    return device if device.index is not None else torch.device(device.type, torch.cuda.current_device())
+
+
 def init_distributed(device: torch.device, timeout_s: int | None = None) -> DistInfo:
     """Join the job's process group (no-op when already joined). Under torchrun: ``env://``; otherwise a group of
     one on a free local port. ``timeout_s`` bounds every collective, including the barrier the other ranks wait on
@@ -102,6 +106,9 @@ def init_distributed(device: torch.device, timeout_s: int | None = None) -> Dist
         return dist_info()
     timeout = timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
     backend = backend_for(device)
+    # NCCL binds this rank's GPU up front (otherwise every barrier warns that it guesses "the device under
+    # current context"); gloo and hccl take the device from the tensors.
+    bound = {"device_id": _indexed(device)} if device.type == "cuda" else {}
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     if launched_by_torchrun() and restart > 0:
         info = dist_info()
@@ -111,12 +118,13 @@ def init_distributed(device: torch.device, timeout_s: int | None = None) -> Dist
             rank=info.rank,
             world_size=info.world_size,
             timeout=timeout,
+            **bound,
         )
     elif launched_by_torchrun():
-        torch.distributed.init_process_group(backend, timeout=timeout)
+        torch.distributed.init_process_group(backend, timeout=timeout, **bound)
     else:
         torch.distributed.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1, timeout=timeout
+            backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1, timeout=timeout, **bound
         )
     info = dist_info()
     log.debug("joined process group: rank %d of %d (%s)", info.rank, info.world_size, backend)
