@@ -32,10 +32,10 @@ def cfg_for(tmp_path, **kw) -> Config:
 
 
 def _no_reading(monkeypatch):
-    def fail(cfg):
+    def fail(cfg, bad):
         raise AssertionError("the data was read again instead of coming from the cache")
 
-    monkeypatch.setattr(data_mod, "load_conversations", fail)
+    monkeypatch.setattr(data_mod, "read_conversations", fail)
 
 
 def _rows(prepared):
@@ -76,8 +76,8 @@ def test_changed_tokenizer_template_or_settings_never_reuse(
     (other_dir / "tokenizer.json").write_text(json.dumps(tok_json))
     other_tok = AutoTokenizer.from_pretrained(other_dir)
     calls = []
-    real = data_mod.load_conversations
-    monkeypatch.setattr(data_mod, "load_conversations", lambda cfg: calls.append(1) or real(cfg))
+    real = data_mod.read_conversations
+    monkeypatch.setattr(data_mod, "read_conversations", lambda cfg, bad: calls.append(1) or real(cfg, bad))
     prepare_datasets(cfg_for(tmp_path), other_tok)
     prepare_datasets(cfg_for(tmp_path, template="auto"), tiny_tokenizer)
     prepare_datasets(cfg_for(tmp_path, default_system="Be brief."), tiny_tokenizer)
@@ -108,8 +108,8 @@ def test_overwrite_cache_and_switch_off(tmp_path, tiny_tokenizer, cache_root, mo
     write_json(tmp_path / "d.json", ROWS)
     prepare_datasets(cfg_for(tmp_path), tiny_tokenizer)
     calls = []
-    real = data_mod.load_conversations
-    monkeypatch.setattr(data_mod, "load_conversations", lambda cfg: calls.append(1) or real(cfg))
+    real = data_mod.read_conversations
+    monkeypatch.setattr(data_mod, "read_conversations", lambda cfg, bad: calls.append(1) or real(cfg, bad))
     prepare_datasets(cfg_for(tmp_path, overwrite_cache=True), tiny_tokenizer)
     monkeypatch.setenv("TUNESMITH_DATA_CACHE", "0")
     shutil.rmtree(cache_root)
@@ -123,8 +123,8 @@ def test_speed_settings_share_the_cache_and_mixing_settings_do_not(tmp_path, tin
     two = dict(dataset=["d.json", "e.json"])
     first = prepare_datasets(cfg_for(tmp_path, **two), tiny_tokenizer)
     calls = []
-    real = data_mod.load_conversations
-    monkeypatch.setattr(data_mod, "load_conversations", lambda cfg: calls.append(1) or real(cfg))
+    real = data_mod.read_conversations
+    monkeypatch.setattr(data_mod, "read_conversations", lambda cfg, bad: calls.append(1) or real(cfg, bad))
     # workers and batch size change only the speed: the very same samples, straight from the cache
     fast = cfg_for(tmp_path, preprocessing_num_workers=2, preprocessing_batch_size=3, **two)
     assert _rows(prepare_datasets(fast, tiny_tokenizer)) == _rows(first) and calls == []

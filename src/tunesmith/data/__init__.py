@@ -16,7 +16,7 @@ from tunesmith.data.cache import cache_key, cache_location, load_cached, save_ca
 from tunesmith.data.conversation import Conversation, Turn
 from tunesmith.data.encode import Encoded, EncodeReport, encode_conversation, encode_dataset, gc_paused
 from tunesmith.data.pack import PackedSample, pack_samples
-from tunesmith.data.sources import load_conversations
+from tunesmith.data.sources import BadRows, load_conversations, read_conversations
 from tunesmith.data.split import split_train_val
 from tunesmith.data.stream import StreamingData
 from tunesmith.data.templates import TEMPLATES, Template, get_template
@@ -91,9 +91,10 @@ def _prepare_or_load(cfg: Any, tokenizer: Any, template: Template) -> PreparedDa
 
 
 def _prepare(cfg: Any, tokenizer: Any, template: Template) -> PreparedData:
-    convs, bad_rows = load_conversations(cfg)
-    samples, report = encode_dataset(convs, tokenizer, template, cfg)
-    report.bad_rows += bad_rows
+    bad = BadRows(cfg.skip_bad_rows)
+    # read while encoding: only the batch being encoded is held as text, never every conversation at once
+    samples, report = encode_dataset(read_conversations(cfg, bad), tokenizer, template, cfg)
+    report.bad_rows += bad.count
     logger.info(report.format())
     if not samples:
         raise DataError(

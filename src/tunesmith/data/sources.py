@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from tunesmith.data.formats import (
     fill_placeholders,
     row_to_conversation,
 )
-from tunesmith.data.mix import mix_lists
+from tunesmith.data.mix import mix
 from tunesmith.errors import DataError
 from tunesmith.logging import get_logger
 
@@ -278,11 +278,12 @@ def _read_rows(path: Path) -> Iterator[RowItem]:
     return _stream_jsonl(path)
 
 
-class _BadRows:
+class BadRows:
     """Raise at the first bad row, or (skip_bad_rows) count them and log the first few."""
 
-    def __init__(self, skip: bool) -> None:
+    def __init__(self, skip: bool, quiet: bool = False) -> None:
         self.skip = skip
+        self.quiet = quiet  # a dataset read again (interleave_over): its bad rows were reported the first time
         self.count = 0
 
     def __call__(self, where: str, problem: str) -> None:
@@ -290,12 +291,12 @@ class _BadRows:
         if not self.skip:
             raise DataError(message)
         self.count += 1
-        if self.count <= _MAX_WARNED_ROWS:
+        if self.count <= _MAX_WARNED_ROWS and not self.quiet:
             logger.warning("skipped %s: %s", where, problem)
 
 
 def iter_conversations(
-    source: DatasetSource, max_samples: int | None, placeholders: dict[str, str], bad: _BadRows
+    source: DatasetSource, max_samples: int | None, placeholders: dict[str, str], bad: BadRows
 ) -> Iterator[Conversation]:
     """The conversations of one dataset, lazily, in file order; ``max_samples`` counts rows (bad ones too)."""
     taken = 0
@@ -337,29 +338,49 @@ def resolve_sources(cfg: Any) -> list[DatasetSource]:
     return [resolve_source(name, dataset_dir, info) for name in cfg.dataset]
 
 
-def load_conversations(cfg: Any) -> tuple[list[Conversation], int]:
-    """All conversations of ``cfg.dataset``, at most ``max_samples`` rows of each, mixed by ``mix_strategy``
-    (see :mod:`tunesmith.data.mix`; seeded by ``seed``), and how many bad rows were skipped."""
-    bad = _BadRows(cfg.skip_bad_rows)
-    per_dataset: list[list[Conversation]] = []
-    for source in resolve_sources(cfg):
-        bad_before = bad.count
-        per_dataset.append(list(iter_conversations(source, cfg.max_samples, cfg.placeholders, bad)))
+def read_conversations(cfg: Any, bad: BadRows) -> Iterator[Conversation]:
+    """The conversations of ``cfg.dataset``, lazily (one pass, nothing held but the current rows), at most
+    ``max_samples`` rows of each dataset, mixed by ``mix_strategy`` (see :mod:`tunesmith.data.mix`; seeded by
+    ``seed``). Bad rows go to ``bad``; each dataset's count is logged when its first reading ends."""
+    sources = resolve_sources(cfg)
+
+    def first_reading(source: DatasetSource) -> Iterator[Conversation]:
+        count, bad_before = 0, bad.count
+        for conv in iter_conversations(source, cfg.max_samples, cfg.placeholders, bad):
+            count += 1
+            yield conv
         logger.info(
             "dataset %s: %d conversations from %s%s",
             source.name,
-            len(per_dataset[-1]),
+            count,
             ", ".join(str(f) for f in source.files),
             f" ({bad.count - bad_before} bad rows skipped)" if bad.count > bad_before else "",
         )
+
+    def opener(source: DatasetSource) -> Callable[[], Iterator[Conversation]]:
+        readings = 0
+
+        def open_reading() -> Iterator[Conversation]:
+            nonlocal readings
+            readings += 1
+            if readings == 1:
+                return first_reading(source)
+            # interleave_over starts a shorter dataset again: the same rows, their problems already reported
+            return iter_conversations(source, cfg.max_samples, cfg.placeholders, BadRows(True, quiet=True))
+
+        return open_reading
+
     strategy = getattr(cfg, "mix_strategy", "concat")
-    convs = mix_lists(per_dataset, strategy, getattr(cfg, "interleave_probs", None), cfg.seed)
-    if strategy != "concat" and len(per_dataset) > 1:
-        logger.info(
-            "data: %s of %s → %d conversations (seed %d)",
-            strategy,
-            " + ".join(str(len(d)) for d in per_dataset),
-            len(convs),
-            cfg.seed,
-        )
+    mixed = 0
+    for conv in mix([opener(s) for s in sources], strategy, getattr(cfg, "interleave_probs", None), cfg.seed):
+        mixed += 1
+        yield conv
+    if strategy != "concat" and len(sources) > 1:
+        logger.info("data: %s of %d datasets → %d conversations (seed %d)", strategy, len(sources), mixed, cfg.seed)
+
+
+def load_conversations(cfg: Any) -> tuple[list[Conversation], int]:
+    """:func:`read_conversations` as a list, and how many bad rows were skipped."""
+    bad = BadRows(cfg.skip_bad_rows)
+    convs = list(read_conversations(cfg, bad))
     return convs, bad.count

@@ -43,7 +43,7 @@ from tunesmith.data.encode import EncodeReport, encode_dataset
 from tunesmith.data.loader import Batch, DataPosition, EncodedLike, collate, masked_copy, rank_slices
 from tunesmith.data.mix import mix
 from tunesmith.data.pack import pack_samples
-from tunesmith.data.sources import DatasetSource, _BadRows, iter_conversations, resolve_sources
+from tunesmith.data.sources import BadRows, DatasetSource, iter_conversations, resolve_sources
 from tunesmith.data.templates import Template
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.logging import get_logger
@@ -96,7 +96,7 @@ class StreamingData:
         self.sources: list[DatasetSource] = resolve_sources(cfg)  # fail on a bad name now, not mid-run
         self.val_rows = stream_val_rows(cfg)
         self.packing = bool(cfg.packing or cfg.neat_packing)
-        self.bad = _BadRows(cfg.skip_bad_rows)
+        self.bad = BadRows(cfg.skip_bad_rows)
         self.report = EncodeReport(0, 0, 0, 0, cutoff_len=cfg.cutoff_len)  # counts of the samples encoded so far
 
     def __repr__(self) -> str:
