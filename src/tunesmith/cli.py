@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from tunesmith import __version__
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.launch.commands import add_parsers as add_launch_parsers
 from tunesmith.logging import get_logger, setup_logging
 from tunesmith.plan.commands import add_parsers as add_plan_parsers
@@ -22,10 +22,29 @@ from tunesmith.serve.commands import add_parsers as add_serve_eval_parsers
 log = get_logger()
 
 
+def _trains(cfg: object) -> bool:
+    """LLaMA-Factory's rule: do_train decides; unset (HF's default is false) means train unless do_predict."""
+    do_train, do_predict = getattr(cfg, "do_train", None), getattr(cfg, "do_predict", False)
+    if do_train is False and not do_predict:
+        raise ConfigError(
+            "do_train is false and do_predict is false, so `tunesmith train` has nothing to do; set do_train: true "
+            "to train or do_predict: true to predict"
+        )
+    return do_train if do_train is not None else not do_predict
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from tunesmith.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if not _trains(cfg):  # a LLaMA-Factory predict config (do_predict without do_train): predict only
+        if args.dry_run:
+            print("do_predict without do_train: `tunesmith train` would only predict, as `tunesmith eval` does")
+            return 0
+        from tunesmith.serve.commands import _cmd_eval
+
+        log.info("do_predict without do_train: predicting with the configured model, not training")
+        return _cmd_eval(args)
     cfg.require("model_name_or_path", "dataset", "output_dir")
     if args.dry_run:  # validate, resolve the launch, plan memory; load and train nothing
         from tunesmith.plan import dry_run_report

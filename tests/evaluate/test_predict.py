@@ -187,3 +187,22 @@ def test_training_logs_answers_to_evaluation_inputs(tmp_path, tiny_model_dir, id
     samples = [e for e in entries if "sample_generations" in e]
     assert [e["step"] for e in samples] == [2, 4, 5]
     assert [s["question"] for s in samples[0]["sample_generations"]] == ["Who are you?", "你是谁？"]
+
+
+def test_train_with_a_llamafactory_predict_config_only_predicts(tmp_path, tiny_model_dir, identity_rows):
+    """LLaMA-Factory's rule: do_train decides, and unset it is false there, so a predict config (do_predict: true,
+    no do_train) run by `tunesmith train` predicts with the configured model and trains nothing; do_train: false
+    with nothing to predict is one sentence and exit 2."""
+    from tunesmith.cli import main as cli_main
+
+    path = write_config(tmp_path, tiny_model_dir, identity_rows, val_size=2, do_predict=True, device="cpu")
+    assert cli_main(["train", path]) == 0
+    run = tmp_path / "run"
+    assert len(read_jsonl(run / "generated_predictions.jsonl")) == 2
+    assert not (run / "trainer_log.jsonl").exists() and not list(run.glob("checkpoint-*"))
+
+    assert cli_main(["train", path, "do_train=true", "max_steps=1", "save_strategy=no"]) == 0
+    assert (run / "trainer_log.jsonl").exists()  # do_train: true trains, then predicts
+
+    plain = write_config(tmp_path, tiny_model_dir, identity_rows, do_train=False)
+    assert cli_main(["train", plain]) == 2

@@ -51,7 +51,11 @@ class ModelArgs(_Section):
 
 class MethodArgs(_Section):
     stage: Literal["sft"] = Field("sft", description="Training stage. Only supervised fine-tuning (sft) for now.")
-    do_train: bool = Field(True, description="Run training (LLaMA-Factory compatibility; `tunesmith train` trains).")
+    do_train: bool | None = Field(
+        None,
+        description="Whether `tunesmith train` trains. Unset: it trains, unless do_predict is true — a LLaMA-Factory "
+        "predict config, which only predicts (as `tunesmith eval` does). false with do_predict: false is refused.",
+    )
     finetuning_type: Literal["full", "freeze", "lora"] = Field(
         "lora", description="full: all weights; freeze: only the last N layers; lora: low-rank adapters via PEFT."
     )
@@ -321,7 +325,8 @@ class EvalArgs(_Section):
     do_predict: bool = Field(
         False,
         description="Generate answers for a dataset and score them (BLEU-4, ROUGE-1/2/L): `tunesmith eval CONFIG` "
-        "does it; with `tunesmith train` it runs after training. Writes output_dir/generated_predictions.jsonl "
+        "does it; `tunesmith train` does it after training with do_train: true, and instead of training when do_train "
+        "is unset (LLaMA-Factory's predict configs). Writes output_dir/generated_predictions.jsonl "
         "and predict_results.json.",
     )
     predict_with_generate: bool = Field(
