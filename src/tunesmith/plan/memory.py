@@ -19,7 +19,7 @@ It follows what tunesmith actually allocates, item by item:
   listed apart: ``b × s × vocab`` in float32 for the loss, its log-softmax and their gradients are the largest
   tensors of a step for small models with big vocabularies. Mixed precision on float32 weights adds the
   bf16/fp16 weight copies autocast saves for backward.
-* **communication buffers** — DDP's reducer keeps a flat copy of every gradient in its buckets; ZeRO's
+* **communication buffers** — none for DDP (the gradients live in its reducer's buckets); ZeRO's
   reduce bucket (twice with ``overlap_comm``) and all-gather bucket; fsdp2 reduce-scatters one layer's float32
   gradients while the next is in flight.
 * **runtime** — the CUDA context and library workspaces on a GPU; on a CPU the measured overhead of a run
@@ -228,9 +228,7 @@ def estimate(s: Setup) -> Breakdown:
             root = a.embedding_params + a.lm_head_params + a.hidden_size
             b.gathered = (root + 2 * a.layer_params) * gather_bytes  # root unit stays gathered; 2 layers in flight
             b.comm_buffers = 2 * a.layer_params * 4.0  # float32 reduce-scatter of a layer's gradients
-        elif s.engine == "ddp" and n > 1:
-            b.comm_buffers = 4.0 * trainable  # the reducer's buckets: a flat copy of every gradient
-            b.notes.append("DDP's buckets hold a second copy of all gradients (gradient_as_bucket_view off)")
+        # ddp: no term. The gradients are views into the reducer's buckets (gradient_as_bucket_view), not a copy.
         # torch AdamW: foreach on GPUs allocates a temporary the size of the parameters; on CPU it loops
         b.step_temp = 4.0 * trainable if s.device != "cpu" else 8.0 * _largest_param(a, s)
         b.host_load = total * (base_bytes if s.method == "lora" else 4.0) * s.ranks_per_node

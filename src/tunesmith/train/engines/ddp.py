@@ -22,7 +22,11 @@ class DDPEngine(Engine):
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         # DDP broadcasts rank 0's parameters and buffers here, so every replica starts identical. The buffers of a
         # causal LM (rotary tables) never change, so re-broadcasting them before every forward would be wasted.
-        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        # gradient_as_bucket_view: each .grad is a view into the reducer's all-reduce bucket instead of a second
+        # copy beside it, saving one full set of gradients (the reduced values are the same).
+        return DistributedDataParallel(
+            model, device_ids=device_ids, broadcast_buffers=False, gradient_as_bucket_view=True
+        )
 
     def no_sync(self, model: torch.nn.Module, skip: bool) -> AbstractContextManager:
         return model.no_sync() if skip else nullcontext()
