@@ -42,6 +42,14 @@ def test_unknown_override_names_the_command_line():
         load_config(None, ["lora_rnak=4"])
 
 
+def test_an_unclosed_list_or_map_override_is_refused_not_taken_as_text():
+    for override in ("lora_target=[q_proj", "dataset=[a.json,b.json", "placeholders={name: Ada"):
+        with pytest.raises(ConfigError, match=r"command line \(.*\): .* is not a valid YAML list or map"):
+            load_config(None, [override])
+    # other text YAML cannot parse stays the plain string it looks like
+    assert load_config(None, ["default_system=@ answer briefly"]).default_system == "@ answer briefly"
+
+
 def test_wrong_type_names_key_expected_type_and_value(tmp_path):
     path = _yaml(tmp_path, "cutoff_len: long\n")
     with pytest.raises(ConfigError) as err:

@@ -46,8 +46,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip().lstrip("-").replace("-", "_")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
+    except yaml.YAMLError as err:
+        if raw.lstrip().startswith(("[", "{")):  # meant as a list or map: a plain string would be a silent typo
+            problem = str(err).splitlines()[0]
+            raise ConfigError(
+                f"command line ({text}): {raw.strip()!r} is not a valid YAML list or map ({problem}); close the "
+                f"brackets, as in {key}=[a, b], or write a comma list such as {key}=a,b"
+            ) from None
+        value = raw  # any other text YAML cannot parse is taken as the plain string it looks like
     return key, value
 
 
