@@ -71,12 +71,14 @@ def test_cpu_job_has_no_gres_and_defaults_to_one_process():
 
 
 def _fake_tools(folder: Path) -> None:
-    """scontrol answers like a cluster of gpu01 and gpu02 at NodeAddr 10.0.0.1 and .2; srun runs its command
-    once per node with SLURM_NODEID and SLURMD_NODENAME set, as Slurm would; "python" prints what it sees."""
+    """scontrol answers like a cluster of gpu01 and gpu02 (then many more hosts) at NodeAddr 10.0.0.1 and .2; srun
+    runs its command once per node with SLURM_NODEID and SLURMD_NODENAME set, as Slurm would; "python" prints what
+    it sees."""
     folder.mkdir()
     (folder / "scontrol").write_text(
         "#!/bin/bash\n"
-        'if [ "$2" = hostnames ]; then printf "gpu01\\ngpu02\\n"; exit; fi\n'
+        # a big allocation's host list: a reader that stops after the first line must not fail the script
+        'if [ "$2" = hostnames ]; then printf "gpu01\\ngpu02\\n"; seq -f "cpu%06g" 1 200000; exit; fi\n'
         'echo "NodeName=$3 Arch=x86_64 NodeAddr=10.0.0.${3#gpu0} NodeHostName=$3 Version=22.05"\n'
     )
     (folder / "srun").write_text(
