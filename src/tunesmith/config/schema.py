@@ -47,6 +47,12 @@ class ModelArgs(_Section):
         description="Where converted packaged/GGUF models are cached (default: $TUNESMITH_CACHE or "
         "~/.cache/tunesmith).",
     )
+    flash_attn: Literal["auto", "disabled", "sdpa", "fa2"] = Field(
+        "auto",
+        description="Attention kernels (LLaMA-Factory's key): auto = transformers' default (SDPA), sdpa, disabled "
+        "(eager), fa2 (flash-attn 2 on CUDA: packed rows then go to its variable-length kernels, each sample's "
+        "bounds read from where position_ids restart, instead of the 4-D mask SDPA and eager get).",
+    )
 
 
 class MethodArgs(_Section):
@@ -378,7 +384,7 @@ NOT_SUPPORTED_YET: frozenset[str] = frozenset(
     """
     fsdp fsdp_config
     pissa_init loraplus_lr_ratio additional_target lora_modules_to_save
-    new_special_tokens resize_vocab flash_attn shift_attn rope_scaling use_unsloth enable_liger_kernel
+    new_special_tokens resize_vocab shift_attn rope_scaling use_unsloth enable_liger_kernel
     do_eval optim neftune_noise_alpha use_galore use_badam
     use_apollo upcast_layernorm torch_compile export_quantization_bit export_hub_model_id push_to_hub
     hub_model_id pref_beta pref_loss reward_model booster infer_backend vllm_maxlen ddp_find_unused_parameters

@@ -87,7 +87,12 @@ class Batch:
     def packed(self) -> bool:
         return self.attention_mask.dim() == 4
 
-    def model_inputs(self) -> dict[str, torch.Tensor]:
+    def model_inputs(self, varlen: bool = False) -> dict[str, torch.Tensor]:
+        """The model's keyword arguments. ``varlen`` (flash_attn: fa2): packed rows give position_ids and no mask,
+        the form transformers' flash-attention path turns into variable-length calls, one sequence per run of
+        position ids from 0 (so each pad token is a sequence of its own, as in the 4-D mask)."""
+        if varlen and self.packed:
+            return {"input_ids": self.input_ids, "position_ids": self.position_ids}  # type: ignore[dict-item]
         inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
         if self.position_ids is not None:
             inputs["position_ids"] = self.position_ids

@@ -220,6 +220,30 @@ def load_tokenizer(
     return tokenizer
 
 
+# flash_attn (LLaMA-Factory's values) → transformers' attn_implementation; None keeps transformers' default (SDPA)
+ATTENTION = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}
+
+
+def attention_implementation(flash_attn: str, device: torch.device) -> str | None:
+    """transformers' attn_implementation for ``flash_attn``; fa2 is refused where it cannot run."""
+    if flash_attn == "fa2":
+        missing = [
+            what
+            for what, ok in (
+                ("a CUDA device", device.type == "cuda"),
+                ("the flash-attn package", importlib.util.find_spec("flash_attn") is not None),
+            )
+            if not ok
+        ]
+        if missing:
+            raise ConfigError(
+                f"flash_attn: fa2 needs {' and '.join(missing)}, which this run does not have (device {device}); "
+                "set flash_attn: sdpa (packed samples stay isolated by their block-diagonal mask) or install "
+                "flash-attn on a CUDA machine"
+            )
+    return ATTENTION[flash_attn]
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     *,
@@ -229,6 +253,7 @@ def load_model(
     allow_pickle: bool = False,
     device: str | torch.device = "cpu",
     quantization: Quantization | None = None,
+    attn_implementation: str | None = None,
 ) -> PreTrainedModel:
     """A causal LM from a local folder / .gguf / alias, on `device` (`auto` picks CUDA, NPU, then CPU).
 
@@ -242,13 +267,15 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, path)
     target = device if isinstance(device, torch.device) else pick_device(device)
     extra: dict[str, Any] = {}
+    if attn_implementation is not None:
+        extra["attn_implementation"] = attn_implementation
     if quantization is not None:
         if saved_quantization(path) is not None:
             raise ModelError(
                 f"model {path} is already quantized (its config.json has a quantization_config); remove "
                 "quantization_bit, or point model_name_or_path at the full-precision model."
             )
-        extra = {"quantization_config": quantization.bnb_config(), "device_map": {"": str(target)}}
+        extra.update(quantization_config=quantization.bnb_config(), device_map={"": str(target)})
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -288,6 +315,7 @@ def load_model_and_tokenizer(cfg: Config) -> tuple[Any, PreTrainedTokenizerBase]
         trust_remote_code=cfg.trust_remote_code,
         allow_pickle=cfg.allow_pickle,
         device=cfg.device,
+        attn_implementation=attention_implementation(cfg.flash_attn, pick_device(cfg.device)),
     )
     if cfg.adapter_name_or_path:
         model = load_adapter(model, cfg.adapter_name_or_path, trainable=False, allow_pickle=cfg.allow_pickle)

@@ -206,7 +206,7 @@ def evaluate(model: torch.nn.Module, loader: EpochLoader, engine: Engine) -> flo
         for _, window in loader.windows(epoch=0, start=0, accumulation=1):
             batch = window[0].to(engine.device)
             with engine.autocast():
-                logits = model(**batch.model_inputs(), use_cache=False).logits
+                logits = model(**batch.model_inputs(engine.varlen), use_cache=False).logits
             loss_sum += float(token_loss_sum(logits, batch.labels))
             targets += batch.num_targets
     model.train()
@@ -236,7 +236,7 @@ def train_step(
         batch = batch.to(engine.device)
         with engine.no_sync(model, skip=index < len(window) - 1):
             with engine.autocast():
-                logits = model(**batch.model_inputs(), use_cache=False).logits
+                logits = model(**batch.model_inputs(engine.varlen), use_cache=False).logits
             loss = token_loss_sum(logits, batch.labels) / denominator
             engine.backward(loss)
         window_loss += loss.detach().float()
@@ -556,13 +556,20 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> TrainResult:
     agree. With ``streaming: true`` every rank reads the whole stream while training and collates only its own
     micro-batches."""
     from tunesmith.model.adapt import apply_finetuning
-    from tunesmith.model.load import load_model, load_tokenizer, pick_device, quantization_from_config
+    from tunesmith.model.load import (
+        attention_implementation,
+        load_model,
+        load_tokenizer,
+        pick_device,
+        quantization_from_config,
+    )
     from tunesmith.train.engines import check_quantization_supported
 
     cfg.require("model_name_or_path", "dataset", "output_dir")
     device = pick_device(cfg.device)
     engine = engine_name(cfg)
     check_quantization_supported(cfg)  # before the process group and the slow part
+    attention = attention_implementation(cfg.flash_attn, device)
     if engine != "single":
         device = rank_device(device, dist_info().local_rank)
         init_distributed(device, cfg.ddp_timeout)
@@ -591,6 +598,7 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> TrainResult:
             # a quantized base is quantized on (and stays on) the device it computes on
             device=torch.device("cpu") if engine in ("fsdp2", "deepspeed") and quantization is None else device,
             quantization=quantization,
+            attn_implementation=attention,
         )
     model = apply_finetuning(model, cfg)
     return fit(

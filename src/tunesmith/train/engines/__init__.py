@@ -101,6 +101,12 @@ def _zero_stage(cfg: Config) -> int | None:
 def create_engine(cfg: Config, device: torch.device, precision: Precision | None = None) -> Engine:
     """The engine for this process; joins the process group first when the engine needs one (under torchrun,
     or a group of one for ``engine: ddp``/``fsdp2`` in a single process)."""
+    engine = _create_engine(cfg, device, precision)
+    engine.varlen = getattr(cfg, "flash_attn", "auto") == "fa2"
+    return engine
+
+
+def _create_engine(cfg: Config, device: torch.device, precision: Precision | None) -> Engine:
     name = engine_name(cfg)
     check_quantization_supported(cfg)
     precision = precision or resolve_precision(cfg, device)

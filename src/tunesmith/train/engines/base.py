@@ -30,6 +30,8 @@ class Engine:
     :class:`~tunesmith.train.engines.fsdp2.FSDP2Engine`."""
 
     name = "single"
+    # flash_attn: fa2: packed rows go to the model as position_ids without the 4-D mask (Batch.model_inputs)
+    varlen: bool = False
 
     def __init__(
         self, device: torch.device, precision: Precision = "fp32", rank: int = 0, world_size: int = 1
