@@ -120,10 +120,10 @@ def worker(config: str, overrides: list[str], steps: int, result_file: str, chec
     from tunesmith.config import load_config
     from tunesmith.data import prepare_datasets
     from tunesmith.data.loader import EpochLoader
-    from tunesmith.launch.distributed import dist_info, shutdown_distributed
     from tunesmith.logging import setup_logging
     from tunesmith.model.adapt import apply_finetuning
     from tunesmith.model.load import load_model, load_tokenizer
+    from tunesmith.train.distributed import dist_info, shutdown_distributed
     from tunesmith.train.engines import create_engine
     from tunesmith.train.loop import seed_everything, train_step
     from tunesmith.train.optim import build_scheduler
@@ -140,44 +140,43 @@ def worker(config: str, overrides: list[str], steps: int, result_file: str, chec
     data = prepare_datasets(cfg, tokenizer)
     model = apply_finetuning(load_model(cfg.model_name_or_path, dtype=torch.float32, device=device), cfg)
     total = steps + 2
-    model, optimizer = engine.setup(model, cfg, total)
-    scheduler = build_scheduler(optimizer, cfg, total)
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
+    engine.setup(model, cfg, total)
+    scheduler = build_scheduler(engine.optimizer, cfg, total)
+    engine.model.train()
     loader = EpochLoader(
         data.train,
         cfg.per_device_train_batch_size,
         tokenizer.pad_token_id,
         cfg.seed,
-        rank=engine.rank,
-        world_size=engine.world_size,
+        rank=engine.comm.rank,
+        world_size=engine.comm.world_size,
     )
     windows = (window for epoch in range(1000) for _, window in loader.windows(epoch, 0, 1))
 
     def step() -> int:
-        _, targets, _ = train_step(model, next(windows), engine, optimizer, params, cfg.max_grad_norm)
+        _, targets, _ = train_step(engine, next(windows))
         scheduler.step()
         return targets
 
     for _ in range(2):  # warm-up: allocations, DeepSpeed's first-step setup
         step()
-    engine.barrier()
+    engine.comm.barrier()
     start = time.perf_counter()
     tokens = sum(step() for _ in range(steps))
-    engine.barrier()
+    engine.comm.barrier()
     elapsed = time.perf_counter() - start
 
-    state = TrainState(global_step=total, total_steps=total, world_size=engine.world_size)
-    engine.barrier()
+    state = TrainState(global_step=total, total_steps=total, world_size=engine.comm.world_size)
+    engine.comm.barrier()
     start = time.perf_counter()
-    path = engine.save_checkpoint(Path(checkpoint_root), model, tokenizer, optimizer, scheduler, state)
+    path = engine.save_checkpoint(Path(checkpoint_root), tokenizer, scheduler, state)
     save_s = time.perf_counter() - start
-    engine.barrier()
+    engine.comm.barrier()
     start = time.perf_counter()
-    engine.load_checkpoint(path, model, optimizer, scheduler)
-    engine.barrier()
+    engine.load_checkpoint(path, scheduler)
+    engine.comm.barrier()
     load_s = time.perf_counter() - start
-    if engine.is_main:
+    if engine.comm.is_main:
         size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
         Path(result_file).write_text(
             json.dumps(
@@ -215,7 +214,7 @@ def run(config: Path, engine: str, ranks: int, steps: int, work: Path) -> dict:
     if engine == "single":
         cmd = [sys.executable, *worker_args]
     else:
-        from tunesmith.launch.distributed import free_port
+        from tunesmith.runenv import free_port
 
         cmd = [
             sys.executable,

@@ -3,7 +3,7 @@
     python bench/serve.py [--model smollm2-135m-instruct] [--levels 1,4,16] [--requests N] [--max-tokens 32]
                           [--threads N] [--json]
 
-The server is the real `tunesmith serve` (tunesmith.serve.commands.main) in its own process on 127.0.0.1 and a
+The server is the real `tunesmith serve` (tunesmith.cli.main) in its own process on 127.0.0.1 and a
 free port; the clients are threads of this process using the official `openai` client, streaming, greedy
 (temperature 0), each with ``--max-tokens`` and stream usage on. After one warm-up request, each level runs
 ``--requests`` requests (default: 2 per client, at least 4) with that many clients at once; each client sends
@@ -45,7 +45,7 @@ def free_port() -> int:
 
 
 def start_server(model: str, port: int, log_path: Path, threads: int | None) -> subprocess.Popen:
-    code = "import sys; from tunesmith.serve.commands import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from tunesmith.cli import main; sys.exit(main(sys.argv[1:]))"
     log = log_path.open("w")
     extra = ["--threads", str(threads)] if threads else []
     proc = subprocess.Popen(

@@ -184,7 +184,7 @@ def replay_tunesmith_batches(cfg: Any, steps: int) -> tuple[list[int], list[int]
     padded: list[int] = []
     epoch = 0
     while len(targets) < steps:
-        for _, window in loader.epoch_windows(epoch, 0, cfg.gradient_accumulation_steps):
+        for _, window in loader.windows(epoch, 0, cfg.gradient_accumulation_steps):
             targets.append(sum(b.num_targets for b in window))
             padded.append(sum(b.input_ids.numel() for b in window))
             if len(targets) == steps:
@@ -218,7 +218,8 @@ def run_hf(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     data = prepare_datasets(cfg, tokenizer)
     model = load_model(cfg.model_name_or_path, dtype=torch.float32, cache_dir=cfg.cache_dir, device="cpu")
     model = apply_finetuning(model, cfg)
-    train_dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in data.train]
+    # plain lists: HF's collator pads python, numpy or torch objects, not tunesmith's int32 TokenIds arrays
+    train_dataset = [{"input_ids": list(e.input_ids), "labels": list(e.labels)} for e in data.train]
 
     training_args = TrainingArguments(
         output_dir=str(workdir / "hf-run"),

@@ -17,9 +17,9 @@ import torch
 import tunesmith.data as data_module
 from tunesmith.config import load_config
 from tunesmith.errors import DataError, TunesmithError
-from tunesmith.launch.distributed import init_distributed, prepare_datasets_once, shutdown_distributed
 from tunesmith.logging import setup_logging
 from tunesmith.model.load import load_tokenizer
+from tunesmith.train.distributed import init_distributed, prepare_datasets_once, shutdown_distributed
 
 COLLECTIVE_TIMEOUT_S = 3
 

@@ -52,18 +52,18 @@ def test_flags_override_env_and_single_process_needs_no_launch():
 
 
 def test_engine_follows_the_process_count(monkeypatch):
-    from tunesmith.train.engines import engine_name
+    from tunesmith.train.engines import validate_engine_config
 
-    assert engine_name(Config()) == "single"
-    assert engine_name(Config(engine="fsdp2")) == "fsdp2"
-    assert engine_name(Config(deepspeed="ds_z3")) == "deepspeed"
+    assert validate_engine_config(Config()).name == "single"
+    assert validate_engine_config(Config(engine="fsdp2")).name == "fsdp2"
+    assert validate_engine_config(Config(deepspeed="ds_z3")).name == "deepspeed"
     for key, value in TORCHRUN_WORKER.items():
         monkeypatch.setenv(key, value)
-    assert engine_name(Config()) == "ddp"
+    assert validate_engine_config(Config()).name == "ddp"
     with pytest.raises(ConfigError, match="engine: single"):
-        engine_name(Config(engine="single"))
-    with pytest.raises(ValueError, match="fp16 with engine: fsdp2"):
-        Config(engine="fsdp2", fp16=True)
+        validate_engine_config(Config(engine="single"))
+    with pytest.raises(ConfigError, match="fp16 with engine: fsdp2"):
+        validate_engine_config(Config(engine="fsdp2", fp16=True))
 
 
 def test_overrides_may_follow_launch_flags(tmp_path, capsys):

@@ -21,7 +21,7 @@ from launch_cluster_helpers import (
 
 from tunesmith.config import load_config
 from tunesmith.launch.cluster_env import slurm_master_port
-from tunesmith.launch.distributed import free_port
+from tunesmith.runenv import free_port
 from tunesmith.train import train
 
 pytestmark = pytest.mark.slow

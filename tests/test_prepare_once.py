@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from launch_cluster_helpers import clean_env, write_config
 
-from tunesmith.launch.distributed import _leaders, free_port
+from tunesmith.runenv import free_port
+from tunesmith.train.distributed import _leaders
 
 WORKER = Path(__file__).with_name("prepare_once_worker.py")
 DELAY_S = 8  # rank 0's extra preprocessing time: well past the workers' 3 s collective timeout

@@ -12,83 +12,16 @@ import sys
 from collections.abc import Sequence
 
 from tunesmith import __version__
-from tunesmith.errors import ConfigError, TunesmithError
+from tunesmith.errors import TunesmithError
+from tunesmith.evaluate.commands import add_parsers as add_eval_parsers
 from tunesmith.launch.commands import add_parsers as add_launch_parsers
+from tunesmith.launch.local import cmd_train
 from tunesmith.logging import get_logger, setup_logging
 from tunesmith.plan.commands import add_parsers as add_plan_parsers
 from tunesmith.recipes.commands import add_parsers as add_recipes_parsers
-from tunesmith.serve.commands import add_parsers as add_serve_eval_parsers
+from tunesmith.serve.commands import add_parsers as add_serve_parsers
 
 log = get_logger()
-
-
-def _trains(cfg: object) -> bool:
-    """LLaMA-Factory's rule: do_train decides; unset (HF's default is false) means train unless do_predict."""
-    do_train, do_predict = getattr(cfg, "do_train", None), getattr(cfg, "do_predict", False)
-    if do_train is False and not do_predict:
-        raise ConfigError(
-            "do_train is false and do_predict is false, so `tunesmith train` has nothing to do; set do_train: true "
-            "to train or do_predict: true to predict"
-        )
-    return do_train if do_train is not None else not do_predict
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from tunesmith.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    if not _trains(cfg):  # a LLaMA-Factory predict config (do_predict without do_train): predict only
-        if args.dry_run:
-            print("do_predict without do_train: `tunesmith train` would only predict, as `tunesmith eval` does")
-            return 0
-        from tunesmith.serve.commands import _cmd_eval
-
-        log.info("do_predict without do_train: predicting with the configured model, not training")
-        return _cmd_eval(args)
-    cfg.require("model_name_or_path", "dataset", "output_dir")
-    if args.dry_run:  # validate, resolve the launch, plan memory; load and train nothing
-        from tunesmith.plan import dry_run_report
-
-        report = dry_run_report(
-            cfg, args.nproc_per_node, args.nnodes, config_path=args.config, overrides=args.overrides
-        )
-        print(report)
-        return 0
-    from tunesmith.launch.distributed import launched_by_torchrun
-    from tunesmith.launch.torchrun import launch_spec, run_torchrun, should_launch
-    from tunesmith.train.engines import check_quantization_supported
-
-    check_quantization_supported(cfg)  # once, here: not as one error per rank under torchrun
-
-    spec = launch_spec(
-        args.nproc_per_node,
-        args.nnodes,
-        args.node_rank,
-        args.master_addr,
-        args.master_port,
-        max_restarts=args.max_restarts,
-        count_gpus=cfg.device.strip().lower() in ("auto", "cuda"),
-    )
-    if should_launch(spec):  # re-run this very command as torchrun's workers (they see RANK etc. and train)
-        worker_args = [*(["-v"] if args.verbose else []), "train", args.config, *args.overrides]
-        return run_torchrun(spec, worker_args)
-
-    from tunesmith.launch.distributed import shutdown_distributed
-    from tunesmith.train import train  # heavy (torch): only once the config is known to be valid
-
-    run = train
-    if launched_by_torchrun():
-        from torch.distributed.elastic.multiprocessing.errors import record
-
-        run = record(train)  # an uncaught error's traceback goes into torchrun's failure summary
-    result = run(cfg)
-    shutdown_distributed()
-    from tunesmith.evaluate.predict import predict_after_training
-
-    predict_after_training(cfg)  # do_predict: generate + score on the main process; a no-op otherwise
-    log.info("training finished: step %d, final loss %.4f, run folder %s", result.global_step, result.final_loss,
-             result.output_dir)
-    return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -151,8 +84,12 @@ def _cmd_data(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     cfg.require("model_name_or_path", "dataset")
     from tunesmith.data.preview import preview
+    from tunesmith.model.load import load_tokenizer
 
-    return preview(cfg, show=args.show)
+    tokenizer = load_tokenizer(
+        cfg.model_name_or_path, cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code
+    )
+    return preview(cfg, tokenizer, show=args.show)
 
 
 def _cmd_data_inspect(args: argparse.Namespace) -> int:
@@ -262,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="restart the job up to N times when a rank fails; it resumes from the newest checkpoint "
         "(MAX_RESTARTS; default 0)",
     )
-    p.set_defaults(func=_cmd_train)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="merge an adapter into its base and write an HF folder")
     _add_config_args(p, required=False)
@@ -324,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("env", help="versions of tunesmith and its libraries, and the devices found")
     p.set_defaults(func=_cmd_env)
 
-    add_serve_eval_parsers(sub)  # serve (OpenAI-compatible API + chat page) and eval (predictions + metrics)
+    add_serve_parsers(sub)  # serve: OpenAI-compatible API + chat page
+    add_eval_parsers(sub)  # eval: predictions + metrics
     add_plan_parsers(sub)  # plan: per-device memory, verdict, cheapest fix
     add_recipes_parsers(sub)  # recipes list | show | copy
     add_launch_parsers(sub)  # launch k8s | slurm | ranktable, and jobs

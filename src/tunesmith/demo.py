@@ -33,7 +33,7 @@ def demo_config(name: str, author: str, steps: int | None, output_dir: str | Non
 
 
 def _answers(model, tokenizer, template, system: str | None) -> list[str]:
-    from tunesmith.serve.generate import generate_reply
+    from tunesmith.model.generate import generate_reply
 
     return [
         generate_reply(model, tokenizer, template, [{"role": "user", "content": q}], system=system,

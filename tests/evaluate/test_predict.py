@@ -10,12 +10,12 @@ import pytest
 import yaml
 from testutil import write_json
 
+from tunesmith.cli import main as commands_main
 from tunesmith.config import load_config
 from tunesmith.errors import ConfigError
 from tunesmith.evaluate.metrics import compute_metrics
-from tunesmith.evaluate.samples import log_sample_generations, sample_generation_due
-from tunesmith.serve.commands import main as commands_main
-from tunesmith.serve.generate import generate_reply
+from tunesmith.model.generate import generate_reply
+from tunesmith.train.samples import log_sample_generations, sample_generation_due
 
 
 def write_config(tmp_path, tiny_model_dir, rows, **extra) -> str:

@@ -23,7 +23,7 @@ from tunesmith.errors import ConfigError, ModelError
 from tunesmith.model.adapt import apply_finetuning, lora_scaling, trainable_summary
 from tunesmith.model.load import is_quantized, load_model, quantization_from_config
 from tunesmith.train import checkpoint as ckpt
-from tunesmith.train.engines import check_quantization_supported
+from tunesmith.train.engines import validate_engine_config
 from tunesmith.train.loop import fit
 from tunesmith.train.observe import read_log
 
@@ -229,13 +229,13 @@ def test_refusals(tmp_path, tiny_model_dir):
         apply_finetuning(eight, cfg)
     # FSDP2 cannot shard 8-bit weights (checked before any model is loaded)
     with pytest.raises(ConfigError, match="quantization_bit: 8 does not work with engine: fsdp2"):
-        check_quantization_supported(Config(quantization_bit=8, engine="fsdp2"))
-    check_quantization_supported(Config(quantization_bit=4, engine="fsdp2"))
+        validate_engine_config(Config(quantization_bit=8, engine="fsdp2"))
+    validate_engine_config(Config(quantization_bit=4, engine="fsdp2"))
     # DoRA on a quantized base crashes inside ZeRO-3's parameter fetching: refused up front, ZeRO-2 is fine
     with pytest.raises(ConfigError, match="use_dora: true with quantization_bit: 4 does not work with DeepSpeed ZeRO-3"):
-        check_quantization_supported(Config(quantization_bit=4, use_dora=True, deepspeed="ds_z3"))
-    check_quantization_supported(Config(quantization_bit=4, use_dora=True, deepspeed="ds_z2"))
-    check_quantization_supported(Config(quantization_bit=4, deepspeed="ds_z3"))
+        validate_engine_config(Config(quantization_bit=4, use_dora=True, deepspeed="ds_z3"))
+    validate_engine_config(Config(quantization_bit=4, use_dora=True, deepspeed="ds_z2"))
+    validate_engine_config(Config(quantization_bit=4, deepspeed="ds_z3"))
     # quantizing an already quantized folder
     folder = tmp_path / "quantized"
     load_model(tiny_model_dir, quantization=quantization_from_config(Config(quantization_bit=4), "fp32")) \

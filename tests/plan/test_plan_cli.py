@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from tunesmith.config import load_config
-from tunesmith.plan import dry_run_report, plan_config, preflight
+from tunesmith.launch.local import dry_run_report
+from tunesmith.plan import plan_config, preflight
 from tunesmith.plan.hardware import parse_gpus
 
 

@@ -162,8 +162,8 @@ def test_a_recipe_on_smaller_hardware_does_not_fit():
 
 @pytest.mark.parametrize("name", [n for n in NAMES if get_recipe(n).values.get("deepspeed")])
 def test_recipe_deepspeed_config_resolves_without_contradictions(name):
+    from tunesmith.config.deepspeed import RunValues, resolve_ds_config
     from tunesmith.plan.planner import resolve_arch
-    from tunesmith.train.ds_config import RunValues, resolve_ds_config
 
     recipe = get_recipe(name)
     cfg = _config(name)

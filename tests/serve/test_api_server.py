@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import serve_helpers
 
-from tunesmith.serve.generate import generate_reply
+from tunesmith.model.generate import generate_reply
 
 live_server = serve_helpers.live_server_fixture()
 openai = pytest.importorskip("openai", reason="the openai client is a dev extra: pip install -e '.[dev]'")

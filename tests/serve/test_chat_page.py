@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import serve_helpers
 
-from tunesmith.serve.generate import generate_reply
+from tunesmith.model.generate import generate_reply
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import io
 
+from tunesmith.model.generate import generate_reply
 from tunesmith.model.load import load_model, load_tokenizer
 from tunesmith.serve.chat import HELP, run_chat
-from tunesmith.serve.generate import generate_reply
 
 
 def test_prompt_answers_once(tiny_model_dir):

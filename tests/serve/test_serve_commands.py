@@ -15,13 +15,16 @@ import urllib.request
 import pytest
 from serve_helpers import free_port
 
+from tunesmith.cli import main as commands_main
+from tunesmith.evaluate.commands import add_parsers as add_eval_parsers
 from tunesmith.serve.commands import add_parsers
-from tunesmith.serve.commands import main as commands_main
 
 
 def test_add_parsers_adds_serve_and_eval_with_help(capsys):
     parser = argparse.ArgumentParser(prog="tunesmith")
-    add_parsers(parser.add_subparsers(dest="command"))
+    subparsers = parser.add_subparsers(dest="command")
+    add_parsers(subparsers)
+    add_eval_parsers(subparsers)
     for command, words in (("serve", ["/v1/chat/completions", "--api-key", "--max-tokens-limit", "127.0.0.1"]),
                            ("eval", ["generated_predictions.jsonl", "BLEU-4", "KEY=VALUE"])):
         with pytest.raises(SystemExit) as exit_info:
@@ -38,7 +41,7 @@ def test_cli_has_serve_and_eval():
 
     commands = build_parser()._subparsers._group_actions[0].choices
     assert {"serve", "eval"} <= set(commands), (
-        "cli.py must call tunesmith.serve.commands.add_parsers(sub) in build_parser"
+        "cli.py must add tunesmith.serve.commands and tunesmith.evaluate.commands parsers in build_parser"
     )
 
 
@@ -57,7 +60,7 @@ def test_serve_process_answers_on_loopback(tiny_model_dir, tmp_path):
     port = free_port()
     env = {**os.environ, "TUNESMITH_API_KEY": "sk-process"}
     log = (tmp_path / "serve.log").open("w")
-    code = "import sys; from tunesmith.serve.commands import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from tunesmith.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "serve", str(tiny_model_dir), "--port", str(port), "--max-tokens-limit", "8"],
         stdout=log, stderr=subprocess.STDOUT, env=env,

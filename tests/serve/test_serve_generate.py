@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tunesmith.data.templates import get_template
+from tunesmith.model.generate import generate_reply, generate_stream
 from tunesmith.model.load import load_model, load_tokenizer
-from tunesmith.serve.generate import generate_reply, generate_stream
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 

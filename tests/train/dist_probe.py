@@ -18,11 +18,11 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
 from tunesmith.config import load_config
-from tunesmith.launch.distributed import shutdown_distributed
 from tunesmith.logging import setup_logging
 from tunesmith.model.adapt import apply_finetuning
 from tunesmith.model.load import load_model
 from tunesmith.train import train
+from tunesmith.train.distributed import shutdown_distributed
 from tunesmith.train.engines import create_engine
 from tunesmith.train.optim import build_scheduler
 
@@ -31,18 +31,19 @@ def probe(cfg, dump: Path) -> None:
     engine = create_engine(cfg, torch.device("cpu"))
     torch.manual_seed(cfg.seed)
     model = apply_finetuning(load_model(cfg.model_name_or_path, dtype=torch.float32), cfg)
-    model, optimizer = engine.setup(model, cfg, cfg.max_steps)
+    engine.setup(model, cfg, cfg.max_steps)
+    model, optimizer = engine.model, engine.optimizer
     scheduler = build_scheduler(optimizer, cfg, cfg.max_steps)
-    state = engine.load_checkpoint(Path(cfg.resume_from_checkpoint), model, optimizer, scheduler)
+    state = engine.load_checkpoint(Path(cfg.resume_from_checkpoint), scheduler)
     if engine.name == "deepspeed":
         model_sd, optim_sd = deepspeed_state(engine)
     else:
-        if engine.world_size == 1 and engine.name == "single":
+        if engine.comm.world_size == 1 and engine.name == "single":
             options = StateDictOptions(ignore_frozen_params=True)  # no process group: nothing to gather
         else:
             options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
         model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
-    if engine.is_main:
+    if engine.comm.is_main:
         torch.save(
             {
                 "model": {k: v.detach().clone() for k, v in model_sd.items()},
@@ -50,7 +51,7 @@ def probe(cfg, dump: Path) -> None:
                 "scheduler": scheduler.state_dict(),
                 "epoch": state.epoch,
                 "sample_index": state.samples_consumed(),
-                "world_size": engine.world_size,
+                "world_size": engine.comm.world_size,
             },
             dump,
         )
@@ -61,10 +62,10 @@ def deepspeed_state(engine) -> tuple[dict, dict]:
     torch's get_state_dict, so dumps of every engine compare directly."""
     from tunesmith.train import zero_state
 
-    zero_state.link_optimizer_fragments(engine.ds.optimizer)
+    zero_state.link_optimizer_fragments(engine.model.optimizer)
     step = torch.tensor(float(zero_state.step_count(engine.optimizer)))
     model_sd, state = {}, {}
-    for name, param in zero_state.trainable(engine.ds.module):
+    for name, param in zero_state.trainable(engine.model.module):
         model_sd[name] = zero_state.get_full(param, engine.optimizer).cpu()
         moments = {key: zero_state.get_full(param, engine.optimizer, key).cpu() for key in zero_state.MOMENTS}
         state[name] = {"step": step, **moments}

@@ -11,12 +11,12 @@ import sys
 import torch
 from train_helpers import encode_pairs, make_cfg
 
-from tunesmith.launch.distributed import dist_info, init_distributed, rank_device, shutdown_distributed
 from tunesmith.logging import setup_logging
 from tunesmith.model.adapt import apply_finetuning
 from tunesmith.model.load import load_model, load_tokenizer, quantization_from_config
-from tunesmith.train.engines import check_quantization_supported, engine_name
-from tunesmith.train.loop import fit, resolve_precision
+from tunesmith.train.distributed import shutdown_distributed
+from tunesmith.train.engines import create_engine
+from tunesmith.train.loop import fit
 
 
 def _value(text: str):
@@ -32,16 +32,12 @@ def run(model_dir: str, output_dir: str, overrides: dict) -> None:
     values = dict(finetuning_type="lora", quantization_bit=4, lora_rank=4, learning_rate=2e-2, max_steps=6)
     values.update(overrides)
     cfg = make_cfg(output_dir, model_dir, **values)
-    check_quantization_supported(cfg)
-    device = torch.device("cpu")
-    if engine_name(cfg) != "single":
-        device = rank_device(device, dist_info().local_rank)
-        init_distributed(device, cfg.ddp_timeout)
+    engine = create_engine(cfg, torch.device("cpu"))  # validates, joins the process group unless single
     tokenizer = load_tokenizer(model_dir)
     torch.manual_seed(cfg.seed)  # the adapters start identical on every rank
-    quantization = quantization_from_config(cfg, resolve_precision(cfg, device))
-    model = apply_finetuning(load_model(model_dir, device=device, quantization=quantization), cfg)
-    fit(cfg, model, tokenizer, encode_pairs(tokenizer, repeat=2), device=device, resume_from=None)
+    quantization = quantization_from_config(cfg, engine.precision)
+    model = apply_finetuning(load_model(model_dir, device=engine.device, quantization=quantization), cfg)
+    fit(cfg, model, tokenizer, encode_pairs(tokenizer, repeat=2), engine=engine, resume_from=None)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ from train_helpers import encode_pairs, make_cfg, max_diff, state_of, tiny_model
 from tunesmith.errors import TunesmithError
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import fit
-from tunesmith.train.loop import find_resume_checkpoint
 from tunesmith.train.observe import read_log
+from tunesmith.train.resume import find_resume_checkpoint
 
 
 @pytest.fixture(scope="module")

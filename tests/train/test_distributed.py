@@ -32,7 +32,7 @@ from test_pipeline import write_run_config
 
 from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
-from tunesmith.launch.distributed import free_port
+from tunesmith.runenv import free_port
 from tunesmith.train import train
 from tunesmith.train.observe import read_log
 

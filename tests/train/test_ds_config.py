@@ -8,8 +8,8 @@ import json
 import pytest
 
 from tunesmith.config import load_config
+from tunesmith.config.deepspeed import PRESETS, RunValues, read_ds_config, resolve_ds_config
 from tunesmith.errors import ConfigError
-from tunesmith.train.ds_config import PRESETS, RunValues, read_ds_config, resolve_ds_config
 
 RUN = RunValues(
     micro_batch=2,

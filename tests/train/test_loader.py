@@ -35,13 +35,13 @@ def test_epoch_permutation_is_seeded_per_epoch_and_touches_no_global_rng():
 
 def test_resuming_mid_epoch_yields_exactly_the_remaining_windows():
     loader = EpochLoader(_data(11), batch_size=2, pad_token_id=0, seed=3)
-    full = list(loader.epoch_windows(epoch=2, start=0, size=2))
-    assert [pos for pos, _ in full] == [2, 4, 6]  # 6 micro-batches → windows of 2; never crosses the epoch
-    resumed = list(loader.epoch_windows(epoch=2, start=4, size=2))
-    assert len(resumed) == 1 and resumed[0][0] == 6
+    full = list(loader.windows(epoch=2, start=0, accumulation=2))
+    assert [pos for pos, _ in full] == [4, 8, 11]  # 6 micro-batches → windows of 2; never crosses the epoch
+    resumed = list(loader.windows(epoch=2, start=8, accumulation=2))
+    assert len(resumed) == 1 and resumed[0][0] == 11
     for a, b in zip(full[-1][1], resumed[0][1], strict=True):
         assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
-    assert [p for p, _ in loader.epoch_windows(0, 0, 4)] == [4, 6]  # the short last window still steps
+    assert [p for p, _ in loader.windows(0, 0, 4)] == [8, 11]  # the short last window still steps
 
 
 def _global_order(loaders: list[EpochLoader], epoch: int, start: int, accumulation: int) -> tuple[list[int], list]:
@@ -68,10 +68,10 @@ def test_ranks_see_each_sample_exactly_once_per_epoch():
                 seen, positions = _global_order(loaders, epoch=1, start=0, accumulation=accumulation)
                 assert seen == loaders[0].permutation(1), (world, batch, accumulation)
                 assert positions[-1] == 23 and len(loaders[0]) == -(-23 // (batch * world))
-    single = EpochLoader(data, 2, 0, seed=5)  # one rank: the single-process windows exactly
-    assert [(p, [b.input_ids.tolist() for b in w]) for p, w in single.windows(0, 4, 3)] == [
-        (min(2 * p, 23), [b.input_ids.tolist() for b in w]) for p, w in single.epoch_windows(0, 2, 3)
-    ]
+    single = EpochLoader(data, 2, 0, seed=5)  # one rank: consecutive micro-batches of the permutation
+    order = single.permutation(0)
+    expected = [[order[i : i + 2] for i in range(first, min(first + 6, 23), 2)] for first in range(4, 23, 6)]
+    assert [ids for _, ids in single.window_indices(0, 4, 3)] == expected
 
 
 def test_a_position_saved_on_two_ranks_continues_on_one_and_three():

@@ -11,9 +11,10 @@ import torch
 from train_helpers import encode_pairs, make_cfg, max_diff, state_of, tiny_model
 
 from tunesmith.config import load_config
-from tunesmith.train import SingleDeviceEngine, fit
-from tunesmith.train.loop import resolve_precision
+from tunesmith.train import fit
+from tunesmith.train.engines import clip_and_step
 from tunesmith.train.observe import read_log
+from tunesmith.train.precision import resolve_precision
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +77,8 @@ def test_accumulation_normalises_by_all_targets_of_the_window(
 def test_clipping_caps_the_update_and_reports_the_raw_norm():
     param = torch.nn.Parameter(torch.zeros(3))
     opt = torch.optim.SGD([param], lr=1.0)
-    engine = SingleDeviceEngine(torch.device("cpu"))
-    engine.backward((param * torch.tensor([30.0, 40.0, 0.0])).sum())
-    norm = engine.step(opt, [param], max_grad_norm=0.5)
+    (param * torch.tensor([30.0, 40.0, 0.0])).sum().backward()
+    norm = clip_and_step(opt, [param], max_grad_norm=0.5)
     assert norm == pytest.approx(50.0)
     assert float(param.detach().norm()) == pytest.approx(0.5, rel=1e-4) and param.grad is None
 

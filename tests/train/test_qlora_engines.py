@@ -2,7 +2,7 @@
 batch logs the losses of the one-process run and ends with the same adapter.
 
 Which engines work with a quantized base (all measured with this test's worker, 2 ranks, CPU):
-ddp (4 and 8 bit), fsdp2 (4 bit; 8 bit is refused up front: see ``check_quantization_supported``), deepspeed ZeRO
+ddp (4 and 8 bit), fsdp2 (4 bit; 8 bit is refused up front: see ``FSDP2Engine.validate``), deepspeed ZeRO
 0, 1, 2 and 3 (4 and 8 bit, fp32 and bf16). The parametrisation below keeps one run per mechanism: replicated
 (ddp, ZeRO-1: sharded optimizer state), sharded parameters (fsdp2, ZeRO-3), and the 8-bit base.
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tunesmith.launch.distributed import free_port
+from tunesmith.runenv import free_port
 from tunesmith.train.observe import read_log
 
 pytestmark = pytest.mark.slow

@@ -284,6 +284,13 @@ class TrainArgs(_Section):
         "before the job fails (default 1800).",
     )
 
+    def resolved_engine(self, world_size: int) -> str:
+        """``engine`` with ``auto`` resolved for a job of ``world_size`` processes: ddp with more than one, else
+        single (a config with ``deepspeed`` set already says ``engine: deepspeed``)."""
+        if self.engine == "auto":
+            return "ddp" if world_size > 1 else "single"
+        return self.engine
+
     @field_validator("save_strategy", "eval_strategy", mode="before")
     @classmethod
     def _yaml_no_is_false(cls, value: Any) -> Any:
@@ -407,8 +414,6 @@ class Config(ModelArgs, MethodArgs, DataArgs, TrainArgs, EvalArgs, ExportArgs):
             self.report_to = ["tensorboard"]
         if self.fp16 and self.bf16:
             raise ValueError("bf16 and fp16 are both true; choose one")
-        if self.fp16 and self.engine == "fsdp2":
-            raise ValueError("fp16 with engine: fsdp2 is not supported yet; use bf16: true or engine: ddp")
         if self.deepspeed is not None and self.engine not in ("auto", "deepspeed"):
             raise ValueError(
                 f"deepspeed is set but engine is {self.engine}; use engine: deepspeed (or auto), or remove deepspeed"

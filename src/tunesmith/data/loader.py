@@ -146,12 +146,32 @@ def collate(samples: Sequence[EncodedLike], pad_token_id: int) -> Batch:
     return Batch(input_ids=input_ids, labels=labels, attention_mask=attention_mask)
 
 
+class Loader(Protocol):
+    """What the training loop reads: this rank's micro-batches, one accumulation window at a time, from a
+    world-size-free :class:`DataPosition`. :class:`EpochLoader` (samples in memory, reshuffled every epoch) and
+    :class:`~tunesmith.data.stream.StreamLoader` (a stream read while training) implement it."""
+
+    @property
+    def rounds_per_epoch(self) -> int | None:
+        """Micro-batch rounds (``batch_size × world_size`` samples) per epoch; None for a stream (no length)."""
+
+    @property
+    def samples_per_epoch(self) -> int | None:
+        """Samples per epoch; None for a stream."""
+
+    def windows_from(
+        self, position: DataPosition, accumulation: int
+    ) -> Iterator[tuple[DataPosition, list[Batch]]]:
+        """This rank's windows of ``accumulation`` micro-batches from ``position``, each with the position after
+        it (the next epoch's start after an epoch's last window)."""
+
+
 class EpochLoader:
     """Micro-batches of ``dataset`` for one epoch at a time, in a permutation fixed by ``(seed, epoch)``.
 
-    ``len(loader)`` is the number of micro-batch rounds per epoch (rounds of ``batch_size × world_size`` samples;
-    the last one may be smaller). :meth:`windows` yields this rank's accumulation windows from a sample position;
-    :meth:`epoch_batches` / :meth:`epoch_windows` are the single-process views by micro-batch position.
+    ``len(loader)`` (= :attr:`rounds_per_epoch`) is the number of micro-batch rounds per epoch (rounds of
+    ``batch_size × world_size`` samples; the last one may be smaller). :meth:`windows` yields this rank's
+    accumulation windows from a sample position.
     """
 
     def __init__(
@@ -179,6 +199,14 @@ class EpochLoader:
     def __len__(self) -> int:
         return -(-len(self.dataset) // (self.batch_size * self.world_size))
 
+    @property
+    def rounds_per_epoch(self) -> int:
+        return len(self)
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return len(self.dataset)
+
     def permutation(self, epoch: int) -> list[int]:
         if not self.shuffle:
             return list(range(len(self.dataset)))
@@ -188,22 +216,6 @@ class EpochLoader:
     def batch_indices(self, epoch: int) -> list[list[int]]:
         order = self.permutation(epoch)
         return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-
-    def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[tuple[int, Batch]]:
-        """Yield ``(position, batch)`` from micro-batch ``start`` on; ``position`` counts batches consumed after it."""
-        for index, ids in enumerate(self.batch_indices(epoch)[start:], start=start):
-            yield index + 1, collate([self.dataset[i] for i in ids], self.pad_token_id)
-
-    def epoch_windows(self, epoch: int, start: int, size: int) -> Iterator[tuple[int, list[Batch]]]:
-        """Group the epoch's micro-batches from ``start`` into accumulation windows of ``size`` (the last may be
-        shorter; windows never cross an epoch). Yields ``(position after the window, its micro-batches)``."""
-        indices = self.batch_indices(epoch)
-        for first in range(start, len(indices), size):
-            group = indices[first : first + size]
-            yield (
-                first + len(group),
-                [collate([self.dataset[i] for i in ids], self.pad_token_id) for ids in group],
-            )
 
     def window_indices(self, epoch: int, start: int, accumulation: int) -> Iterator[tuple[int, list[list[int]]]]:
         """This rank's sample indices per micro-batch for each window from sample position ``start`` (see the

@@ -6,7 +6,9 @@ the trained spans marked, so template, masking and truncation problems show up b
 
 from __future__ import annotations
 
+import sys
 from itertools import groupby
+from typing import Any
 
 from tunesmith.config import Config
 
@@ -24,17 +26,12 @@ def render_sample(tokenizer, input_ids: list[int], labels: list[int], color: boo
     return "".join(pieces)
 
 
-def preview(cfg: Config, show: int = 2, color: bool | None = None) -> int:
-    import sys
-
+def preview(cfg: Config, tokenizer: Any, show: int = 2, color: bool | None = None) -> int:
+    """Print the preprocessing report and the first ``show`` training samples, trained spans marked."""
     from tunesmith.data import StreamingData, prepare_datasets
-    from tunesmith.model.load import load_tokenizer
 
     if color is None:
         color = sys.stdout.isatty()
-    tokenizer = load_tokenizer(
-        cfg.model_name_or_path, cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code
-    )
     prepared = prepare_datasets(cfg, tokenizer)
     if isinstance(prepared.train, StreamingData):
         train = prepared.train.head(show)  # reads and encodes only what it shows

@@ -171,8 +171,13 @@ class StreamLoader:
         self.rank = rank
         self.world_size = world_size
 
-    def __len__(self) -> int:
-        return 0  # unknown: a stream has no length (epoch_float then counts whole passes)
+    @property
+    def rounds_per_epoch(self) -> None:
+        return None  # a stream has no known length (epoch_float then counts whole passes)
+
+    @property
+    def samples_per_epoch(self) -> None:
+        return None
 
     def unit_windows(self, position: DataPosition, accumulation: int) -> Iterator[tuple[DataPosition, list[Unit]]]:
         """The global windows (all ranks' samples) from ``position``, each with the position after it."""

@@ -72,7 +72,7 @@ def run_predict(cfg: Any, model: Any = None, tokenizer: Any = None) -> dict[str,
     from tqdm.auto import tqdm
 
     from tunesmith.data.templates import get_template
-    from tunesmith.serve.generate import generate_reply
+    from tunesmith.model.generate import generate_reply
 
     cfg.require("model_name_or_path", "output_dir")
     if model is None or tokenizer is None:

@@ -49,9 +49,9 @@ def export_model(
     """
     from tunesmith.data.templates import Template
     from tunesmith.model.adapt import load_adapter
+    from tunesmith.model.generate import get_chat_template
     from tunesmith.model.load import load_model, load_tokenizer, resolve_dtype
     from tunesmith.model.resolve import resolve_model_path
-    from tunesmith.serve.generate import get_chat_template
 
     out = Path(out_dir).expanduser()
     _check_out_dir(out)

@@ -21,7 +21,7 @@ Inside a Kubeflow PyTorchJob pod or a Slurm task these come from the scheduler's
 ``gpu``.
 
 A process that torchrun (or anything following its convention: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-MASTER_PORT) started is never re-launched: it joins the job (``tunesmith.launch.distributed``).
+MASTER_PORT) started is never re-launched: it joins the job (``tunesmith.train.distributed``).
 
 If any rank fails, torchrun stops the others and prints a summary naming the failed rank, its exit code or signal
 and (for Python errors) its traceback; ``tunesmith train`` then exits with torchrun's non-zero code. With
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from tunesmith.errors import ConfigError
 from tunesmith.launch.cluster_env import adopt_worker_env, cluster_source, launch_env
-from tunesmith.launch.distributed import free_port, launched_by_torchrun
+from tunesmith.runenv import free_port, launched_by_torchrun
 
 TRUE_VALUES = ("1", "true", "yes", "y", "on")
 

@@ -2,8 +2,9 @@
 and a tokens/s estimate, from a config and the model's config.json alone (``tunesmith plan CONFIG``)."""
 
 from tunesmith.plan.arch import ArchFacts, facts_for_model, facts_from_config, lookup_builtin
+from tunesmith.plan.hardware import DeviceSpec
 from tunesmith.plan.memory import Breakdown, Setup, estimate
-from tunesmith.plan.planner import dry_run_report, plan_config, preflight
+from tunesmith.plan.planner import local_devices, plan_config, preflight
 from tunesmith.plan.report import PlanReport
 
 __all__ = [
@@ -11,10 +12,11 @@ __all__ = [
     "Breakdown",
     "PlanReport",
     "Setup",
-    "dry_run_report",
+    "DeviceSpec",
     "estimate",
     "facts_for_model",
     "facts_from_config",
+    "local_devices",
     "lookup_builtin",
     "plan_config",
     "preflight",

@@ -1,12 +1,12 @@
-"""From a tunesmith config to a plan: ``plan_config`` (``tunesmith plan``), ``preflight`` (the warnings
-``train`` logs before an obvious out-of-memory) and ``dry_run_report`` (``tunesmith train --dry-run``)."""
+"""From a tunesmith config to a plan: ``plan_config`` (``tunesmith plan``, ``tunesmith train --dry-run``) and
+``preflight`` (the warnings ``tunesmith train`` logs before an obvious out-of-memory)."""
 
 from __future__ import annotations
 
 import os
 from typing import TYPE_CHECKING, Any
 
-from tunesmith.errors import ConfigError, TunesmithError
+from tunesmith.errors import ConfigError
 from tunesmith.logging import get_logger
 from tunesmith.plan.arch import ArchFacts, builtin_table, facts_for_model
 from tunesmith.plan.hardware import GIB, DeviceSpec, available_ram_bytes, host_ram_bytes, parse_gpus
@@ -33,7 +33,7 @@ log = get_logger("plan")
 def ds_settings(value: str | dict[str, Any] | None, hidden_size: int) -> dict[str, Any]:
     """ZeRO stage, offload and bucket sizes of a preset, a ds_config.json or an inline mapping ("auto" sizes as
     tunesmith fills them: reduce bucket = hidden², as the HF Trainer does)."""
-    from tunesmith.train.ds_config import read_ds_config
+    from tunesmith.config.deepspeed import read_ds_config
 
     raw, _ = read_ds_config(value)
     zero = raw.get("zero_optimization") or {}
@@ -69,15 +69,9 @@ def resolve_arch(cfg: Config) -> ArchFacts:
     return facts
 
 
-def engine_for(cfg: Config, world_size: int) -> str:
-    if cfg.engine == "auto":
-        return "deepspeed" if cfg.deepspeed is not None else ("ddp" if world_size > 1 else "single")
-    return cfg.engine
-
-
 def setup_from_config(cfg: Config, arch: ArchFacts, world_size: int, ranks_per_node: int, device: str) -> Setup:
     precision = "bf16" if cfg.bf16 else ("fp16" if cfg.fp16 and device != "cpu" else "fp32")
-    engine = engine_for(cfg, world_size)
+    engine = cfg.resolved_engine(world_size)
     extra: dict[str, Any] = {}
     if engine == "deepspeed":
         extra = ds_settings(cfg.deepspeed, arch.hidden_size)
@@ -279,48 +273,3 @@ def preflight(cfg: Config, world_size: int, device: Any) -> list[str]:
     except Exception as err:  # noqa: BLE001 - a preflight must never stop a run
         log.debug("memory preflight skipped: %s", err)
         return []
-
-
-def dry_run_report(
-    cfg: Config,
-    nproc_per_node: int | None,
-    nnodes: int | None,
-    config_path: str | None = None,
-    overrides: list[str] | tuple[str, ...] = (),
-) -> str:
-    """What ``tunesmith train --dry-run`` prints: the resolved engine, ranks, global batch, the torchrun command
-    it would run, and the memory plan on this machine's devices."""
-    from tunesmith.launch.torchrun import launch_spec, torchrun_command
-
-    spec = launch_spec(nproc_per_node, nnodes, count_gpus=cfg.device.strip().lower() in ("auto", "cuda"))
-    world = spec.nproc_per_node * spec.nnodes
-    engine = engine_for(cfg, world)
-    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
-    lines = [
-        f"engine: {engine}"
-        + (f" ({cfg.deepspeed if isinstance(cfg.deepspeed, str) else 'inline mapping'})" if engine == "deepspeed" else ""),
-        f"world size: {world} ({spec.nnodes} node(s) × {spec.nproc_per_node} process(es))",
-        f"global batch: {global_batch} = {cfg.per_device_train_batch_size} per device × "
-        f"{cfg.gradient_accumulation_steps} accumulation × {world} rank(s)",
-    ]
-    worker = ["train", config_path or "CONFIG", *overrides]
-    if spec.needs_launch:
-        port = spec.master_port or 29500
-        lines.append("command: " + " ".join(torchrun_command(spec, worker, port)))
-    else:
-        lines.append("command: tunesmith " + " ".join(worker) + "  (one process, no torchrun)")
-    try:
-        import torch
-
-        from tunesmith.model.load import pick_device
-
-        device = pick_device(cfg.device)
-        devices = local_devices(device, world)
-        if devices is not None and devices.kind == "cuda":
-            devices = DeviceSpec(count=devices.count, memory_bytes=devices.memory_bytes, kind="cuda",
-                                 text=torch.cuda.get_device_name(0))
-        report = plan_config(cfg, nodes=spec.nnodes, nproc_per_node=spec.nproc_per_node, devices=devices)
-        lines += ["", report.format()]
-    except TunesmithError as err:  # e.g. `device: npu` on a machine without one: the launch still prints
-        lines += ["", f"memory plan: not available ({err})"]
-    return "\n".join(lines)

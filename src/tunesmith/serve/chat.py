@@ -9,8 +9,8 @@ from typing import Any, TextIO
 import torch
 
 from tunesmith.model.adapt import load_adapter
+from tunesmith.model.generate import generate_stream, get_chat_template
 from tunesmith.model.load import load_model, load_tokenizer, pick_device
-from tunesmith.serve.generate import generate_stream, get_chat_template
 
 HELP = "Type a message; /clear forgets the conversation, /exit (or Ctrl-D) quits."
 

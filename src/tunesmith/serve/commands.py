@@ -1,16 +1,12 @@
-"""The `serve` and `eval` subcommands; cli.py adds them with ``add_parsers(sub)``.
+"""The `serve` subcommand; cli.py adds it with ``add_parsers(sub)``.
 
-Handlers import torch / FastAPI only when they run, so `tunesmith --help` stays instant. ``main(argv)`` runs
-these two subcommands on their own (bench/serve.py starts its server with it).
+The handler imports torch / FastAPI only when it runs, so `tunesmith --help` stays instant.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
-from collections.abc import Sequence
 
 from tunesmith.errors import TunesmithError
 
@@ -24,16 +20,8 @@ http://HOST:PORT/v1 (e.g. openai.OpenAI(base_url=..., api_key=KEY or "none")).
 Binds 127.0.0.1 unless --host says otherwise; with --api-key (or TUNESMITH_API_KEY) every /v1 request needs
 'Authorization: Bearer KEY'."""
 
-EVAL_HELP = "generate answers for a dataset and score them (BLEU-4, ROUGE-1/2/L)"
-EVAL_DESCRIPTION = """\
-Answer the prompts of eval_dataset (or of the validation split of dataset when val_size > 0, else of all of
-dataset) with the config's model (+ adapter_name_or_path), then write output_dir/generated_predictions.jsonl
-(prompt, predict, label) and output_dir/predict_results.json (BLEU-4, ROUGE-1/2/L, runtime).
-Generation keys: max_new_tokens, do_sample, temperature, top_p. Chinese is segmented into words (jieba)."""
-
-
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
-    """Add `serve` and `eval` to the CLI's subcommands."""
+    """Add `serve` to the CLI's subcommands."""
     p = subparsers.add_parser(
         "serve", help=SERVE_HELP, description=SERVE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -62,13 +50,6 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     limits.add_argument("--max-queue", type=int, default=64, metavar="N",
                         help="requests that may wait for the generation worker (default 64; more: 503)")
     p.set_defaults(func=_cmd_serve)
-
-    p = subparsers.add_parser(
-        "eval", help=EVAL_HELP, description=EVAL_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("config", help="YAML config file (LLaMA-Factory keys; see README's config reference)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. max_samples=50")
-    p.set_defaults(func=_cmd_eval)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -100,41 +81,3 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         },
         access_log=getattr(args, "verbose", False),
     )
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from tunesmith.config import load_config
-    from tunesmith.evaluate.predict import check_predict_config
-
-    cfg = load_config(args.config, args.overrides)
-    check_predict_config(cfg)
-    from tunesmith.evaluate.predict import run_predict  # heavy (torch): once the config is known to be valid
-
-    results = run_predict(cfg)
-    print(json.dumps(results, indent=1))
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`serve` / `eval` without the rest of the CLI (same error handling as tunesmith.cli.main)."""
-    from tunesmith.logging import setup_logging
-
-    parser = argparse.ArgumentParser(prog="tunesmith")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    add_parsers(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    setup_logging(verbose=args.verbose)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as tunesmith.cli.main
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        return int(args.func(args) or 0)
-    except TunesmithError as err:
-        print(f"tunesmith: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunesmith.logging import get_logger
-from tunesmith.serve.generate import GenerationStats, generate_stream
+from tunesmith.model.generate import GenerationStats, generate_stream
 
 log = get_logger("serve")
 

@@ -1,6 +1,6 @@
-"""Training: ``train(cfg)`` runs the whole pipeline; ``fit`` is the loop on an already prepared model."""
+"""Training: ``train(cfg)`` runs the whole pipeline; ``fit`` is setup → loop → finish on a prepared model."""
 
-from tunesmith.train.loop import SingleDeviceEngine, TrainResult, fit, train
+from tunesmith.train.loop import TrainResult, fit, train
 from tunesmith.train.state import TrainState
 
-__all__ = ["SingleDeviceEngine", "TrainResult", "TrainState", "fit", "train"]
+__all__ = ["TrainResult", "TrainState", "fit", "train"]

@@ -19,12 +19,13 @@ the engines (``tunesmith.train.engines``) decide which rank writes what in betwe
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from safetensors.torch import load_file
 
 from tunesmith.errors import TunesmithError
 from tunesmith.logging import get_logger
+from tunesmith.train.distributed import Collectives
 from tunesmith.train.state import TrainState
 
 log = get_logger("train")
@@ -312,22 +314,95 @@ def finish_checkpoint(
     return final
 
 
-def save_checkpoint(
+def write_checkpoint(
     output_dir: Path,
-    model: torch.nn.Module,
-    tokenizer: Any,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
     state: TrainState,
-    extra: dict[str, dict] | None = None,
+    scheduler: Any,
+    comm: Collectives,
+    write: Callable[[Path], None],
+    extra: dict[str, Any] | None = None,
+    model: torch.nn.Module | None = None,
 ) -> Path:
-    """Write ``output_dir/checkpoint-<step>`` atomically from a single process and return it. ``extra``: more
-    state dicts (e.g. ``{"scaler": ...}``), each saved as ``<name>.pt``."""
-    tmp = begin_checkpoint(output_dir, state.global_step)
-    save_model(model, tokenizer, tmp)
-    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-    save_rng_state(tmp, rank=0)
-    return finish_checkpoint(tmp, scheduler, state, extra)
+    """``output_dir/checkpoint-<step>``, atomically, on every rank: rank 0 creates ``.tmp-checkpoint-<step>``,
+    every rank runs ``write(tmp)`` (its part of the weights and optimizer, as its engine dictates) and saves its
+    RNG state, rank 0 adds the world-size-free files (scheduler, ``extra`` objects' state dicts, trainer state)
+    and renames the folder into place. A full disk on any rank removes the partial folder and raises one
+    sentence on every rank (:func:`disk_full_error`); ``model`` sizes the estimate of the space needed."""
+    output_dir, step = Path(output_dir), state.global_step
+    tmp = tmp_checkpoint_dir(output_dir, step)
+    if comm.is_main:
+        begin_checkpoint(output_dir, step)
+    comm.barrier()
+    failure = _attempt(lambda: (write(tmp), save_rng_state(tmp, comm.rank)))
+    # every rank learns whether any part failed (this also waits for every part to be on disk) ...
+    failures = comm.all_gather_object(failure)
+    if comm.is_main and not any(failures):
+        extra_states = {name: value.state_dict() for name, value in (extra or {}).items()}
+        failure = _attempt(lambda: finish_checkpoint(tmp, scheduler, state, extra_states))
+    # ... and whether rank 0 completed it: nobody goes on (and maybe crashes) before it is
+    failures = [f for f in [*failures, *comm.all_gather_object(failure)] if f]
+    if failures:
+        if comm.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise disk_full_error(output_dir, f"saving {CHECKPOINT_PREFIX}{step}", model)
+    return output_dir / f"{CHECKPOINT_PREFIX}{step}"
+
+
+def _attempt(action: Callable[[], Any]) -> str | None:
+    """Run ``action``; a full disk is returned as text (every rank must learn of it before anyone stops: the
+    others would wait in the next collective forever), any other error is raised."""
+    try:
+        action()
+    except Exception as err:
+        if is_disk_full(err):
+            return f"{type(err).__name__}: {err}"
+        raise
+    return None
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """ENOSPC / EDQUOT, whoever raised it: safetensors and torch.save wrap the OS error in their own types."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return "No space left on device" in text or "Disk quota exceeded" in text or "file write failed" in text
+
+
+def disk_full_error(output_dir: Path, what: str, model: torch.nn.Module | None = None) -> TunesmithError:
+    """One sentence for a disk that filled up while ``what`` (saving checkpoint-N, the final model): where, how
+    much the save needs, and which complete checkpoint a re-run resumes from."""
+    last = latest_checkpoint(output_dir)
+    need = folder_bytes(last) if last is not None else estimate_checkpoint_bytes(model)
+    free = shutil.disk_usage(output_dir).free if output_dir.exists() else 0
+    kept = (
+        f"the last complete checkpoint, {last.name}, is intact: free space and re-run the same command to resume "
+        "from it"
+        if last is not None
+        else "no complete checkpoint exists yet: free space and re-run the same command to start again"
+    )
+    return TunesmithError(
+        f"no space left on the disk of {output_dir} while {what}: it needs about {_megabytes(need)} and "
+        f"{_megabytes(free)} are free; the partial folder was removed and {kept}"
+    )
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def estimate_checkpoint_bytes(model: torch.nn.Module | None) -> int:
+    """What a single-process checkpoint of ``model`` takes: the saved weights (the adapter, or every weight)
+    plus AdamW's two float32 moments per trainable value."""
+    if model is None:
+        return 0
+    params = list(_unwrap(model).parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    saved = sum(p.numel() * p.element_size() for p in params if p.requires_grad or not is_peft_model(model))
+    return saved + 8 * trainable
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:,.1f} MB"
 
 
 def load_checkpoint(

@@ -12,7 +12,8 @@ from collections.abc import Callable
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from tunesmith.config import Config
+from tunesmith.config.schema import TrainArgs
+from tunesmith.errors import ConfigError
 
 
 def is_no_decay(name: str, param: torch.Tensor) -> bool:
@@ -35,12 +36,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
-    groups = param_groups(model, cfg.weight_decay)
+def build_optimizer(model: torch.nn.Module, train: TrainArgs) -> torch.optim.AdamW:
+    groups = param_groups(model, train.weight_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters")
     return torch.optim.AdamW(
-        groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon
+        groups, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon
     )
 
 
@@ -49,19 +50,20 @@ def steps_per_epoch(batches_per_epoch: int, accumulation: int) -> int:
     return max(1, -(-batches_per_epoch // accumulation))
 
 
-def total_steps(cfg: Config, batches_per_epoch: int) -> int:
-    """``max_steps`` when > 0, else ``ceil(num_train_epochs × steps per epoch)``."""
-    if cfg.max_steps > 0:
-        return cfg.max_steps
-    return max(
-        1,
-        math.ceil(cfg.num_train_epochs * steps_per_epoch(batches_per_epoch, cfg.gradient_accumulation_steps)),
-    )
+def total_steps(train: TrainArgs, batches_per_epoch: int | None) -> int:
+    """``max_steps`` when > 0, else ``ceil(num_train_epochs × steps per epoch)``; ``batches_per_epoch`` None
+    (a stream, which has no length) needs max_steps."""
+    if train.max_steps > 0:
+        return train.max_steps
+    if batches_per_epoch is None:
+        raise ConfigError("streaming: true needs max_steps (a stream has no known length); set max_steps: N")
+    steps = steps_per_epoch(batches_per_epoch, train.gradient_accumulation_steps)
+    return max(1, math.ceil(train.num_train_epochs * steps))
 
 
-def warmup_steps(cfg: Config, total: int) -> int:
+def warmup_steps(train: TrainArgs, total: int) -> int:
     """``warmup_steps`` when > 0, else ``ceil(warmup_ratio × total)``."""
-    return cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total)
+    return train.warmup_steps if train.warmup_steps > 0 else math.ceil(train.warmup_ratio * total)
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -98,7 +100,7 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     return schedules[kind]
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total: int) -> LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainArgs, total: int) -> LambdaLR:
     # A plain function (not a callable object) as lambda: LambdaLR.state_dict() then stores only the step count,
     # and a resumed run with a changed budget (max_steps) follows the new schedule.
-    return LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler_type, warmup_steps(cfg, total), total))
+    return LambdaLR(optimizer, lr_lambda(train.lr_scheduler_type, warmup_steps(train, total), total))

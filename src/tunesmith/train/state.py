@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from tunesmith.config import Config
 from tunesmith.data.loader import DataPosition
 
 LOG_HISTORY_TAIL = 100
@@ -51,11 +52,11 @@ SIGNATURE_SOFT_KEYS = (
 STREAM_ONLY_KEYS = ("buffer_size", "preprocessing_batch_size")
 
 
-def run_signature(cfg: Any) -> dict[str, Any]:
+def run_signature(cfg: Config) -> dict[str, Any]:
     """The config values a checkpoint depends on (compared on resume)."""
     keys = SIGNATURE_HARD_KEYS + SIGNATURE_SOFT_KEYS
-    signature = {key: getattr(cfg, key, None) for key in keys}
-    if not getattr(cfg, "streaming", False):
+    signature = {key: getattr(cfg, key) for key in keys}
+    if not cfg.streaming:
         signature.update(dict.fromkeys(STREAM_ONLY_KEYS))
     return signature
 
@@ -114,6 +115,15 @@ class TrainState:
         self.epoch, self.sample_index = position.epoch, position.samples
         self.stream_rows, self.stream_skip = position.stream_rows, position.stream_skip
         self.batch_index = -(-position.samples // per_round)
+
+    def advance(self, position: DataPosition, per_round: int, loss: float) -> None:
+        """Count one optimizer step that ended at ``position`` with mean token loss ``loss``."""
+        self.global_step += 1
+        self.move_to(position, per_round)
+        self.last_loss = loss
+        self.best_loss = loss if self.best_loss is None else min(self.best_loss, loss)
+        self.interval_loss_sum += loss
+        self.interval_steps += 1
 
     def record(self, entry: dict[str, Any]) -> None:
         self.log_history.append(entry)

@@ -7,17 +7,18 @@ the state is replicated, so the files do not depend on the world size and resume
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from typing import ClassVar
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from tunesmith.train.engines.base import Engine
+from tunesmith.train.engines.base import TorchEngine
 
 
-class DDPEngine(Engine):
-    name = "ddp"
+class DDPEngine(TorchEngine):
+    name: ClassVar[str] = "ddp"
 
-    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         model = model.to(self.device)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         # DDP broadcasts rank 0's parameters and buffers here, so every replica starts identical. The buffers of a
@@ -28,5 +29,8 @@ class DDPEngine(Engine):
             model, device_ids=device_ids, broadcast_buffers=False, gradient_as_bucket_view=True
         )
 
-    def no_sync(self, model: torch.nn.Module, skip: bool) -> AbstractContextManager:
-        return model.no_sync() if skip else nullcontext()
+    def accumulating(self, last: bool) -> AbstractContextManager:
+        return nullcontext() if last else self.model.no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        super().backward(loss * self.comm.world_size)  # DDP averages over ranks; the loop's loss is a share of a sum

@@ -1,7 +1,7 @@
 """``engine: deepspeed``: DeepSpeed ZeRO (stages 0-3, CPU offload) driven by tunesmith's own loop.
 
 ``deepspeed.initialize`` builds the engine and its optimizer from the resolved ds_config
-(:mod:`tunesmith.train.ds_config`); the loop keeps everything else: data order, the loss, the lr schedule,
+(:mod:`tunesmith.config.deepspeed`); the loop keeps everything else: data order, the loss, the lr schedule,
 logging and checkpoints.
 
 The loss. The loop hands each micro-batch's token-loss sum divided by the target tokens of the whole window on
@@ -32,21 +32,34 @@ import os
 import warnings
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from tunesmith.config import Config
+from tunesmith.config.deepspeed import ResolvedConfig, RunValues, resolve_ds_config, zero_stage
+from tunesmith.config.schema import MethodArgs, TrainArgs
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.logging import get_logger
+from tunesmith.model.resolve import cache_root
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import zero_state
-from tunesmith.train.ds_config import ResolvedConfig, RunValues, extensions_dir, resolve_ds_config
-from tunesmith.train.engines.base import Engine
+from tunesmith.train.distributed import Collectives
 from tunesmith.train.optim import param_groups, warmup_steps
+from tunesmith.train.precision import Precision, frozen_base_dtype
 from tunesmith.train.state import TrainState
 
 log = get_logger("train")
+
+
+def extensions_dir() -> str:
+    """Where torch compiles DeepSpeed's C++ ops (CPU Adam, …): ``TORCH_EXTENSIONS_DIR``, else the tunesmith
+    cache, so the 40-90 s first build happens once per machine and every later run (and rank) reuses it."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return os.environ["TORCH_EXTENSIONS_DIR"]
+    path = str(cache_root() / "torch_extensions")
+    os.environ["TORCH_EXTENSIONS_DIR"] = path
+    return path
 
 
 def import_deepspeed(device: torch.device) -> Any:
@@ -72,53 +85,51 @@ def import_deepspeed(device: torch.device) -> Any:
     return deepspeed
 
 
-class DeepSpeedEngine(Engine):
-    name = "deepspeed"
+class DeepSpeedEngine:
+    """The :class:`~tunesmith.train.engines.base.Engine` for DeepSpeed ZeRO (see the module docstring)."""
 
-    def __init__(self, *args: Any, ds_config: str | dict[str, Any] | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.scaler = None  # DeepSpeed scales fp16 losses itself
-        self.ds_config_value = ds_config
-        self.ds: Any = None  # the DeepSpeedEngine, once set up
-        self.optimizer: torch.optim.Optimizer | None = None  # the torch optimizer inside ZeRO's wrapper
+    name: ClassVar[str] = "deepspeed"
+    needs_process_group: ClassVar[bool] = True
+    model: torch.nn.Module  # the DeepSpeedEngine, once set up
+    optimizer: torch.optim.Optimizer  # the torch optimizer inside ZeRO's wrapper (its param groups hold the lr)
+
+    def __init__(self, device: torch.device, precision: Precision = "fp32", comm: Collectives | None = None) -> None:
+        self.device = device
+        self.precision = precision
+        self.comm = comm or Collectives()
         self.resolved: ResolvedConfig | None = None
         self._norm_from_grads = False  # plain ZeRO-0 fp32 reports no gradient norm: measure it ourselves
+
+    @classmethod
+    def validate(cls, cfg: Config, world_size: int) -> None:
+        if cfg.quantization_bit is not None and cfg.use_dora and zero_stage(cfg.deepspeed) == 3:
+            # DoRA's weight-norm pass meets a quantized weight ZeRO-3 did not register; ZeRO 0-2 train it
+            raise ConfigError(
+                f"use_dora: true with quantization_bit: {cfg.quantization_bit} does not work with DeepSpeed ZeRO-3 "
+                f"(deepspeed: {cfg.deepspeed}): DoRA re-reads the quantized weights outside ZeRO-3's parameter "
+                "gathering; use ZeRO stage 0-2, engine: fsdp2 or ddp, or use_dora: false"
+            )
 
     @property
     def whole_model_on_each_rank(self) -> bool:
         return self.resolved is not None and self.resolved.stage < 3  # ZeRO-3 partitions the parameters
 
+    def load_device(self, quantized: bool) -> torch.device:
+        # ZeRO moves only what the rank keeps to the device; a quantized base is quantized where it computes
+        return self.device if quantized else torch.device("cpu")
+
+    def load_dtype(self, method: MethodArgs) -> torch.dtype:
+        return frozen_base_dtype(method, self.precision, self.device)
+
+    def unwrapped(self) -> torch.nn.Module:
+        return self.model.module
+
     # ------------------------------------------------------------------------------------------- compute
 
-    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        raise TunesmithError("engine: deepspeed builds model and optimizer together; call setup()")
-
-    def setup(
-        self, model: torch.nn.Module, cfg: Config, total_steps: int
-    ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    def setup(self, model: torch.nn.Module, train: TrainArgs, total_steps: int) -> None:
         deepspeed = import_deepspeed(self.device)
-        base = self.unwrap(model)
-        config = getattr(base, "config", None)
-        self.resolved = resolve_ds_config(
-            self.ds_config_value,
-            RunValues(
-                micro_batch=cfg.per_device_train_batch_size,
-                accumulation=cfg.gradient_accumulation_steps,
-                world_size=self.world_size,
-                max_grad_norm=cfg.max_grad_norm,
-                learning_rate=cfg.learning_rate,
-                betas=(cfg.adam_beta1, cfg.adam_beta2),
-                eps=cfg.adam_epsilon,
-                weight_decay=cfg.weight_decay,
-                lr_scheduler_type=cfg.lr_scheduler_type,
-                warmup_steps=warmup_steps(cfg, total_steps),
-                total_steps=total_steps,
-                precision=self.precision,
-                hidden_size=getattr(config, "hidden_size", None),
-                on_cpu=self.device.type == "cpu",
-            ),
-        )
-        if self.is_main:
+        self.resolved = resolve_ds_config(train.deepspeed, self._run_values(model, train, total_steps))
+        if self.comm.is_main:
             for message in self.resolved.notes:
                 log.info("%s", message)
             for message in self.resolved.warnings:
@@ -132,9 +143,9 @@ class DeepSpeedEngine(Engine):
         )
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on it, also in a process group of one
         # tunesmith's decay / no-decay groups (no weight decay on biases and norms), as on every engine
-        groups = param_groups(model, cfg.weight_decay)
+        groups = param_groups(model, train.weight_decay)
         with _quiet_stdout():  # DeepSpeed prints op-build notices on every rank
-            self.ds, ds_optimizer, _, _ = deepspeed.initialize(
+            self.model, ds_optimizer, _, _ = deepspeed.initialize(
                 model=model,
                 model_parameters=groups,
                 config=self.resolved.for_deepspeed,
@@ -142,68 +153,84 @@ class DeepSpeedEngine(Engine):
             )
         # ZeRO / bf16 wrappers keep the torch optimizer (whose param groups hold the lr) in .optimizer
         self.optimizer = getattr(ds_optimizer, "optimizer", ds_optimizer)
-        self._norm_from_grads = not any(zero_state.zero_managed(p) for p in self.ds.module.parameters())
-        return self.ds, self.optimizer
+        self._norm_from_grads = not any(zero_state.zero_managed(p) for p in self.model.module.parameters())
+
+    def _run_values(self, model: torch.nn.Module, train: TrainArgs, total_steps: int) -> RunValues:
+        """The run's own values, which fill the ds_config's "auto" entries and must agree with explicit ones."""
+        return RunValues(
+            micro_batch=train.per_device_train_batch_size,
+            accumulation=train.gradient_accumulation_steps,
+            world_size=self.comm.world_size,
+            max_grad_norm=train.max_grad_norm,
+            learning_rate=train.learning_rate,
+            betas=(train.adam_beta1, train.adam_beta2),
+            eps=train.adam_epsilon,
+            weight_decay=train.weight_decay,
+            lr_scheduler_type=train.lr_scheduler_type,
+            warmup_steps=warmup_steps(train, total_steps),
+            total_steps=total_steps,
+            precision=self.precision,
+            hidden_size=getattr(getattr(model, "config", None), "hidden_size", None),
+            on_cpu=self.device.type == "cpu",
+        )
 
     def autocast(self) -> AbstractContextManager:
         return nullcontext()  # DeepSpeed casts the module itself for bf16 / fp16
 
-    def no_sync(self, model: torch.nn.Module, skip: bool) -> AbstractContextManager:
+    def accumulating(self, last: bool) -> AbstractContextManager:
         # the last micro-batch of a window is DeepSpeed's accumulation boundary, however short the window
-        self.ds.set_gradient_accumulation_boundary(not skip)
+        self.model.set_gradient_accumulation_boundary(last)
         return nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
         # see the module docstring: undo DeepSpeed's 1/GAS and its average over ranks
-        self.ds.backward(loss * self.world_size, scale_wrt_gas=False)
+        self.model.backward(loss * self.comm.world_size, scale_wrt_gas=False)
 
-    def step(
-        self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], max_grad_norm: float
-    ) -> float:
+    def step(self) -> float:
         measured = None
         if self._norm_from_grads:  # the gradients are whole and reduced by now; DeepSpeed clips in step()
-            grads = [p.grad for p in params if p.grad is not None]
+            grads = [p.grad for p in self.model.module.parameters() if p.requires_grad and p.grad is not None]
             measured = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-        self.ds.step()  # clips to gradient_clipping (= max_grad_norm), steps, zeroes the gradients
-        norm = self.ds.get_global_grad_norm()
+        self.model.step()  # clips to gradient_clipping (= max_grad_norm), steps, zeroes the gradients
+        norm = self.model.get_global_grad_norm()
         return measured if norm is None else float(norm)
 
     # ---------------------------------------------------------------------------------------- checkpoints
 
-    def save_model(self, model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
-        weights = zero_state.gather_weights(self._module(), self.optimizer, self.rank)
+    def save_model(self, tokenizer: Any, directory: Path) -> None:
+        weights = zero_state.gather_weights(self.model.module, self.optimizer, self.comm.rank)
         self._save_consolidated(tokenizer, directory, weights)
 
-    def save_weights_and_optimizer(
-        self,
-        directory: Path,
-        model: torch.nn.Module,
-        tokenizer: Any,
-        optimizer: torch.optim.Optimizer,
-        step: int,
-    ) -> None:
-        directory = Path(directory)
+    def save_checkpoint(self, output_dir: Path, tokenizer: Any, scheduler: Any, state: TrainState) -> Path:
+        return ckpt.write_checkpoint(
+            output_dir,
+            state,
+            scheduler,
+            self.comm,
+            write=lambda tmp: self._write_state(tmp, tokenizer, state.global_step),
+            model=self.model.module,
+        )
+
+    def _write_state(self, directory: Path, tokenizer: Any, step: int) -> None:
         with _quiet_stdout():
-            self.ds.save_checkpoint(
+            self.model.save_checkpoint(
                 str(directory / ckpt.DEEPSPEED_DIR),
                 tag=f"global_step{step}",
                 client_state={"tunesmith_global_step": step},
                 exclude_frozen_parameters=True,  # the frozen base comes from model_name_or_path
             )
-        zero_state.link_optimizer_fragments(self.ds.optimizer)
+        zero_state.link_optimizer_fragments(self.model.optimizer)
         weights = zero_state.save_state(
             directory / ckpt.SHARDED_DIR,
-            self._module(),
+            self.model.module,
             self.optimizer,
-            self.rank,
-            self.world_size,
+            self.comm.rank,
+            self.comm.world_size,
             gather_weights_on_main=True,
         )
         self._save_consolidated(tokenizer, directory, weights)
 
-    def load_checkpoint(
-        self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-    ) -> TrainState:
+    def load_checkpoint(self, path: Path, scheduler: Any) -> TrainState:
         path = ckpt.check_complete(path)
         if not (path / ckpt.SHARDED_DIR).is_dir():
             raise TunesmithError(
@@ -212,14 +239,11 @@ class DeepSpeedEngine(Engine):
                 "with another output_dir"
             )
         self._materialize_optimizer_state()
-        zero_state.link_optimizer_fragments(self.ds.optimizer)
-        zero_state.load_state(path / ckpt.SHARDED_DIR, self._module(), self.optimizer)
-        return ckpt.restore_training_state(path, optimizer, scheduler, self.extra_state(), self.rank)
+        zero_state.link_optimizer_fragments(self.model.optimizer)
+        zero_state.load_state(path / ckpt.SHARDED_DIR, self.model.module, self.optimizer)
+        return ckpt.restore_training_state(path, self.optimizer, scheduler, rank=self.comm.rank)
 
     # ------------------------------------------------------------------------------------------- helpers
-
-    def _module(self) -> torch.nn.Module:
-        return self.ds.module
 
     def _materialize_optimizer_state(self) -> None:
         """Adam creates its moments at its first step (and ZeRO links them to the parameters only then), so a
@@ -231,21 +255,20 @@ class DeepSpeedEngine(Engine):
         lrs = [group["lr"] for group in self.optimizer.param_groups]
         for group in self.optimizer.param_groups:
             group["lr"] = 0.0
-        self.ds.set_gradient_accumulation_boundary(True)
+        self.model.set_gradient_accumulation_boundary(True)
         token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
-        logits = self.ds(input_ids=token, use_cache=False).logits
-        self.ds.backward(logits.float().sum() * 0.0, scale_wrt_gas=False)
-        self.ds.step()
+        logits = self.model(input_ids=token, use_cache=False).logits
+        self.model.backward(logits.float().sum() * 0.0, scale_wrt_gas=False)
+        self.model.step()
         for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
 
     def _save_consolidated(self, tokenizer: Any, directory: Path, trainable: dict[str, torch.Tensor]) -> None:
         """HF/PEFT weights on rank 0: the gathered fp32 trainable weights, plus (full/freeze) the frozen ones,
         which ZeRO-3 must gather too (a collective, so every rank walks the same parameters)."""
-        module = self._module()
-        peft = ckpt.is_peft_model(module)
+        module = self.model.module
         full: dict[str, torch.Tensor] = dict(trainable)
-        if not peft:
+        if not ckpt.is_peft_model(module):
             full.update(self._frozen_weights(module))
             # tied weights (one parameter, two names) go under both names, as in the model's state_dict
             by_object = {id(p): name for name, p in module.named_parameters()}
@@ -253,12 +276,12 @@ class DeepSpeedEngine(Engine):
                 first = by_object.get(id(param))
                 if name not in full and first in full:
                     full[name] = full[first]
-            if self.is_main:
+            if self.comm.is_main:
                 params = dict(module.named_parameters(remove_duplicate=False))
                 for name, value in module.state_dict().items():  # persistent buffers
                     if name not in full and name not in params:
                         full[name] = value.detach().cpu()
-        if self.is_main:
+        if self.comm.is_main:
             ckpt.save_model(module, tokenizer, directory, state_dict=full)
 
     def _frozen_weights(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -270,9 +293,9 @@ class DeepSpeedEngine(Engine):
                 continue
             if hasattr(param, "ds_id"):  # ZeRO-3: partitioned, gather it (all ranks take part)
                 with deepspeed.zero.GatheredParameters([param]):
-                    if self.is_main:
+                    if self.comm.is_main:
                         frozen[name] = param.data.detach().cpu().clone()
-            elif self.is_main:
+            elif self.comm.is_main:
                 frozen[name] = param.detach().cpu()
         return frozen
 

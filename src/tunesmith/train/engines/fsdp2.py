@@ -14,13 +14,15 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from tunesmith.config import Config
+from tunesmith.config.schema import MethodArgs
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.train import checkpoint as ckpt
-from tunesmith.train.engines.base import Engine
+from tunesmith.train.engines.base import TorchEngine, clip_and_step
 from tunesmith.train.sharded import full_model_state_dict, save_sharded
 from tunesmith.train.state import TrainState
 
@@ -33,30 +35,49 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [module for module in model.modules() if type(module).__name__ in names]
 
 
-class FSDP2Engine(Engine):
-    name = "fsdp2"
-    whole_model_on_each_rank = False
+class FSDP2Engine(TorchEngine):
+    name: ClassVar[str] = "fsdp2"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if self.precision == "fp16":
+    @classmethod
+    def validate(cls, cfg: Config, world_size: int) -> None:
+        if cfg.fp16:
             raise ConfigError(
                 "fp16 with engine: fsdp2 is not supported yet (the loss scaler does not handle sharded "
                 "gradients); use bf16: true, or engine: ddp"
             )
+        if cfg.quantization_bit == 8:
+            # Linear4bit keeps its quantization state on the module and restores it after each all-gather; 8-bit
+            # weights keep their scales (SCB) on the weight tensor FSDP2 replaces by its shard, and their extra
+            # state-dict entries cannot be mapped back by torch's distributed state dict.
+            raise ConfigError(
+                "quantization_bit: 8 does not work with engine: fsdp2 (FSDP2 shards away the 8-bit scales "
+                "bitsandbytes keeps on each weight); use quantization_bit: 4, or engine: ddp or deepspeed"
+            )
 
-    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+    @property
+    def whole_model_on_each_rank(self) -> bool:
+        return False
+
+    def load_device(self, quantized: bool) -> torch.device:
+        # fully_shard moves each rank's shard from the CPU copy onto the device: no rank holds the whole model
+        # there; a quantized base is quantized on (and stays on) the device it computes on
+        return self.device if quantized else torch.device("cpu")
+
+    def load_dtype(self, method: MethodArgs) -> torch.dtype:
+        return torch.float32  # one parameter dtype per unit: bf16 compute comes from the MixedPrecisionPolicy
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         layers = decoder_layers(model)
         if not layers:
             raise ConfigError(
-                f"engine: fsdp2 found no decoder layers to shard in {type(self.unwrap(model)).__name__} "
+                f"engine: fsdp2 found no decoder layers to shard in {type(model).__name__} "
                 "(its _no_split_modules is empty); use engine: ddp"
             )
         self._broadcast_from_rank0(model)
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        mesh = init_device_mesh(self.device.type, (self.comm.world_size,))
         policy = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16 if self.precision == "bf16" else None, reduce_dtype=torch.float32
         )
@@ -68,7 +89,7 @@ class FSDP2Engine(Engine):
     def _broadcast_from_rank0(self, model: torch.nn.Module) -> None:
         """fully_shard keeps each rank's own slice of its local tensors, so the ranks must start identical (DDP
         does the same broadcast): seeds make them so, this makes it certain."""
-        if self.world_size == 1:
+        if self.comm.world_size == 1:
             return
         with torch.no_grad():
             for tensor in [*model.parameters(), *model.buffers()]:
@@ -78,36 +99,34 @@ class FSDP2Engine(Engine):
                 if staged is not tensor.data:
                     tensor.data.copy_(staged)
 
-    def no_sync(self, model: torch.nn.Module, skip: bool) -> AbstractContextManager:
-        return _gradient_sync(model, not skip)
+    def accumulating(self, last: bool) -> AbstractContextManager:
+        return _gradient_sync(self.model, last)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        super().backward(loss * self.comm.world_size)  # FSDP averages gradients over ranks
+
+    def step(self) -> float:
+        norm = clip_and_step(self.optimizer, self.params, self.max_grad_norm)
+        return float(norm.full_tensor())  # a DTensor: the norm over every rank's shards
 
     # ---------------------------------------------------------------------------------------- checkpoints
 
-    def save_model(self, model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
-        full = full_model_state_dict(model, trainable_only=ckpt.is_peft_model(model))
-        if self.is_main:
-            ckpt.save_model(model, tokenizer, directory, state_dict=full)
+    def save_model(self, tokenizer: Any, directory: Path) -> None:
+        full = full_model_state_dict(self.model, trainable_only=ckpt.is_peft_model(self.model))
+        if self.comm.is_main:
+            ckpt.save_model(self.model, tokenizer, directory, state_dict=full)
 
-    def save_weights_and_optimizer(
-        self,
-        directory: Path,
-        model: torch.nn.Module,
-        tokenizer: Any,
-        optimizer: torch.optim.Optimizer,
-        step: int,
-    ) -> None:
-        save_sharded(Path(directory) / ckpt.SHARDED_DIR, model, optimizer)
-        self.save_model(model, tokenizer, directory)
+    def write_weights_and_optimizer(self, directory: Path, tokenizer: Any, step: int) -> None:
+        save_sharded(Path(directory) / ckpt.SHARDED_DIR, self.model, self.optimizer)
+        self.save_model(tokenizer, directory)
 
-    def load_checkpoint(
-        self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-    ) -> TrainState:
+    def load_checkpoint(self, path: Path, scheduler: Any) -> TrainState:
         if not (Path(path) / ckpt.SHARDED_DIR).is_dir():
             raise TunesmithError(
                 f"{path} was written by engine single or ddp (no {ckpt.SHARDED_DIR}/ folder); engine: fsdp2 cannot "
                 "resume it yet: resume with engine: ddp (or one process), or start fresh with another output_dir"
             )
-        return super().load_checkpoint(path, model, optimizer, scheduler)
+        return super().load_checkpoint(path, scheduler)
 
 
 @contextmanager

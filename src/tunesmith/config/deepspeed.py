@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -107,6 +106,13 @@ def read_ds_config(value: str | dict[str, Any] | None) -> tuple[dict[str, Any], 
     if not isinstance(data, dict):
         raise ConfigError(f"deepspeed: {path} must hold a JSON object, not a {type(data).__name__}")
     return data, str(path)
+
+
+def zero_stage(value: str | dict[str, Any] | None) -> int | None:
+    """The ZeRO stage a deepspeed value (preset, file or mapping) asks for; None when it is not a number."""
+    raw, _ = read_ds_config(value)
+    stage = (raw.get("zero_optimization") or {}).get("stage", 0)
+    return stage if isinstance(stage, int) else None
 
 
 def _get(config: dict[str, Any], dotted: str) -> Any:
@@ -292,15 +298,3 @@ def _check(config: dict[str, Any], source: str, run: RunValues) -> tuple[list[st
         else:
             notes.append(message)
     return warnings, notes
-
-
-def extensions_dir() -> str:
-    """Where torch compiles DeepSpeed's C++ ops (CPU Adam, …): ``TORCH_EXTENSIONS_DIR``, else the tunesmith
-    cache, so the 40-90 s first build happens once per machine and every later run (and rank) reuses it."""
-    if os.environ.get("TORCH_EXTENSIONS_DIR"):
-        return os.environ["TORCH_EXTENSIONS_DIR"]
-    from tunesmith.model.resolve import cache_root
-
-    path = str(cache_root() / "torch_extensions")
-    os.environ["TORCH_EXTENSIONS_DIR"] = path
-    return path

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import itertools
 import os
-import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,10 +21,10 @@ import torch
 
 from tunesmith.errors import TunesmithError
 from tunesmith.logging import get_logger
+from tunesmith.runenv import free_port, launched_by_torchrun
 
-log = get_logger("launch")
+log = get_logger("train")
 
-TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 DEFAULT_TIMEOUT_S = 1800  # HF TrainingArguments' ddp_timeout default
 
 
@@ -40,11 +39,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def launched_by_torchrun(env: Mapping[str, str] | None = None) -> bool:
-    env = os.environ if env is None else env
-    return all(key in env for key in TORCHRUN_ENV)
 
 
 def dist_initialized() -> bool:
@@ -86,12 +80,6 @@ def rank_device(device: torch.device, local_rank: int) -> torch.device:
     elif device.type == "npu":  # pragma: no cover - needs Ascend hardware
         torch.npu.set_device(device)  # type: ignore[attr-defined]
     return device
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _indexed(device: torch.device) -> torch.device:
@@ -158,6 +146,46 @@ def shutdown_distributed() -> None:
 def barrier() -> None:
     if dist_initialized():
         torch.distributed.barrier()
+
+
+@dataclass(frozen=True)
+class Collectives:
+    """The collectives the loop and the engines use, for this rank of a ``world_size`` job; with one rank each is
+    a no-op that returns its input, so the same code runs with and without a process group."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")  # where the backend sends from (nccl: the GPU)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, values: Sequence[float]) -> list[float]:
+        """Sums over ranks, in float64 (so target counts stay exact)."""
+        if self.world_size == 1:
+            return list(values)
+        tensor = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
+
+    def all_gather_object(self, value: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [value]
+        gathered: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+
+def join_process_group(device: torch.device, timeout_s: int | None = None) -> Collectives:
+    """:func:`init_distributed`, as the :class:`Collectives` of this rank."""
+    info = init_distributed(device, timeout_s)
+    comm_device = torch.device("cpu") if device.type == "cpu" else device
+    return Collectives(rank=info.rank, world_size=info.world_size, device=comm_device)
 
 
 # ------------------------------------------------------------------------------ one rank first, the others wait

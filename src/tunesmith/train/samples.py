@@ -12,7 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tunesmith.config import Config
 from tunesmith.logging import get_logger, is_main_process
+from tunesmith.model.generate import generate_reply, get_chat_template
 
 log = get_logger("train")
 
@@ -21,13 +23,17 @@ LOG_FILE = "trainer_log.jsonl"
 TB_TAG = "eval/sample_generations"
 
 
-def sample_generation_due(cfg: Any, step: int, total_steps: int) -> bool:
+def sample_every(cfg: Config) -> int:
+    """Steps between answers to evaluation_inputs: evaluation_freq, else eval_steps, else logging_steps."""
+    return cfg.evaluation_freq or cfg.eval_steps or cfg.logging_steps
+
+
+def sample_generation_due(cfg: Config, step: int, total_steps: int) -> bool:
     """True at the steps where the loop should call log_sample_generations: every evaluation_freq steps
     (default eval_steps) and at the last step, when evaluation_inputs is set."""
     if not cfg.evaluation_inputs:
         return False
-    freq = cfg.evaluation_freq or cfg.eval_steps or cfg.logging_steps
-    return step % freq == 0 or step == total_steps
+    return step % sample_every(cfg) == 0 or step == total_steps
 
 
 def log_sample_generations(
@@ -45,8 +51,6 @@ def log_sample_generations(
     """Answer each question (greedy, so runs compare) and log the answers; returns [{question, answer}].
 
     ``template``: a Template or a template name; ``tb_writer``: a torch SummaryWriter (or None)."""
-    from tunesmith.serve.generate import generate_reply, get_chat_template
-
     chat_template = get_chat_template(template, tokenizer)
     samples = []
     for question in questions:

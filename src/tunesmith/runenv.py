@@ -1,0 +1,23 @@
+"""Facts about this process that every layer may read without importing torch: whether a launcher started it
+as one rank of a job, and a free local port (for a process group of one, a test server, a torchrun master)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def launched_by_torchrun(env: Mapping[str, str] | None = None) -> bool:
+    """True when torchrun (or a launcher following its convention) started this process as a rank."""
+    env = os.environ if env is None else env
+    return all(key in env for key in TORCHRUN_ENV)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
