@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from tunesmith.config import Config
 from tunesmith.data.cache import cache_key, cache_location, load_cached, save_cache
 from tunesmith.data.conversation import Conversation, Turn
 from tunesmith.data.encode import Encoded, EncodeReport, encode_conversation, encode_dataset, gc_paused
@@ -51,21 +52,21 @@ class PreparedData:
     template: Template
 
 
-def prepare_datasets(cfg: Any, tokenizer: Any) -> PreparedData:
+def prepare_datasets(cfg: Config, tokenizer: Any) -> PreparedData:
     """Load ``cfg.dataset``, encode it with ``cfg.template`` and split off ``cfg.val_size`` (seeded by cfg.seed)."""
     template = get_template(
         cfg.template, tokenizer
     )  # first: a template/tokenizer mismatch fails before reading
-    if getattr(cfg, "streaming", False):
+    if cfg.streaming:
         return _prepare_stream(cfg, tokenizer, template)  # nothing to cache: the stream is encoded while training
     with gc_paused():  # reading, encoding, packing and the cache allocate millions of objects and no cycles
         return _prepare_or_load(cfg, tokenizer, template)
 
 
-def _prepare_or_load(cfg: Any, tokenizer: Any, template: Template) -> PreparedData:
+def _prepare_or_load(cfg: Config, tokenizer: Any, template: Template) -> PreparedData:
     key = cache_key(cfg, tokenizer, template)
     location = cache_location(cfg, key)
-    if location is not None and not getattr(cfg, "overwrite_cache", False):
+    if location is not None and not cfg.overwrite_cache:
         cached = load_cached(location, key)
         if cached is not None:
             train, val, report = cached
@@ -77,7 +78,7 @@ def _prepare_or_load(cfg: Any, tokenizer: Any, template: Template) -> PreparedDa
                 location,
             )
             return PreparedData(train=train, val=val, report=report, template=template)  # type: ignore[arg-type]
-        if getattr(cfg, "tokenized_path", None) and (location / "meta.json").exists():
+        if cfg.tokenized_path and (location / "meta.json").exists():
             logger.warning(
                 "data: tokenized_path %s was made from other data, tokenizer, template or settings; "
                 "rebuilding it",
@@ -90,7 +91,7 @@ def _prepare_or_load(cfg: Any, tokenizer: Any, template: Template) -> PreparedDa
     return prepared
 
 
-def _prepare(cfg: Any, tokenizer: Any, template: Template) -> PreparedData:
+def _prepare(cfg: Config, tokenizer: Any, template: Template) -> PreparedData:
     bad = BadRows(cfg.skip_bad_rows)
     # read while encoding: only the batch being encoded is held as text, never every conversation at once
     samples, report = encode_dataset(read_conversations(cfg, bad), tokenizer, template, cfg)
@@ -104,14 +105,14 @@ def _prepare(cfg: Any, tokenizer: Any, template: Template) -> PreparedData:
     train, val = split_train_val(samples, cfg.val_size, cfg.seed)
     if val:
         logger.info("data: %d training and %d validation samples (seed %d)", len(train), len(val), cfg.seed)
-    if getattr(cfg, "packing", False) or getattr(cfg, "neat_packing", False):
+    if cfg.packing or cfg.neat_packing:
         # only the training split: validation stays one sample per row, its loss is the same either way
         train, stats = pack_samples(train, cfg.cutoff_len)
         logger.info(stats.format())
     return PreparedData(train=train, val=val, report=report, template=template)
 
 
-def _prepare_stream(cfg: Any, tokenizer: Any, template: Template) -> PreparedData:
+def _prepare_stream(cfg: Config, tokenizer: Any, template: Template) -> PreparedData:
     stream = StreamingData(cfg, tokenizer, template)
     val: list[Encoded] = []
     report = stream.report

@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 
 from tunesmith import __version__
+from tunesmith.config import Config
+from tunesmith.config.schema import DataArgs
 from tunesmith.data.encode import Encoded, EncodeReport, TokenIds
 from tunesmith.data.pack import PackedSample
 from tunesmith.data.sources import read_dataset_info, resolve_source
@@ -78,11 +80,11 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def data_files(cfg: Any) -> list[Path]:
+def data_files(data: DataArgs) -> list[Path]:
     """Every file the config's datasets read (dataset_info.json included when present)."""
-    dataset_dir = Path(cfg.dataset_dir).expanduser()
+    dataset_dir = Path(data.dataset_dir).expanduser()
     info = read_dataset_info(dataset_dir)
-    files = [f for name in cfg.dataset or [] for f in resolve_source(name, dataset_dir, info).files]
+    files = [f for name in data.dataset or [] for f in resolve_source(name, dataset_dir, info).files]
     if (dataset_dir / "dataset_info.json").is_file():
         files.append(dataset_dir / "dataset_info.json")
     return files
@@ -118,29 +120,25 @@ def _code_fingerprint() -> str:
     return digest.hexdigest()
 
 
-def cache_key(cfg: Any, tokenizer: Any, template: Any) -> str:
+def cache_key(cfg: Config, tokenizer: Any, template: Any) -> str:
     parts = {
         "format": FORMAT_VERSION,
         "code": _code_fingerprint(),
         "files": [[str(p), _sha256_file(p)] for p in data_files(cfg)],
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "template": repr(template),  # the frozen dataclass: every field, the jinja of `auto` included
-        "config": {key: getattr(cfg, key, None) for key in CONFIG_KEYS},
+        "config": cfg.model_dump(include=set(CONFIG_KEYS)),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def cache_location(cfg: Any, key: str) -> Path | None:
+def cache_location(cfg: Config, key: str) -> Path | None:
     """The folder for this key: tokenized_path, the automatic cache, or None when caching is off."""
-    if getattr(cfg, "tokenized_path", None):
+    if cfg.tokenized_path:
         return Path(cfg.tokenized_path).expanduser()
     if os.environ.get("TUNESMITH_DATA_CACHE", "1").lower() in ("0", "off", "false", "no"):
         return None
-    root = (
-        getattr(cfg, "cache_dir", None)
-        or os.environ.get("TUNESMITH_CACHE")
-        or Path.home() / ".cache" / "tunesmith"
-    )
+    root = cfg.cache_dir or os.environ.get("TUNESMITH_CACHE") or Path.home() / ".cache" / "tunesmith"
     return Path(root).expanduser() / "datasets" / key[:32]
 
 

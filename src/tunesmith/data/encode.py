@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from itertools import chain, islice
 from typing import Any
 
+from tunesmith.config.schema import DataArgs
 from tunesmith.data.conversation import Conversation
 from tunesmith.data.segments import EncodedTurns
 from tunesmith.data.templates import Template
@@ -254,14 +255,8 @@ class _Options:
     skip_bad_rows: bool = False
 
     @classmethod
-    def of(cls, cfg: Any) -> _Options:
-        return cls(
-            cfg.cutoff_len,
-            bool(getattr(cfg, "train_on_prompt", False)),
-            bool(getattr(cfg, "mask_history", False)),
-            getattr(cfg, "default_system", None),
-            bool(getattr(cfg, "skip_bad_rows", False)),
-        )
+    def of(cls, data: DataArgs) -> _Options:
+        return cls(data.cutoff_len, data.train_on_prompt, data.mask_history, data.default_system, data.skip_bad_rows)
 
 
 # One batch's outcome, in input order: a kept sample, None (dropped), or the DataError of a bad row; and
@@ -356,7 +351,7 @@ def _worker_pool(workers: int, tokenizer: Any, template: Template, opts: _Option
 
 
 def encode_dataset(
-    convs: Iterable[Conversation], tokenizer: Any, template: Template, cfg: Any
+    convs: Iterable[Conversation], tokenizer: Any, template: Template, data: DataArgs
 ) -> tuple[list[Encoded], EncodeReport]:
     """All conversations → samples (in order), with the kept / dropped / truncated counts and lengths.
 
@@ -365,9 +360,9 @@ def encode_dataset(
     ``report.bad_rows`` counts only conversations the template could not render here (with skip_bad_rows);
     prepare_datasets adds the rows skipped while loading.
     """
-    opts = _Options.of(cfg)
-    size = getattr(cfg, "preprocessing_batch_size", None) or _BATCH
-    workers = getattr(cfg, "preprocessing_num_workers", None) or 1
+    opts = _Options.of(data)
+    size = data.preprocessing_batch_size
+    workers = data.preprocessing_num_workers or 1
     out: list[Encoded] = []
     dropped = truncated = bad = 0
     with gc_paused():
@@ -389,6 +384,6 @@ def encode_dataset(
         truncated=truncated,
         bad_rows=bad,
         length_percentiles=percentiles([len(s.input_ids) for s in out]),
-        cutoff_len=cfg.cutoff_len,
+        cutoff_len=data.cutoff_len,
     )
     return out, report

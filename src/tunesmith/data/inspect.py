@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunesmith.config import Config
+from tunesmith.config.schema import DataArgs
 from tunesmith.data.conversation import Conversation
 from tunesmith.data.formats import FormatSpec, RowError, detect_format, row_to_conversation
 from tunesmith.data.sources import DatasetSource, _read_rows, read_dataset_info, resolve_source
@@ -82,15 +84,15 @@ def inspect_source(source: DatasetSource) -> list[FileReport]:
     return reports
 
 
-def sources_for(target: str, cfg: Any | None) -> list[DatasetSource]:
-    if cfg is None:
+def sources_for(target: str, data: DataArgs | None) -> list[DatasetSource]:
+    if data is None:
         path = Path(target)
         if not path.is_file():
             raise DataError(f"{target} is neither a YAML config nor a data file")
         return [DatasetSource(path.name, [path], None)]
-    dataset_dir = Path(cfg.dataset_dir).expanduser()
+    dataset_dir = Path(data.dataset_dir).expanduser()
     info = read_dataset_info(dataset_dir)
-    return [resolve_source(name, dataset_dir, info) for name in cfg.dataset or []]
+    return [resolve_source(name, dataset_dir, info) for name in data.dataset or []]
 
 
 def fill_rate(lengths: list[int], batch_size: int, order: list[int]) -> float:
@@ -103,7 +105,7 @@ def fill_rate(lengths: list[int], batch_size: int, order: list[int]) -> float:
     return real / max(padded, 1)
 
 
-def token_stats(convs: list[Conversation], tokenizer: Any, cfg: Any) -> dict[str, Any]:
+def token_stats(convs: list[Conversation], tokenizer: Any, cfg: Config) -> dict[str, Any]:
     """Lengths before truncation, truncated / dropped counts at cutoff_len, and the packing efficiency."""
     import torch
 
@@ -135,7 +137,7 @@ def token_stats(convs: list[Conversation], tokenizer: Any, cfg: Any) -> dict[str
     }
 
 
-def _with(cfg: Any, **changes: Any) -> Any:
+def _with(cfg: Config, **changes: Any) -> Config:
     return cfg.model_copy(update=changes)
 
 
@@ -158,7 +160,7 @@ def plot_histogram(lengths: list[int], cutoff_len: int, out: Path) -> Path:
     return out
 
 
-def inspect(target: str, cfg: Any | None, tokenizer: Any | None, plot: Path | None) -> tuple[str, int]:
+def inspect(target: str, cfg: Config | None, tokenizer: Any | None, plot: Path | None) -> tuple[str, int]:
     """The printed report and the number of malformed rows found."""
     out: list[str] = []
     convs: list[Conversation] = []

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunesmith.config import Config
+from tunesmith.config.schema import DataArgs
 from tunesmith.data.conversation import Conversation
 from tunesmith.data.formats import (
     FORMATS,
@@ -326,19 +328,19 @@ def iter_conversations(
             yield fill_placeholders(conv, placeholders)
 
 
-def resolve_sources(cfg: Any) -> list[DatasetSource]:
-    """The sources of ``cfg.dataset``, in order (files resolved, nothing read yet)."""
-    if not cfg.dataset:
+def resolve_sources(data: DataArgs) -> list[DatasetSource]:
+    """The sources of ``dataset``, in order (files resolved, nothing read yet)."""
+    if not data.dataset:
         raise DataError(
             "no dataset given; set dataset=NAME_OR_PATH (a .json/.jsonl/.csv/.parquet file or a name "
             "in dataset_dir/dataset_info.json)"
         )
-    dataset_dir = Path(cfg.dataset_dir).expanduser()
+    dataset_dir = Path(data.dataset_dir).expanduser()
     info = read_dataset_info(dataset_dir)
-    return [resolve_source(name, dataset_dir, info) for name in cfg.dataset]
+    return [resolve_source(name, dataset_dir, info) for name in data.dataset]
 
 
-def read_conversations(cfg: Any, bad: BadRows) -> Iterator[Conversation]:
+def read_conversations(cfg: Config, bad: BadRows) -> Iterator[Conversation]:
     """The conversations of ``cfg.dataset``, lazily (one pass, nothing held but the current rows), at most
     ``max_samples`` rows of each dataset, mixed by ``mix_strategy`` (see :mod:`tunesmith.data.mix`; seeded by
     ``seed``). Bad rows go to ``bad``; each dataset's count is logged when its first reading ends."""
@@ -370,16 +372,16 @@ def read_conversations(cfg: Any, bad: BadRows) -> Iterator[Conversation]:
 
         return open_reading
 
-    strategy = getattr(cfg, "mix_strategy", "concat")
+    strategy = cfg.mix_strategy
     mixed = 0
-    for conv in mix([opener(s) for s in sources], strategy, getattr(cfg, "interleave_probs", None), cfg.seed):
+    for conv in mix([opener(s) for s in sources], strategy, cfg.interleave_probs, cfg.seed):
         mixed += 1
         yield conv
     if strategy != "concat" and len(sources) > 1:
         logger.info("data: %s of %d datasets → %d conversations (seed %d)", strategy, len(sources), mixed, cfg.seed)
 
 
-def load_conversations(cfg: Any) -> tuple[list[Conversation], int]:
+def load_conversations(cfg: Config) -> tuple[list[Conversation], int]:
     """:func:`read_conversations` as a list, and how many bad rows were skipped."""
     bad = BadRows(cfg.skip_bad_rows)
     convs = list(read_conversations(cfg, bad))

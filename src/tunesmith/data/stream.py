@@ -38,6 +38,8 @@ from collections.abc import Iterator
 from itertools import islice
 from typing import Any, NamedTuple
 
+from tunesmith.config import Config
+from tunesmith.config.schema import DataArgs
 from tunesmith.data.conversation import Conversation
 from tunesmith.data.encode import EncodeReport, encode_dataset
 from tunesmith.data.loader import Batch, DataPosition, EncodedLike, collate, masked_copy, rank_slices
@@ -66,16 +68,16 @@ def shuffle_buffer(rows: Iterator[Any], size: int, seed: int) -> Iterator[Any]:
     yield from buffer
 
 
-def stream_val_rows(cfg: Any) -> int:
+def stream_val_rows(data: DataArgs) -> int:
     """``val_size`` as a row count taken from the head of the stream; a fraction cannot be computed."""
-    if cfg.val_size <= 0:
+    if data.val_size <= 0:
         return 0
-    if cfg.val_size < 1 or cfg.val_size != int(cfg.val_size):
+    if data.val_size < 1 or data.val_size != int(data.val_size):
         raise ConfigError(
-            f"val_size={cfg.val_size:g} is a fraction, but with streaming: true the data has no known length; "
+            f"val_size={data.val_size:g} is a fraction, but with streaming: true the data has no known length; "
             "give a row count instead (val_size: 500 holds out the stream's first 500 rows)"
         )
-    return int(cfg.val_size)
+    return int(data.val_size)
 
 
 class Unit(NamedTuple):
@@ -89,7 +91,7 @@ class Unit(NamedTuple):
 class StreamingData:
     """The training stream of a config (see the module docstring); :meth:`units` opens one pass of it."""
 
-    def __init__(self, cfg: Any, tokenizer: Any, template: Template) -> None:
+    def __init__(self, cfg: Config, tokenizer: Any, template: Template) -> None:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.template = template

@@ -15,7 +15,7 @@ from tunesmith.errors import ConfigError, ModelError
 from tunesmith.logging import get_logger
 
 if TYPE_CHECKING:
-    from tunesmith.config.schema import Config
+    from tunesmith.config.schema import Config, MethodArgs
 
 logger = get_logger("model")
 
@@ -118,36 +118,36 @@ def _apply_freeze(model: nn.Module, num_layers: int, modules: list[str] | str) -
     logger.info("freeze: training %s %s of %s", layers_name, list(chosen), count)
 
 
-def _wrap_lora(model: nn.Module, cfg: Config) -> Any:
+def _wrap_lora(model: nn.Module, method: MethodArgs) -> Any:
     from peft import LoraConfig, TaskType, get_peft_model
 
     available = find_linear_modules(model)
-    targets = available if cfg.lora_target == "all" else list(cfg.lora_target)
+    targets = available if method.lora_target == "all" else list(method.lora_target)
     unknown = [name for name in targets if name not in available]
     if unknown:
         raise ModelError(
             f"lora_target {', '.join(unknown)} is not a linear layer of {type(model).__name__}; "
             f"use all or names from: {', '.join(available)}."
         )
-    _check_dora_on_quantized(model, cfg)
-    alpha = cfg.lora_alpha or 2 * cfg.lora_rank
+    _check_dora_on_quantized(model, method)
+    alpha = method.lora_alpha or 2 * method.lora_rank
     logger.info(
         "lora targets: %s (r %d, alpha %d, scaling %.4g%s%s)",
         ", ".join(targets),
-        cfg.lora_rank,
+        method.lora_rank,
         alpha,
-        lora_scaling(alpha, cfg.lora_rank, cfg.use_rslora),
-        ", rsLoRA" if cfg.use_rslora else "",
-        ", DoRA" if cfg.use_dora else "",
+        lora_scaling(alpha, method.lora_rank, method.use_rslora),
+        ", rsLoRA" if method.use_rslora else "",
+        ", DoRA" if method.use_dora else "",
     )
     config = LoraConfig(
         task_type=TaskType.CAUSAL_LM,
-        r=cfg.lora_rank,
+        r=method.lora_rank,
         lora_alpha=alpha,
-        lora_dropout=cfg.lora_dropout,
+        lora_dropout=method.lora_dropout,
         target_modules=targets,
-        use_dora=cfg.use_dora,
-        use_rslora=cfg.use_rslora,
+        use_dora=method.use_dora,
+        use_rslora=method.use_rslora,
     )
     with warnings.catch_warnings():
         # PEFT still asks for `is_gradient_checkpointing`, which transformers ≥ 5 renamed; nothing to act on.
@@ -161,10 +161,10 @@ def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
     return alpha / rank**0.5 if rslora else alpha / rank
 
 
-def _check_dora_on_quantized(model: Any, cfg: Config) -> None:
+def _check_dora_on_quantized(model: Any, method: MethodArgs) -> None:
     # bitsandbytes' CPU backend cannot dequantize an 8-bit weight once it has been used in a training step
     # (int8_mm_dequant gets no column statistics), which DoRA does on every forward: it crashes on the 2nd step.
-    if not (cfg.use_dora and getattr(model, "is_loaded_in_8bit", False)):
+    if not (method.use_dora and getattr(model, "is_loaded_in_8bit", False)):
         return
     if next(model.parameters()).device.type == "cpu":
         raise ConfigError(

@@ -18,7 +18,7 @@ from tunesmith.model.resolve import resolve_model_path
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from tunesmith.config.schema import Config
+    from tunesmith.config.schema import Config, MethodArgs
 
 logger = get_logger("model")
 
@@ -121,23 +121,23 @@ class Quantization:
         )
 
 
-def quantization_from_config(cfg: Config, precision: str = "fp32") -> Quantization | None:
+def quantization_from_config(method: MethodArgs, precision: str = "fp32") -> Quantization | None:
     """The config's QLoRA settings (None without quantization_bit). ``precision`` is the run's resolved autocast
     precision (fp32/bf16/fp16): quantization_compute_dtype auto follows it."""
-    if cfg.quantization_bit is None:
+    if method.quantization_bit is None:
         return None
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(
-            f"quantization_bit: {cfg.quantization_bit} needs bitsandbytes, which is not installed; "
+            f"quantization_bit: {method.quantization_bit} needs bitsandbytes, which is not installed; "
             "pip install bitsandbytes, or remove quantization_bit"
         )
-    name = cfg.quantization_compute_dtype
+    name = method.quantization_compute_dtype
     if name == "auto":
         name = {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
     return Quantization(
-        bits=cfg.quantization_bit,
-        quant_type=cfg.quantization_type,
-        double_quant=cfg.double_quantization,
+        bits=method.quantization_bit,
+        quant_type=method.quantization_type,
+        double_quant=method.double_quantization,
         compute_dtype=_DTYPES[name],
     )
 

@@ -19,6 +19,9 @@ from typing import Any
 
 import torch
 
+from tunesmith.config import Config
+from tunesmith.data import PreparedData, prepare_datasets
+from tunesmith.data.cache import cache_location
 from tunesmith.errors import TunesmithError
 from tunesmith.logging import get_logger
 from tunesmith.runenv import free_port, launched_by_torchrun
@@ -299,23 +302,19 @@ def main_process_first(
         store.set(f"{key}/{info.rank}/done", "1")
 
 
-def data_cache_enabled(cfg: Any) -> bool:
+def data_cache_enabled(cfg: Config) -> bool:
     """Whether preprocessed samples are shared through a cache (``tokenized_path`` or the automatic one)."""
-    from tunesmith.data.cache import cache_location
-
-    if getattr(cfg, "streaming", False):  # a stream is read while training and never cached
+    if cfg.streaming:  # a stream is read while training and never cached
         return False
     return cache_location(cfg, "0" * 64) is not None
 
 
-def prepare_datasets_once(cfg: Any, tokenizer: Any, log_every_s: float = WAIT_LOG_S) -> Any:
+def prepare_datasets_once(cfg: Config, tokenizer: Any, log_every_s: float = WAIT_LOG_S) -> PreparedData:
     """``tunesmith.data.prepare_datasets`` run by rank 0 (then once per other node), the other ranks loading its
     cache afterwards; see :func:`main_process_first`. Without a cache every rank preprocesses, as before."""
-    from tunesmith.data import prepare_datasets
-
     with main_process_first(
         "preprocessing the data", enabled=data_cache_enabled(cfg), log_every_s=log_every_s
     ) as leads:
-        if not leads and getattr(cfg, "overwrite_cache", False):
+        if not leads and cfg.overwrite_cache:
             cfg = cfg.model_copy(update={"overwrite_cache": False})  # rebuilt once by the leader, read here
         return prepare_datasets(cfg, tokenizer)
