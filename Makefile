@@ -13,10 +13,12 @@ demo: setup
 test: setup
 	bash scripts/install-browser.sh
 	bash scripts/install-slurm.sh
+	lint-imports
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint:
 	ruff check src tests bench
+	lint-imports
 
 reference:
 	$(PY) -m tunesmith.config.reference --write README.md

@@ -275,39 +275,59 @@ def main() -> None:
         worker(args.worker[0], [*args.worker[2:], *rest], args.worker[1])
         return
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    results: dict = {"load_avg_1m": os.getloadavg()[0]}
     if args.repredict:
-        old = json.loads(Path(args.repredict).read_text())
-        for row in old.get("measured", []):
-            if "error" in row or not Path(row["args"][0].split("=", 1)[1]).exists() and "tiny" in row["model"]:
-                continue
-            row.update(predict(row["args"], row["ranks"]))
-            print(f"{row['model']:<9}{row['run']:<11}{row['predicted'] / MIB:>14.0f}{row['measured'] / MIB:>14.0f}"
-                  f"{row['predicted'] / row['measured']:>8.2f}")
+        repredict(Path(args.repredict))
         return
+    results: dict = {"load_avg_1m": os.getloadavg()[0]}
     if not args.skip_measure:
-        work = Path(tempfile.mkdtemp(prefix="plan-accuracy-"))
-        make_data(work / "data.jsonl", args.cutoff)
-        (work / "bench.yaml").write_text("{}\n")
-        measured = []
-        shape = [f"cutoff_len={args.cutoff}", f"per_device_train_batch_size={args.batch}"]
-        print(f"{'model':<9}{'run':<11}{'predicted MiB':>14}{'measured MiB':>14}{'ratio':>8}{'s':>7}", flush=True)
-        for model in args.models.split(","):
-            path = model_path(model, work)
-            for run in args.runs.split(","):
-                row = {"model": model, "run": run, **measure(path, run, work, shape)}
-                if "error" not in row:
-                    row["ratio"] = row["predicted"] / row["measured"]
-                measured.append(row)
-                if "error" in row:
-                    print(f"{model:<9}{run:<11} failed: {row['error']}", flush=True)
-                    continue
-                print(f"{model:<9}{run:<11}{row['predicted'] / MIB:>14.0f}{row['measured'] / MIB:>14.0f}"
-                      f"{row['ratio']:>8.2f}{row['seconds']:>7.0f}", flush=True)
-        results["measured"] = measured
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-    results["deepspeed"] = deepspeed_table()
+        results["measured"] = measure_all(args)
+    results.update(print_reference_tables())
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def _print_row(row: dict) -> None:
+    print(f"{row['model']:<9}{row['run']:<11}{row['predicted'] / MIB:>14.0f}{row['measured'] / MIB:>14.0f}"
+          f"{row['predicted'] / row['measured']:>8.2f}" + (f"{row['seconds']:>7.0f}" if "seconds" in row else ""),
+          flush=True)
+
+
+def repredict(path: Path) -> None:
+    """Re-run only the predictions for the runs of an earlier --json file."""
+    old = json.loads(path.read_text())
+    for row in old.get("measured", []):
+        if "error" in row or not Path(row["args"][0].split("=", 1)[1]).exists() and "tiny" in row["model"]:
+            continue
+        row.update(predict(row["args"], row["ranks"]))
+        _print_row({k: v for k, v in row.items() if k != "seconds"})
+
+
+def measure_all(args: argparse.Namespace) -> list[dict]:
+    """Every (model, run): the measured peak against the prediction."""
+    work = Path(tempfile.mkdtemp(prefix="plan-accuracy-"))
+    make_data(work / "data.jsonl", args.cutoff)
+    (work / "bench.yaml").write_text("{}\n")
+    measured = []
+    shape = [f"cutoff_len={args.cutoff}", f"per_device_train_batch_size={args.batch}"]
+    print(f"{'model':<9}{'run':<11}{'predicted MiB':>14}{'measured MiB':>14}{'ratio':>8}{'s':>7}", flush=True)
+    for model in args.models.split(","):
+        path = model_path(model, work)
+        for run in args.runs.split(","):
+            row = {"model": model, "run": run, **measure(path, run, work, shape)}
+            measured.append(row)
+            if "error" in row:
+                print(f"{model:<9}{run:<11} failed: {row['error']}", flush=True)
+                continue
+            row["ratio"] = row["predicted"] / row["measured"]
+            _print_row(row)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return measured
+
+
+def print_reference_tables() -> dict:
+    """DeepSpeed's estimators, the quoted 7B figures and guide 001's verdicts, printed and returned."""
+    results = {"deepspeed": deepspeed_table()}
     print("\nmodel states per GPU vs DeepSpeed's estimators (GiB; host RAM × 1.5, DeepSpeed's buffer factor)")
     print(f"{'model':<30}{'gpus':>5}{'stage':>6}{'offload':>10}{'ours':>9}{'DeepSpeed':>10}{'host ours':>10}"
           f"{'host DS':>9}")
@@ -323,8 +343,7 @@ def main() -> None:
     print("\nguide 001: Qwen-7B-Chat full fine-tune, fp16, batch 1 × 128 tokens, 4 × 24GB")
     for r in results["guide001"]:
         print(f"  {r['setup']:<45}{r['peak_gib']:>7.1f} GiB  {'fits' if r['fits'] else 'does not fit'}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    return results
 
 
 if __name__ == "__main__":

@@ -57,6 +57,24 @@ def replicated_rows(data_dir: Path, at_least: int) -> list[dict]:
     return base * copies
 
 
+def time_cases(cases: list, repeats: int, rows: int, tokens: int) -> list[dict]:
+    """Interleaved: every repeat runs every case once, and each case's ratio to the raw encode_batch of the
+    SAME repeat is kept; the median of those ratios is robust to the load of a shared machine drifting."""
+    seconds: dict[str, list[float]] = {name: [] for name, _ in cases}
+    for _ in range(repeats):
+        for name, fn in cases:
+            start = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - start)
+    results = []
+    for name, _ in cases:
+        ratios = [a / b for a, b in zip(seconds["raw encode_batch"], seconds[name], strict=True)]
+        best = min(seconds[name])
+        results.append({"case": name, "seconds": best, "samples_per_s": rows / best, "tokens_per_s": tokens / best,
+                        "vs_raw_encode_batch": statistics.median(ratios)})
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=20000)
@@ -76,7 +94,6 @@ def main() -> int:
     from tunesmith.data import encode_dataset, get_template, load_conversations, prepare_datasets
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or qwen_tokenizer_dir())
-    results: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "alpaca_x.json"
         rows = replicated_rows(Path(args.data_dir), args.rows)
@@ -128,26 +145,7 @@ def main() -> int:
             ("prepare (cold)", ours_cold),
             ("prepare (warm)", ours_warm),
         ]
-        # Interleaved: every repeat runs every case once, and each case's ratio to the raw encode_batch of the
-        # SAME repeat is kept; the median of those ratios is robust to the load of a shared machine drifting.
-        seconds: dict[str, list[float]] = {name: [] for name, _ in cases}
-        for _ in range(args.repeats):
-            for name, fn in cases:
-                start = time.perf_counter()
-                fn()
-                seconds[name].append(time.perf_counter() - start)
-        for name, _ in cases:
-            ratios = [a / b for a, b in zip(seconds["raw encode_batch"], seconds[name], strict=True)]
-            best = min(seconds[name])
-            results.append(
-                {
-                    "case": name,
-                    "seconds": best,
-                    "samples_per_s": len(texts) / best,
-                    "tokens_per_s": tokens / best,
-                    "vs_raw_encode_batch": statistics.median(ratios),
-                }
-            )
+        results = time_cases(cases, args.repeats, len(texts), tokens)
     if args.json:
         print(json.dumps({"rows": len(texts), "tokens": tokens, "results": results}, indent=1))
         return 0

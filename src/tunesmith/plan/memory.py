@@ -193,53 +193,57 @@ def per_layer_activation_bytes(s: Setup) -> float:
 
 def estimate(s: Setup) -> Breakdown:
     """The per-device breakdown of ``s``."""
-    a = s.arch
-    b = Breakdown(total_params=a.total_params)
-    n = max(s.world_size, 1)
-    total = a.total_params
-    trainable = trainable_params(s)
-    b.trainable = trainable
+    b = Breakdown(total_params=s.arch.total_params)
+    b.trainable = trainable_params(s)
     half = 2 if s.mixed else 4
-    tokens = s.micro_batch * s.seq_len
-
-    # ---- weights, gradients, optimizer
     if s.deepspeed:
-        _deepspeed_states(s, b, trainable, half, n)
+        _deepspeed_states(s, b, b.trainable, half, max(s.world_size, 1))
     else:
-        on_gpu_half = s.device != "cpu" and s.mixed and s.engine != "fsdp2"
-        base_bytes = 4.0
-        if s.method == "lora":
-            base_bytes = half if on_gpu_half else 4.0
-        if s.quant_bits:
-            qbytes, constants = _quantized_bytes(s)
-            b.weights = qbytes + (total - a.quantizable_params) * base_bytes
-            b.quant_constants = constants
-        elif s.method == "lora":
-            b.weights = total * base_bytes
-        else:
-            b.weights = total * 4.0  # full and freeze: float32 master weights, frozen ones included
-        if s.method == "lora":
-            b.weights += trainable * 4.0  # adapters: float32, trained
-        b.gradients = 4.0 * trainable
-        b.optimizer = 8.0 * trainable
-        if s.engine == "fsdp2":
-            b.weights, b.gradients, b.optimizer = b.weights / n, b.gradients / n, b.optimizer / n
-            gather_bytes = 2 if s.precision == "bf16" else 4
-            root = a.embedding_params + a.lm_head_params + a.hidden_size
-            b.gathered = (root + 2 * a.layer_params) * gather_bytes  # root unit stays gathered; 2 layers in flight
-            b.comm_buffers = 2 * a.layer_params * 4.0  # float32 reduce-scatter of a layer's gradients
-        # ddp: no term. The gradients are views into the reducer's buckets (gradient_as_bucket_view), not a copy.
-        # torch AdamW: foreach on GPUs allocates a temporary the size of the parameters; on CPU it loops
-        b.step_temp = 4.0 * trainable if s.device != "cpu" else 8.0 * _largest_param(a, s)
-        b.host_load = total * (base_bytes if s.method == "lora" else 4.0) * s.ranks_per_node
-        if s.mixed and not (s.engine == "fsdp2" and s.precision == "bf16") and (s.method != "lora" or not on_gpu_half):
-            # autocast casts float32 weights to 16 bits and keeps the copies that backward needs
-            linear = 0 if s.quant_bits else a.layer_linear_params  # 4/8-bit weights dequantize per call
-            head = a.vocab_size * a.hidden_size
-            layers = 1 if s.grad_ckpt else a.num_layers
-            b.autocast_copies = 2.0 * (layers * linear + head)
+        _torch_states(s, b, half)
+    _activations(s, b)
+    cpu_runtime = CPU_RUNTIME_BASE + CPU_RUNTIME_PER_VOCAB * s.arch.vocab_size
+    if s.deepspeed:
+        cpu_runtime += CPU_DEEPSPEED_RUNTIME
+    b.runtime = {"cuda": CUDA_RUNTIME, "npu": NPU_RUNTIME}.get(s.device, cpu_runtime)
+    return b
 
-    # ---- activations (per micro-batch) and logits
+
+def _torch_states(s: Setup, b: Breakdown, half: int) -> None:
+    """Weights, gradients, optimizer and their side costs when tunesmith's AdamW steps (single, ddp, fsdp2)."""
+    a, n, trainable, total = s.arch, max(s.world_size, 1), b.trainable, s.arch.total_params
+    on_gpu_half = s.device != "cpu" and s.mixed and s.engine != "fsdp2"
+    base_bytes = float(half if s.method == "lora" and on_gpu_half else 4.0)
+    if s.quant_bits:
+        qbytes, constants = _quantized_bytes(s)
+        b.weights = qbytes + (total - a.quantizable_params) * base_bytes
+        b.quant_constants = constants
+    else:  # lora: the frozen base in its load dtype; full and freeze: float32 master weights, frozen ones included
+        b.weights = total * (base_bytes if s.method == "lora" else 4.0)
+    if s.method == "lora":
+        b.weights += trainable * 4.0  # adapters: float32, trained
+    b.gradients = 4.0 * trainable
+    b.optimizer = 8.0 * trainable
+    if s.engine == "fsdp2":
+        b.weights, b.gradients, b.optimizer = b.weights / n, b.gradients / n, b.optimizer / n
+        gather_bytes = 2 if s.precision == "bf16" else 4
+        root = a.embedding_params + a.lm_head_params + a.hidden_size
+        b.gathered = (root + 2 * a.layer_params) * gather_bytes  # root unit stays gathered; 2 layers in flight
+        b.comm_buffers = 2 * a.layer_params * 4.0  # float32 reduce-scatter of a layer's gradients
+    # ddp: no term. The gradients are views into the reducer's buckets (gradient_as_bucket_view), not a copy.
+    # torch AdamW: foreach on GPUs allocates a temporary the size of the parameters; on CPU it loops
+    b.step_temp = 4.0 * trainable if s.device != "cpu" else 8.0 * _largest_param(a, s)
+    b.host_load = total * (base_bytes if s.method == "lora" else 4.0) * s.ranks_per_node
+    if s.mixed and not (s.engine == "fsdp2" and s.precision == "bf16") and (s.method != "lora" or not on_gpu_half):
+        # autocast casts float32 weights to 16 bits and keeps the copies that backward needs
+        linear = 0 if s.quant_bits else a.layer_linear_params  # 4/8-bit weights dequantize per call
+        head = a.vocab_size * a.hidden_size
+        layers = 1 if s.grad_ckpt else a.num_layers
+        b.autocast_copies = 2.0 * (layers * linear + head)
+
+
+def _activations(s: Setup, b: Breakdown) -> None:
+    """Activations of a micro-batch, the logits and their loss, and the gradients alive at that peak."""
+    a, tokens = s.arch, s.micro_batch * s.seq_len
     full_layer = per_layer_activation_bytes(s) * tokens
     if s.grad_ckpt:
         residual = 2 if (s.deepspeed and s.mixed) else 4
@@ -258,16 +262,9 @@ def estimate(s: Setup) -> Breakdown:
         b.first_grads = b.gradients
     else:
         # full fine-tuning: the output head's gradient is the first one backward allocates
-        per = b.gradients / max(trainable, 1)
+        per = b.gradients / max(b.trainable, 1)
         head = per * a.vocab_size * a.hidden_size if s.method == "full" else 0.0
         b.first_grads = min(head, b.gradients)
-
-    # ---- runtime
-    cpu_runtime = CPU_RUNTIME_BASE + CPU_RUNTIME_PER_VOCAB * a.vocab_size
-    if s.deepspeed:
-        cpu_runtime += CPU_DEEPSPEED_RUNTIME
-    b.runtime = {"cuda": CUDA_RUNTIME, "npu": NPU_RUNTIME}.get(s.device, cpu_runtime)
-    return b
 
 
 def _largest_param(a: ArchFacts, s: Setup) -> int:

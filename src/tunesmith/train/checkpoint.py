@@ -333,12 +333,12 @@ def write_checkpoint(
     if comm.is_main:
         begin_checkpoint(output_dir, step)
     comm.barrier()
-    failure = _attempt(lambda: (write(tmp), save_rng_state(tmp, comm.rank)))
+    failure = _attempt(lambda: (write(tmp), save_rng_state(tmp, comm.rank)), output_dir)
     # every rank learns whether any part failed (this also waits for every part to be on disk) ...
     failures = comm.all_gather_object(failure)
     if comm.is_main and not any(failures):
         extra_states = {name: value.state_dict() for name, value in (extra or {}).items()}
-        failure = _attempt(lambda: finish_checkpoint(tmp, scheduler, state, extra_states))
+        failure = _attempt(lambda: finish_checkpoint(tmp, scheduler, state, extra_states), output_dir)
     # ... and whether rank 0 completed it: nobody goes on (and maybe crashes) before it is
     failures = [f for f in [*failures, *comm.all_gather_object(failure)] if f]
     if failures:
@@ -348,24 +348,33 @@ def write_checkpoint(
     return output_dir / f"{CHECKPOINT_PREFIX}{step}"
 
 
-def _attempt(action: Callable[[], Any]) -> str | None:
-    """Run ``action``; a full disk is returned as text (every rank must learn of it before anyone stops: the
-    others would wait in the next collective forever), any other error is raised."""
+def _attempt(action: Callable[[], Any], where: Path) -> str | None:
+    """Run ``action``, which writes under ``where``; a full disk is returned as text (every rank must learn of it
+    before anyone stops: the others would wait in the next collective forever), any other error is raised."""
     try:
         action()
     except Exception as err:
-        if is_disk_full(err):
+        if is_disk_full(err, where):
             return f"{type(err).__name__}: {err}"
         raise
     return None
 
 
-def is_disk_full(err: BaseException) -> bool:
-    """ENOSPC / EDQUOT, whoever raised it: safetensors and torch.save wrap the OS error in their own types."""
+DISK_FULL_BYTES = 1 << 20  # less than this free after a failed write: the disk filled up
+
+
+def is_disk_full(err: BaseException, where: Path) -> bool:
+    """Whether ``err``, raised while writing under ``where``, means the disk is full. safetensors and
+    torch.save wrap the OS error in their own types (torch.save's says only "unexpected pos"), so the free space
+    left on that disk decides as well."""
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    text = str(err)
-    return "No space left on device" in text or "Disk quota exceeded" in text or "file write failed" in text
+    if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):
+        return True
+    try:
+        return shutil.disk_usage(where).free < DISK_FULL_BYTES
+    except OSError:
+        return False
 
 
 def disk_full_error(output_dir: Path, what: str, model: torch.nn.Module | None = None) -> TunesmithError:

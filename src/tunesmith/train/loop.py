@@ -497,7 +497,7 @@ def _save_final_model(run: Run) -> None:
     try:
         run.engine.save_model(run.tokenizer, run.output_dir)
     except Exception as err:
-        if not ckpt.is_disk_full(err):
+        if not ckpt.is_disk_full(err, run.output_dir):
             raise
         failure = str(err)
     if any(run.engine.comm.all_gather_object(failure)):
