@@ -14,6 +14,7 @@ from tunesmith.cli import main as commands_main
 from tunesmith.config import load_config
 from tunesmith.errors import ConfigError
 from tunesmith.evaluate.metrics import compute_metrics
+from tunesmith.model.detokenize import decode_complete
 from tunesmith.model.generate import generate_reply
 from tunesmith.train.samples import log_sample_generations, sample_generation_due
 
@@ -206,3 +207,57 @@ def test_train_with_a_llamafactory_predict_config_only_predicts(tmp_path, tiny_m
 
     plain = write_config(tmp_path, tiny_model_dir, identity_rows, do_train=False)
     assert cli_main(["train", plain]) == 2
+
+
+QUESTION, REPLY = "你是谁？", "我是Ada，人工智能助手😀。Hi，你好！"
+
+
+@pytest.fixture(scope="module")
+def speaking_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model taught to answer QUESTION with REPLY, whose characters the tiny tokenizer mostly spells as
+    2-3 byte tokens (tests/serve/serve_helpers.py's teach_reply does the same for the serving tests)."""
+    import torch
+
+    from tunesmith.data.templates import get_template
+    from tunesmith.model.load import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    template = get_template("auto", tokenizer)
+    prompt = template.encode_prompt(tokenizer, [{"role": "user", "content": QUESTION}])
+    answer = tokenizer.encode(REPLY, add_special_tokens=False) + template.stop_token_ids(tokenizer)[:1]
+    ids, labels = torch.tensor([prompt + answer]), torch.tensor([[-100] * len(prompt) + answer])
+    model = load_model(tiny_model_dir)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small only loses time to a second thread on a shared machine
+    try:
+        for _ in range(400):
+            loss = model(input_ids=ids, labels=labels).loss
+            if loss.item() < 0.01:
+                break
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path_factory.mktemp("speaking")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_predictions_cut_inside_a_character_hold_no_half_character(tmp_path, speaking_model_dir):
+    """max_new_tokens ends the answer inside a character: `predict` (and the file) stop before it."""
+    from tunesmith.evaluate.predict import run_predict
+    from tunesmith.model.load import load_model, load_tokenizer
+
+    model, tokenizer = load_model(speaking_model_dir), load_tokenizer(speaking_model_dir)
+    ids = tokenizer.encode(REPLY, add_special_tokens=False)
+    cuts = [n for n in range(1, len(ids) + 1) if tokenizer.decode(ids[:n]).endswith("\ufffd")]
+    path = write_config(tmp_path, speaking_model_dir, [{"instruction": QUESTION, "output": REPLY}], template="auto")
+    for n in [*cuts[::5], len(ids) + 1]:
+        run_predict(load_config(path, [f"max_new_tokens={n}"]), model, tokenizer)
+        (row,) = read_jsonl(tmp_path / "run" / "generated_predictions.jsonl")
+        assert row["predict"] == decode_complete(tokenizer, ids[:n]) and "\ufffd" not in row["predict"], n
+        assert REPLY.startswith(row["predict"]) and row["label"] == REPLY
+    assert row["predict"] == REPLY

@@ -11,10 +11,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import serve_helpers
+from serve_helpers import QUESTION, REPLY
 
+from tunesmith.model.detokenize import decode_complete
 from tunesmith.model.generate import generate_reply
 
 live_server = serve_helpers.live_server_fixture()
+speaking_model_dir = serve_helpers.speaking_model_fixture()
+speaking_server = serve_helpers.live_server_fixture("speaking_server", "speaking_model_dir")
 openai = pytest.importorskip("openai", reason="the openai client is a dev extra: pip install -e '.[dev]'")
 
 
@@ -206,3 +210,46 @@ def test_chat_page_is_served(live_server):
     page = live_server.request("GET", "/")
     assert page.status == 200 and "text/html" in page.headers["content-type"]
     assert "/v1/chat/completions" in page.text and 'id="system"' in page.text
+
+
+def ask_speaking(server, max_tokens: int, stop: list[str] | None = None) -> tuple[tuple[str, str], tuple[str, str]]:
+    """The taught question, answered whole and streamed: ((content, finish_reason), (joined deltas, reason));
+    no streamed delta may hold a U+FFFD."""
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=server.api_key, max_retries=0, timeout=60)
+    kwargs = {"model": "tiny-qwen2", "messages": [{"role": "user", "content": QUESTION}], "temperature": 0,
+              "max_tokens": max_tokens, "stop": stop}
+    whole = client.chat.completions.create(**kwargs).choices[0]
+    chunks = [c for c in client.chat.completions.create(**kwargs, stream=True) if c.choices]
+    deltas = [c.choices[0].delta.content or "" for c in chunks]
+    assert not any("\ufffd" in d for d in deltas), deltas
+    return (whole.message.content, whole.finish_reason), ("".join(deltas), chunks[-1].choices[0].finish_reason)
+
+
+def test_a_reply_cut_inside_a_character_is_never_sent_half(speaking_server):
+    """max_tokens ends the taught reply after each of its tokens: the final message and the stream are the
+    reply up to its last complete character, with no U+FFFD."""
+    ids = speaking_server.tokenizer.encode(REPLY, add_special_tokens=False)
+    with serve_helpers.one_torch_thread():
+        for n in range(1, len(ids) + 2):
+            expected = decode_complete(speaking_server.tokenizer, ids[:n])
+            assert "\ufffd" not in expected and REPLY.startswith(expected)
+            reason = "length" if n <= len(ids) else "stop"
+            assert ask_speaking(speaking_server, n) == ((expected, reason), (expected, reason)), n
+    assert expected == REPLY
+
+
+@pytest.mark.parametrize("stop", ["😀", "。Hi", "你好"])
+def test_a_stop_string_of_multi_byte_characters_cuts_at_a_whole_character(speaking_server, stop):
+    """Stops made of characters the tiny tokenizer spells in bytes, with max_tokens ending the reply just before,
+    inside and just after them: the reply is cut exactly at the stop, and never shows half a character."""
+    tokenizer = speaking_server.tokenizer
+    ids = tokenizer.encode(REPLY, add_special_tokens=False)
+    reached = next(n for n in range(1, len(ids) + 1) if stop in decode_complete(tokenizer, ids[:n]))
+    with serve_helpers.one_torch_thread():
+        for n in [*range(reached - 4, reached + 2), len(ids) + 1]:
+            text = decode_complete(tokenizer, ids[:n])
+            found = text.find(stop)
+            expected = text[:found] if found >= 0 else text
+            reason = "stop" if found >= 0 or n > len(ids) else "length"
+            assert ask_speaking(speaking_server, n, [stop]) == ((expected, reason), (expected, reason)), n
+    assert expected == REPLY[: REPLY.find(stop)]

@@ -1,13 +1,19 @@
-"""generate_stream's KV-cache loop against transformers' own greedy generate, stop tokens, seeded sampling."""
+"""generate_stream's KV-cache loop against transformers' own greedy generate, stop tokens, seeded sampling, and
+replies cut inside a multi-byte character."""
 
 from __future__ import annotations
 
 import pytest
+import serve_helpers
 import torch
+from serve_helpers import QUESTION, REPLY
 
 from tunesmith.data.templates import get_template
-from tunesmith.model.generate import generate_reply, generate_stream
+from tunesmith.model.detokenize import decode_complete
+from tunesmith.model.generate import GenerationStats, generate_reply, generate_stream
 from tunesmith.model.load import load_model, load_tokenizer
+
+speaking_model_dir = serve_helpers.speaking_model_fixture()
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -67,3 +73,29 @@ def test_seeded_sampling_is_reproducible_and_leaves_global_rng_alone(tiny):
     assert first and generate_reply(model, tokenizer, template, MESSAGES, **kwargs) == first
     assert torch.equal(torch.get_rng_state(), before)
     assert not model.training
+
+
+def test_a_reply_cut_inside_a_character_never_ends_in_half_of_it(speaking_model_dir):
+    """max_new_tokens cuts the taught reply after each of its tokens: the pieces never hold U+FFFD, the reply
+    is a prefix of the whole one and, where the cut falls between characters, exactly today's decode."""
+    tokenizer = load_tokenizer(speaking_model_dir)
+    model, template = load_model(speaking_model_dir), get_template("auto", tokenizer)
+    ids = tokenizer.encode(REPLY, add_special_tokens=False)
+    inside = 0
+    for n in range(1, len(ids) + 2):
+        stats = GenerationStats()
+        with serve_helpers.one_torch_thread():
+            pieces = list(generate_stream(model, tokenizer, template, [{"role": "user", "content": QUESTION}],
+                                          max_new_tokens=n, stats=stats))
+        reply = "".join(pieces)
+        assert all(pieces) and "\ufffd" not in reply and REPLY.startswith(reply), n
+        assert reply == decode_complete(tokenizer, ids[:n])
+        bare = tokenizer.decode(ids[:n])
+        if bare.endswith("\ufffd"):
+            inside += 1
+            assert len(reply) < len(bare)
+        else:
+            assert reply == bare
+        assert stats.completion_tokens == min(n, len(ids))
+        assert stats.finish_reason == ("length" if n <= len(ids) else "stop")
+    assert reply == REPLY and inside == 26

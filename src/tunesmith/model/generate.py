@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from tunesmith.data.templates import get_template
+from tunesmith.model.detokenize import IncrementalDecoder
 
 
 class CancelFlag(Protocol):
@@ -60,59 +61,76 @@ def generate_stream(
 
     ``prompt_ids`` skips templating (the caller already encoded `messages`); ``stats`` receives token counts and
     the finish reason; ``cancel`` stops generation before the next token once set (from another thread).
+
+    Pieces are whole characters (IncrementalDecoder): the first bytes of a character the reply ends before
+    completing (max_new_tokens, a cancel) are never yielded, and the joined pieces are the decoded reply.
     """
     chat_template = get_chat_template(template, tokenizer)
     prompt = prompt_ids if prompt_ids is not None else chat_template.encode_prompt(tokenizer, messages, system)
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens, stats.completion_tokens, stats.finish_reason = len(prompt), 0, None
     stops = set(chat_template.stop_token_ids(tokenizer))
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
+    decoder = IncrementalDecoder(tokenizer)
+    tokens = _token_loop(model, prompt, max_new_tokens, _Sampler(model, temperature, top_p, seed), cancel, stats)
+    was_training = model.training
+    model.eval()
+    try:
+        for next_id in tokens:
+            if next_id in stops:
+                stats.finish_reason = "stop"
+                break
+            stats.completion_tokens += 1
+            piece = decoder.add(next_id)
+            if piece:
+                yield piece
+    finally:
+        tokens.close()
+        model.train(was_training)
+
+
+class _Sampler:
+    """Picks the next token: greedy at temperature 0, else top-p sampling from a private seeded generator."""
+
+    def __init__(self, model: Any, temperature: float, top_p: float, seed: int | None) -> None:
+        self.temperature, self.top_p = temperature, top_p
+        self.generator = torch.Generator(device=next(model.parameters()).device)
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        return _next_token(logits, self.temperature, self.top_p, self.generator)
+
+
+def _token_loop(
+    model: Any,
+    prompt: list[int],
+    max_new_tokens: int,
+    sample: _Sampler,
+    cancel: CancelFlag | None,
+    stats: GenerationStats,
+) -> Iterator[int]:
+    """The KV-cache loop: yields each sampled token id; sets stats.finish_reason to "length" or "cancelled"
+    when it ends by itself (the caller sets "stop" when it stops reading at a stop token)."""
     params = _forward_parameters(model)
     # transformers >= 5.2x names the KV cache `cache` (and deprecates `past_key_values`); older ones do not.
     cache_kw = "cache" if "cache" in params else "past_key_values"
     # Only the last position's logits are needed; skipping the rest saves prompt_len × vocab floats.
     extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-
-    was_training = model.training
-    model.eval()
-    try:
-        input_ids = torch.tensor([prompt], device=device)
-        past = None
-        generated: list[int] = []
-        shown = ""
-        for _ in range(max_new_tokens):
-            if cancel is not None and cancel.is_set():
-                stats.finish_reason = "cancelled"
-                break
-            with torch.inference_mode():
-                out = model(input_ids=input_ids, use_cache=True, **{cache_kw: past}, **extra)
-            past = out.get(cache_kw)
-            next_id = _next_token(out.logits[0, -1].float(), temperature, top_p, generator)
-            if next_id in stops:
-                stats.finish_reason = "stop"
-                break
-            generated.append(next_id)
-            stats.completion_tokens = len(generated)
-            text = tokenizer.decode(generated, skip_special_tokens=True)
-            # Decoding the whole reply (not the last token alone) keeps word joins right; a trailing U+FFFD
-            # is half of a multi-byte character whose next byte is still to come, so it waits.
-            if not text.endswith("\ufffd") and len(text) > len(shown):
-                yield text[len(shown) :]
-                shown = text
-            input_ids = torch.tensor([[next_id]], device=device)
-        else:
-            stats.finish_reason = "length"
-        # Bytes that never completed a character are still part of the reply.
-        text = tokenizer.decode(generated, skip_special_tokens=True)
-        if len(text) > len(shown):
-            yield text[len(shown) :]
-    finally:
-        model.train(was_training)
+    device = next(model.parameters()).device
+    input_ids, past = torch.tensor([prompt], device=device), None
+    for _ in range(max_new_tokens):
+        if cancel is not None and cancel.is_set():
+            stats.finish_reason = "cancelled"
+            return
+        with torch.inference_mode():
+            out = model(input_ids=input_ids, use_cache=True, **{cache_kw: past}, **extra)
+        past = out.get(cache_kw)
+        next_id = sample(out.logits[0, -1].float())
+        yield next_id
+        input_ids = torch.tensor([[next_id]], device=device)
+    stats.finish_reason = "length"
 
 
 def generate_reply(

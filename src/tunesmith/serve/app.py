@@ -52,7 +52,6 @@ class ServerSettings:
 
 def create_app(model: Any, tokenizer: Any, template: Any, settings: ServerSettings) -> FastAPI:
     worker = GenerationWorker(model, tokenizer, template, settings.max_queue)
-    created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -63,6 +62,14 @@ def create_app(model: Any, tokenizer: Any, template: Any, settings: ServerSettin
     app = FastAPI(title="tunesmith", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker = worker
     app.state.settings = settings
+    add_error_handlers(app)
+    add_info_routes(app, worker, settings)
+    add_completion_route(app, worker, tokenizer, template, settings)
+    return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape: ours (APIError), Starlette's (unknown route, wrong method), crashes."""
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError) -> JSONResponse:
@@ -82,20 +89,24 @@ def create_app(model: Any, tokenizer: Any, template: Any, settings: ServerSettin
         body = APIError(500, f"internal server error ({type(err).__name__})", type="server_error").body()
         return JSONResponse(body, status_code=500)
 
-    def authorize(request: Request) -> None:
-        if not settings.api_key:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise APIError(401, "an API key is required: send the header 'Authorization: Bearer KEY'",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
-            raise APIError(401, "incorrect API key provided", code="invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
 
-    def model_card() -> dict[str, Any]:
-        return {"id": settings.model_id, "object": "model", "created": created, "owned_by": "tunesmith"}
+def authorize(request: Request, api_key: str | None) -> None:
+    """A 401 unless the request carries ``Authorization: Bearer <api_key>`` (no key set: every request passes)."""
+    if not api_key:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise APIError(401, "an API key is required: send the header 'Authorization: Bearer KEY'",
+                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise APIError(401, "incorrect API key provided", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+def add_info_routes(app: FastAPI, worker: GenerationWorker, settings: ServerSettings) -> None:
+    """The chat page at ``/``, ``/health``, and the model list (one model)."""
+    card = {"id": settings.model_id, "object": "model", "created": int(time.time()), "owned_by": "tunesmith"}
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
@@ -115,20 +126,26 @@ def create_app(model: Any, tokenizer: Any, template: Any, settings: ServerSettin
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
-        authorize(request)
-        return {"object": "list", "data": [model_card()]}
+        authorize(request, settings.api_key)
+        return {"object": "list", "data": [dict(card)]}
 
     @app.get("/v1/models/{model_id:path}")
     async def one_model(model_id: str, request: Request) -> dict[str, Any]:
-        authorize(request)
+        authorize(request, settings.api_key)
         if model_id != settings.model_id:
             raise APIError(404, f"the model {model_id!r} does not exist; this server serves {settings.model_id!r}",
                            param="model", code="model_not_found")
-        return model_card()
+        return dict(card)
+
+
+def add_completion_route(
+    app: FastAPI, worker: GenerationWorker, tokenizer: Any, template: Any, settings: ServerSettings
+) -> None:
+    """``POST /v1/chat/completions``: validated, queued, then streamed (server-sent events) or answered whole."""
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        authorize(request)
+        authorize(request, settings.api_key)
         chat = parse_chat_request(await read_body(request, settings.max_body_bytes))
         job = make_job(chat, tokenizer, template, settings)
         try:
@@ -145,8 +162,6 @@ def create_app(model: Any, tokenizer: Any, template: Any, settings: ServerSettin
         text = await collect(job, request)
         return completion_body(completion_id, settings.model_id, text, job.finish_reason,
                                job.stats.prompt_tokens, job.stats.completion_tokens)
-
-    return app
 
 
 async def read_body(request: Request, limit: int) -> bytes:
