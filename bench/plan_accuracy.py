@@ -83,7 +83,7 @@ def worker(config: str, overrides: list[str], out: str) -> None:
     import tunesmith.model.adapt  # noqa: F401
     import tunesmith.model.load  # noqa: F401
     from tunesmith.config import load_config
-    from tunesmith.train import loop
+    from tunesmith.train import pipeline
 
     cfg = load_config(config, overrides)
     if cfg.engine == "deepspeed":
@@ -97,11 +97,11 @@ def worker(config: str, overrides: list[str], out: str) -> None:
         marks.append(maxrss())
 
     how = "tunesmith.train.train"
-    if cfg.quantization_bit and "quantiz" not in _source(loop.train):
+    if cfg.quantization_bit and "quantiz" not in _source(pipeline.train):
         how = "load_model(quantization=...) + apply_finetuning + fit (train() does not quantize yet)"
         _train_qlora(cfg, record)
     else:
-        loop.train(cfg, callbacks=[record])
+        pipeline.train(cfg, callbacks=[record])
     rank = os.environ.get("RANK", "0")
     Path(f"{out}.rank{rank}.json").write_text(json.dumps({
         "baseline": baseline, "peak": marks[-1], "steps": len(marks), "how": how,

@@ -34,13 +34,13 @@ def main() -> None:
     import tunesmith.model.adapt  # noqa: F401
     import tunesmith.model.load  # noqa: F401
     from tunesmith.config import load_config
-    from tunesmith.train import loop
+    from tunesmith.train import pipeline
 
     cfg = load_config(None, sys.argv[1:])
     gc.collect()
     baseline = rss_now()
     peaks: list[int] = []
-    loop.train(cfg, callbacks=[lambda _state: peaks.append(high_water_mark())])
+    pipeline.train(cfg, callbacks=[lambda _state: peaks.append(high_water_mark())])
     print(json.dumps({"added": peaks[-1] - baseline}))
 
 

@@ -38,7 +38,7 @@ from tunesmith.train.observe import read_log
 
 pytestmark = pytest.mark.slow
 
-PROBE = Path(__file__).with_name("dist_probe.py")
+PROBE = Path(__file__).with_name("dist_probe_worker.py")
 LOSS_TOL = 2e-5
 WEIGHT_TOL = 1e-4
 EVAL_TOL = 2e-4
@@ -171,7 +171,7 @@ def test_saved_on_two_ranks_resumes_on_one_and_three(workdir, tmp_path, engine):
 
     resume = [*common, f"resume_from_checkpoint={ckpt3}"]
     # one process (engine single reads the FSDP2 shards unsharded), in this process: probe, then train on
-    from dist_probe import probe
+    from dist_probe_worker import probe
 
     one_cfg = load_config(
         config,

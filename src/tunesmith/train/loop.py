@@ -1,7 +1,5 @@
-"""The training recipe: setup → loop → finish.
-
-``train(cfg)`` is the whole pipeline (engine, tokenizer, data, model, fine-tuning method, then ``fit``); ``fit``
-takes an already prepared model, so tests and other front ends can call it directly. Each optimizer step:
+"""The training loop: ``fit`` = setup → loop → finish, on an already prepared model (``train(cfg)`` in
+:mod:`tunesmith.train.pipeline` prepares one from a config). Each optimizer step:
 
     forward each micro-batch of the accumulation window → sum of token losses / targets in the whole window →
     backward → clip → AdamW step → lr schedule → whatever is due (log, eval, sample answers, checkpoint)
@@ -42,7 +40,7 @@ from tunesmith.train.state import TrainState, run_signature
 
 log = get_logger("train")
 
-__all__ = ["TrainResult", "fit", "train"]
+__all__ = ["TrainResult", "fit"]
 
 StepCallback = Callable[[TrainState], None]
 
@@ -179,7 +177,7 @@ def fit(
 ) -> TrainResult:
     """Train ``model`` (already set up for cfg.finetuning_type) on encoded samples, or on a stream of them
     (:mod:`tunesmith.data.stream`); checkpoints, logs and the final model go to ``cfg.output_dir``.
-    ``engine``: the one :func:`train` created (default: one for ``cfg`` on ``device``). ``resume_from``: a
+    ``engine``: the one :func:`tunesmith.train.pipeline.train` created (default: one for ``cfg`` on ``device``). ``resume_from``: a
     checkpoint, None (fresh) or ``"auto"`` (see :func:`tunesmith.train.resume.find_resume_checkpoint`).
     ``callbacks`` run after every optimizer step (on every rank).
 
@@ -502,58 +500,3 @@ def _save_final_model(run: Run) -> None:
         failure = str(err)
     if any(run.engine.comm.all_gather_object(failure)):
         raise ckpt.disk_full_error(run.output_dir, "saving the final model", run.engine.unwrapped())
-
-
-# ------------------------------------------------------------------------------------------- the pipeline
-
-
-def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> TrainResult:
-    """The whole run: engine → tokenizer → datasets → model → fine-tuning method → :func:`fit`. Re-running the
-    same config continues from the newest complete checkpoint in ``output_dir``.
-
-    Distributed (under torchrun, or ``engine: ddp``/``fsdp2``/``deepspeed``): the engine joins the process group
-    first; rank 0 loads (and, for packaged or GGUF models, converts into the cache) tokenizer and model, and
-    preprocesses the data into the data cache, before the other ranks, which wait on the store without any
-    timeout and then read the caches (with ``TUNESMITH_DATA_CACHE=0`` every rank preprocesses itself); :func:`fit`
-    checks the ranks' data agree. With ``streaming: true`` every rank reads the whole stream while training and
-    collates only its own micro-batches."""
-    from tunesmith.model.adapt import apply_finetuning
-    from tunesmith.model.load import attention_implementation, pick_device
-    from tunesmith.train.distributed import prepare_datasets_once
-
-    cfg.require("model_name_or_path", "dataset", "output_dir")
-    attention = attention_implementation(cfg.flash_attn, pick_device(cfg.device))  # before the process group
-    engine = create_engine(cfg)
-    resume_from = resume.find_resume_checkpoint(cfg)  # fail before the slow part when the folder cannot continue
-    seed_everything(cfg.seed)
-    tokenizer = _load_tokenizer(cfg)
-    data = prepare_datasets_once(cfg, tokenizer)
-    model = apply_finetuning(_load_model(cfg, engine, attention), cfg)
-    return fit(cfg, model, tokenizer, data.train, data.val, engine=engine, resume_from=resume_from,
-               callbacks=callbacks)
-
-
-def _load_tokenizer(cfg: Config) -> Any:
-    from tunesmith.model.load import load_tokenizer
-    from tunesmith.train.distributed import main_process_first
-
-    with main_process_first("loading the tokenizer"):
-        return load_tokenizer(cfg.model_name_or_path, cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code)
-
-
-def _load_model(cfg: Config, engine: Engine, attention: str | None) -> torch.nn.Module:
-    from tunesmith.model.load import load_model, quantization_from_config
-    from tunesmith.train.distributed import main_process_first
-
-    quantization = quantization_from_config(cfg, engine.precision)
-    with main_process_first("loading the model"):
-        return load_model(
-            cfg.model_name_or_path,
-            dtype=engine.load_dtype(cfg),
-            cache_dir=cfg.cache_dir,
-            trust_remote_code=cfg.trust_remote_code,
-            allow_pickle=cfg.allow_pickle,
-            device=engine.load_device(quantized=quantization is not None),
-            quantization=quantization,
-            attn_implementation=attention,
-        )

@@ -2,8 +2,8 @@
 dump the full (unsharded) model and optimizer state plus the data position from rank 0, then continue the run with
 ``train(cfg)``.
 
-    python -m torch.distributed.run --nproc-per-node 3 dist_probe.py CONFIG DUMP [key=value ...]
-    python dist_probe.py CONFIG DUMP [key=value ...]                 (one process)
+    python -m torch.distributed.run --nproc-per-node 3 dist_probe_worker.py CONFIG DUMP [key=value ...]
+    python dist_probe_worker.py CONFIG DUMP [key=value ...]                 (one process)
 
 ``CONFIG`` must set ``resume_from_checkpoint``. The dump is keyed by parameter name, so dumps taken on different
 world sizes (and engines) compare directly.

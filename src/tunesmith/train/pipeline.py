@@ -1,0 +1,65 @@
+"""``train(cfg)``: the whole run from a config — engine, tokenizer, datasets, model, fine-tuning method — then
+:func:`tunesmith.train.loop.fit`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from tunesmith.config import Config
+from tunesmith.model.adapt import apply_finetuning
+from tunesmith.model.load import (
+    attention_implementation,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    quantization_from_config,
+)
+from tunesmith.train import resume
+from tunesmith.train.distributed import main_process_first, prepare_datasets_once
+from tunesmith.train.engines import Engine, create_engine
+from tunesmith.train.loop import StepCallback, TrainResult, fit, seed_everything
+
+
+def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> TrainResult:
+    """The whole run: engine → tokenizer → datasets → model → fine-tuning method → :func:`fit`. Re-running the
+    same config continues from the newest complete checkpoint in ``output_dir``.
+
+    Distributed (under torchrun, or ``engine: ddp``/``fsdp2``/``deepspeed``): the engine joins the process group
+    first; rank 0 loads (and, for packaged or GGUF models, converts into the cache) tokenizer and model, and
+    preprocesses the data into the data cache, before the other ranks, which wait on the store without any
+    timeout and then read the caches (with ``TUNESMITH_DATA_CACHE=0`` every rank preprocesses itself); :func:`fit`
+    checks the ranks' data agree. With ``streaming: true`` every rank reads the whole stream while training and
+    collates only its own micro-batches."""
+    cfg.require("model_name_or_path", "dataset", "output_dir")
+    attention = attention_implementation(cfg.flash_attn, pick_device(cfg.device))  # before the process group
+    engine = create_engine(cfg)
+    resume_from = resume.find_resume_checkpoint(cfg)  # fail before the slow part when the folder cannot continue
+    seed_everything(cfg.seed)
+    tokenizer = _load_tokenizer(cfg)
+    data = prepare_datasets_once(cfg, tokenizer)
+    model = apply_finetuning(_load_model(cfg, engine, attention), cfg)
+    return fit(cfg, model, tokenizer, data.train, data.val, engine=engine, resume_from=resume_from,
+               callbacks=callbacks)
+
+
+def _load_tokenizer(cfg: Config) -> Any:
+    with main_process_first("loading the tokenizer"):
+        return load_tokenizer(cfg.model_name_or_path, cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code)
+
+
+def _load_model(cfg: Config, engine: Engine, attention: str | None) -> torch.nn.Module:
+    quantization = quantization_from_config(cfg, engine.precision)
+    with main_process_first("loading the model"):
+        return load_model(
+            cfg.model_name_or_path,
+            dtype=engine.load_dtype(cfg),
+            cache_dir=cfg.cache_dir,
+            trust_remote_code=cfg.trust_remote_code,
+            allow_pickle=cfg.allow_pickle,
+            device=engine.load_device(quantized=quantization is not None),
+            quantization=quantization,
+            attn_implementation=attention,
+        )
