@@ -38,10 +38,12 @@ import numpy as np
 
 from tunesmith import __version__
 from tunesmith.config import Config
+from tunesmith.config.load import check_output_folder
 from tunesmith.config.schema import DataArgs
 from tunesmith.data.encode import Encoded, EncodeReport, TokenIds
 from tunesmith.data.pack import PackedSample
 from tunesmith.data.sources import read_dataset_info, resolve_source
+from tunesmith.errors import DataError
 from tunesmith.logging import get_logger
 
 logger = get_logger("data")
@@ -74,7 +76,11 @@ Sample = Encoded | PackedSample
 
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    try:
+        f = path.open("rb")
+    except OSError as err:  # permissions, a folder: the same sentence reading it would give
+        raise DataError(f"cannot read {path} ({err.strerror or err}); check that it is a readable file") from None
+    with f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -135,11 +141,29 @@ def cache_key(cfg: Config, tokenizer: Any, template: Any) -> str:
 def cache_location(cfg: Config, key: str) -> Path | None:
     """The folder for this key: tokenized_path, the automatic cache, or None when caching is off."""
     if cfg.tokenized_path:
-        return Path(cfg.tokenized_path).expanduser()
+        return _checked_cache_folder("tokenized_path", Path(cfg.tokenized_path).expanduser())
     if os.environ.get("TUNESMITH_DATA_CACHE", "1").lower() in ("0", "off", "false", "no"):
         return None
-    root = cfg.cache_dir or os.environ.get("TUNESMITH_CACHE") or Path.home() / ".cache" / "tunesmith"
-    return Path(root).expanduser() / "datasets" / key[:32]
+    root = Path(cfg.cache_dir or os.environ.get("TUNESMITH_CACHE") or Path.home() / ".cache" / "tunesmith").expanduser()
+    location = root / "datasets" / key[:32]
+    if not location.is_dir():  # it will be written: the cache root must be a folder this user can write in
+        key_name = "TUNESMITH_CACHE" if not cfg.cache_dir and os.environ.get("TUNESMITH_CACHE") else "cache_dir"
+        check_output_folder(key_name, root, DataError)
+    return location
+
+
+def _checked_cache_folder(key: str, path: Path) -> Path:
+    """``path`` if the cache may live there: save_cache replaces the folder, so it must be new or a cache already
+    (never a file or a folder of the user's), and creatable. An existing cache may be read-only."""
+    if path.is_dir():
+        if any(path.iterdir()) and not (path / META).is_file():
+            raise DataError(
+                f"{key} {path} is a folder that holds other files, not a tunesmith data cache; set {key} to a new "
+                "folder (saving the cache replaces the folder's contents)"
+            )
+        return path
+    check_output_folder(key, path, DataError)  # a file, a path below a file, a dangling link, no permission
+    return path
 
 
 # ------------------------------------------------------------------------------------------ save and load

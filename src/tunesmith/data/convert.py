@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tunesmith.config.load import check_output_folder
 from tunesmith.data.conversation import Conversation
 from tunesmith.data.formats import DEFAULT_COLUMNS, FORMATS
 from tunesmith.data.inspect import inspect_source
@@ -65,6 +66,10 @@ def convert_file(src: Path, to: str, out: Path) -> tuple[int, int]:
         raise DataError(f"{out}: write .json (a list of rows) or .jsonl (one row per line)")
     if out.resolve() == src.resolve():
         raise DataError(f"{out} is the input file; write the converted rows to another file")
+    if out.is_dir():
+        raise DataError(f"--out {out} is a folder; give the file to write, such as {out / ('rows' + out.suffix)}")
+    if not out.is_file():  # an earlier output may be replaced; anything else must be creatable
+        check_output_folder("--out", out, DataError)
     (report,) = inspect_source(DatasetSource(src.name, [src], None))
     if report.problems:
         listed = "\n".join(f"  {where}: {problem}" for where, problem in report.problems)

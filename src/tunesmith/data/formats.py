@@ -89,7 +89,10 @@ def detect_format(row: Any) -> FormatSpec | None:
         return None
     for key in ("messages", "conversations"):
         if key in row:
-            messages = _maybe_json(row[key])
+            try:
+                messages = _maybe_json(row[key])
+            except RowError:  # row_to_conversation names the problem with the row's location
+                messages = None
             first = messages[0] if isinstance(messages, list) and messages else {}
             style = "openai" if isinstance(first, dict) and "role" in first else "sharegpt"
             return FormatSpec.build(style, {"messages": key})
@@ -105,6 +108,10 @@ def _maybe_json(value: Any) -> Any:
             return json.loads(value)
         except json.JSONDecodeError as err:
             raise RowError(f"a list column holds invalid JSON ({err.msg})") from None
+        except RecursionError:
+            raise RowError("a list column holds JSON nested too deeply to read") from None
+        except ValueError as err:  # e.g. an integer of more than 4300 digits
+            raise RowError(f"a list column holds JSON that cannot be read ({err})") from None
     return value
 
 
@@ -115,8 +122,19 @@ def _text(row: dict[str, Any], column: str | None, *, required: bool) -> str | N
         return None
     value = row[column]
     if not isinstance(value, str):
-        raise RowError(f"column '{column}' is a {type(value).__name__}, expected a string")
+        raise RowError(f"column '{column}' is {_kind(value)}, expected a string")
     return value
+
+
+def _kind(value: Any) -> str:
+    """'a int', 'null', 'NaN (a float)': what a non-string value is, for a row's problem."""
+    if value is None:
+        return "null"
+    if isinstance(value, float) and value != value:
+        return "NaN (a float)"
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return f"{value} (a float)"
+    return f"a {type(value).__name__}"
 
 
 def _alpaca(row: dict[str, Any], spec: FormatSpec) -> tuple[str | None, list[tuple[str, str]]]:
@@ -147,7 +165,7 @@ def _chat(row: dict[str, Any], spec: FormatSpec) -> tuple[str | None, list[tuple
         raise RowError(f"missing column '{column}'")
     messages = _maybe_json(row[column])
     if not isinstance(messages, list):
-        raise RowError(f"column '{column}' is a {type(messages).__name__}, expected a list of messages")
+        raise RowError(f"column '{column}' is {_kind(messages)}, expected a list of messages")
     tags = spec.tags
     roles = dict(_ROLE_SYNONYMS)
     roles.update({tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system"})
@@ -163,12 +181,14 @@ def _chat(row: dict[str, Any], spec: FormatSpec) -> tuple[str | None, list[tuple
             raise RowError(f"message {i} lacks '{role_key}' or '{content_key}'")
         tag, content = message[role_key], message[content_key]
         if not isinstance(content, str):
-            raise RowError(f"message {i} content is a {type(content).__name__}, expected a string")
+            raise RowError(f"message {i} content is {_kind(content)}, expected a string")
+        if not isinstance(tag, str):
+            raise RowError(f"message {i} role ('{role_key}') is {_kind(tag)}, expected a string such as 'user'")
         if tag in unsupported:
             raise RowError(f"message {i} has role '{tag}' (tool calls are not supported yet)")
         if tag not in roles:
             raise RowError(
-                f"message {i} has unknown role '{tag}' (set tags.user_tag/assistant_tag "
+                f"message {i} has unknown role {tag!r} (set tags.user_tag/assistant_tag "
                 "in dataset_info.json for custom role names)"
             )
         turns.append((roles[tag], content))

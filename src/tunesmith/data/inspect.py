@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.config import Config
+from tunesmith.config.load import check_output_folder
 from tunesmith.config.schema import DataArgs
 from tunesmith.data.conversation import Conversation
 from tunesmith.data.formats import FormatSpec, RowError, detect_format, row_to_conversation
-from tunesmith.data.sources import DatasetSource, _read_rows, read_dataset_info, resolve_source
+from tunesmith.data.sources import DatasetSource, _read_rows, _read_text, read_dataset_info, resolve_source
 from tunesmith.errors import DataError
 
 _HUGE = 1 << 40  # a cutoff nothing reaches: the untruncated lengths
@@ -58,11 +59,11 @@ def inspect_source(source: DatasetSource) -> list[FileReport]:
         spec: FormatSpec | None = source.spec
         lines: list[int] | None = None
         if path.suffix.lower() == ".json":
-            text = path.read_text(encoding="utf-8-sig")
+            text = _read_text(path)  # not UTF-8, unreadable: one DataError naming the file
             if text.lstrip().startswith("["):
                 try:
                     lines = json_list_lines(text)
-                except (json.JSONDecodeError, ValueError):
+                except (ValueError, RecursionError):
                     lines = None  # _read_rows reports the syntax error with its line
         for index, (where, row, problem) in enumerate(_read_rows(path)):
             report.rows += 1
@@ -180,6 +181,10 @@ def inspect(target: str, cfg: Config | None, tokenizer: Any | None, plot: Path |
     if not convs:
         out.append("no valid conversations: nothing to count")
         return "\n".join(out), bad
+    if plot is not None and plot.is_dir():  # checked before counting: where the histogram goes must work
+        raise DataError(f"--plot {plot} is a folder; give the PNG file to write, such as {plot / 'token_lengths.png'}")
+    if plot is not None and not plot.is_file():  # an earlier histogram may be replaced
+        check_output_folder("--plot", plot, DataError)
     stats = token_stats(convs, tokenizer, cfg)
     p = stats["percentiles"]
     out.append(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -71,14 +72,15 @@ def _offline_error(name: str, what: str) -> DataError:
 
 def read_dataset_info(dataset_dir: Path) -> dict[str, Any]:
     path = dataset_dir / "dataset_info.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         return {}
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(
-            f"{path}:{err.lineno}: invalid JSON ({err.msg}); fix the syntax at that line"
-        ) from None
+    if not path.is_file():
+        what = "a symbolic link that leads nowhere (or loops)" if path.is_symlink() else "not a file"
+        raise DataError(f"{path} is {what}; make it the JSON file that maps dataset names to files, or remove it")
+    text = _read_text(path)
+    if not text.strip():
+        raise DataError(f'{path} is empty; map dataset names to files in it ({{"name": {{"file_name": ...}}}})')
+    info = _parse_json(path, text)
     if not isinstance(info, dict):
         raise DataError(f'{path} must map dataset names to entries ({{"name": {{"file_name": ...}}}})')
     return info
@@ -86,7 +88,7 @@ def read_dataset_info(dataset_dir: Path) -> dict[str, Any]:
 
 def _files_of(path: Path, name: str) -> list[Path]:
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIXES)
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIXES and p.is_file())
         if not files:
             raise DataError(f"dataset {name}: folder {path} holds no {'/'.join(SUFFIXES)} files; add some")
         return files
@@ -113,6 +115,11 @@ def _spec_from_entry(name: str, entry: dict[str, Any], where: Path) -> FormatSpe
                 f"{where}: dataset {name}: {kind} key {unknown[0]} is not supported; "
                 f"use {', '.join(sorted(allowed))}"
             )
+        for field_name, value in key.items():
+            if not isinstance(value, str) or not value:
+                raise DataError(
+                    f"{where}: dataset {name}: {kind}.{field_name} is {value!r}; give the name as a non-empty string"
+                )
     formatting = entry.get("formatting")
     if formatting is None:
         if "messages" in columns or tags:
@@ -129,32 +136,52 @@ def _spec_from_entry(name: str, entry: dict[str, Any], where: Path) -> FormatSpe
     return FormatSpec.build(formatting, columns, tags)
 
 
+def _source_of_entry(name: str, entry: Any, dataset_dir: Path) -> DatasetSource:
+    """The dataset_info.json entry ``name``: its file_name checked, its columns and tags read."""
+    info_path = dataset_dir / "dataset_info.json"
+    if not isinstance(entry, dict):
+        raise DataError(f"{info_path}: entry {name} must be an object with file_name (and formatting)")
+    file_name = entry.get("file_name")
+    if not file_name:
+        hub = next((key for key in _HUB_KEYS if key in entry), None)
+        if hub:
+            raise _offline_error(name, f"a hub dataset ({hub}: {entry[hub]} in {info_path})")
+        raise DataError(
+            f"{info_path}: entry {name} has no file_name; set it to a file under {dataset_dir}"
+        )
+    if not isinstance(file_name, str):
+        raise DataError(
+            f"{info_path}: entry {name} has file_name {file_name!r}; set it to the path of a file under "
+            f"{dataset_dir} (a string)"
+        )
+    path = Path(file_name).expanduser()
+    path = path if path.is_absolute() else dataset_dir / path
+    if path.is_symlink() and not path.exists():
+        raise DataError(
+            f"{info_path}: dataset {name} points at {path}, a symbolic link that leads nowhere (or loops); "
+            "fix the link or file_name"
+        )
+    if not path.exists():
+        raise DataError(
+            f"{info_path}: dataset {name} points at {path}, which does not exist; fix file_name"
+        )
+    return DatasetSource(name, _files_of(path, name), _spec_from_entry(name, entry, info_path))
+
+
 def resolve_source(name: str, dataset_dir: Path, info: dict[str, Any]) -> DatasetSource:
     """A dataset_info.json name wins over a path; relative paths try the CWD, then dataset_dir."""
     info_path = dataset_dir / "dataset_info.json"
     if name in info:
-        entry = info[name]
-        if not isinstance(entry, dict):
-            raise DataError(f"{info_path}: entry {name} must be an object with file_name (and formatting)")
-        file_name = entry.get("file_name")
-        if not file_name:
-            hub = next((key for key in _HUB_KEYS if key in entry), None)
-            if hub:
-                raise _offline_error(name, f"a hub dataset ({hub}: {entry[hub]} in {info_path})")
-            raise DataError(
-                f"{info_path}: entry {name} has no file_name; set it to a file under {dataset_dir}"
-            )
-        path = Path(file_name).expanduser()
-        path = path if path.is_absolute() else dataset_dir / path
-        if not path.exists():
-            raise DataError(
-                f"{info_path}: dataset {name} points at {path}, which does not exist; fix file_name"
-            )
-        return DatasetSource(name, _files_of(path, name), _spec_from_entry(name, entry, info_path))
+        return _source_of_entry(name, info[name], dataset_dir)
     path = Path(name).expanduser()
     for candidate in (path,) if path.is_absolute() else (path, dataset_dir / path):
         if candidate.exists():
             return DatasetSource(name, _files_of(candidate, name), None)
+        if candidate.is_symlink():
+            raise DataError(
+                f"dataset file {candidate} is a symbolic link that leads nowhere (or loops); point it at the data "
+                "file, or give the file's own path"
+            )
     if _HUB_NAME.match(name) and Path(name).suffix.lower() not in SUFFIXES:
         raise _offline_error(name, "a hub name and not a local file")
     if Path(name).suffix.lower() in SUFFIXES:
@@ -178,6 +205,33 @@ def _not_utf8(where: str) -> DataError:
     return DataError(f"{where} is not UTF-8 text; re-save the file as UTF-8")
 
 
+def _unreadable(path: Path, err: OSError) -> DataError:
+    """A data file the OS will not hand over (permissions, a folder, an I/O error): one sentence, no traceback."""
+    return DataError(f"cannot read {path} ({err.strerror or err}); check that it is a readable file")
+
+
+def _read_text(path: Path) -> str:
+    """A whole UTF-8 file (a byte-order mark dropped), with its problems as DataError."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise _not_utf8(str(path)) from None
+    except OSError as err:
+        raise _unreadable(path, err) from None
+
+
+def _parse_json(path: Path, text: str) -> Any:
+    """``json.loads`` of a whole file, its problems as DataError naming file and line."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:line {err.lineno}: invalid JSON ({err.msg}); fix the syntax at that line") from None
+    except RecursionError:
+        raise DataError(f"{path}: the JSON is nested too deeply to read; a dataset holds rows of text") from None
+    except ValueError as err:  # e.g. an integer of more than 4300 digits
+        raise DataError(f"{path}: cannot read the JSON ({err}); fix the file") from None
+
+
 def _read_jsonl_lines(path: Path, text: str) -> Iterator[RowItem]:
     # split("\n"), not splitlines(): JSON strings may hold a raw U+2028, which splitlines() would cut at
     for lineno, line in enumerate(text.split("\n"), 1):
@@ -188,15 +242,25 @@ def _jsonl_line(path: Path, lineno: int, line: str) -> Iterator[RowItem]:
     if not line.strip():
         return
     try:
-        yield f"{path}:line {lineno}", json.loads(line), None
+        row = json.loads(line)
     except json.JSONDecodeError as err:
         yield f"{path}:line {lineno}", None, f"invalid JSON ({err.msg} at column {err.colno})"
+    except RecursionError:
+        yield f"{path}:line {lineno}", None, "the JSON is nested too deeply to read"
+    except ValueError as err:  # e.g. an integer of more than 4300 digits
+        yield f"{path}:line {lineno}", None, f"cannot read the JSON ({err})"
+    else:
+        yield f"{path}:line {lineno}", row, None
 
 
 def _stream_jsonl(path: Path) -> Iterator[RowItem]:
     """JSON lines one at a time: the file is never held whole. Lines are cut at b"\n" only (the same lines as
     ``text.split("\n")``), then decoded."""
-    with path.open("rb") as f:
+    try:
+        f = path.open("rb")
+    except OSError as err:
+        raise _unreadable(path, err) from None
+    with f:
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
@@ -222,7 +286,11 @@ def _stream_parquet(path: Path) -> Iterator[RowItem]:
 
 
 def _stream_csv(path: Path) -> Iterator[RowItem]:
-    with path.open(encoding="utf-8-sig", newline="") as f:
+    try:
+        f = path.open(encoding="utf-8-sig", newline="")
+    except OSError as err:
+        raise _unreadable(path, err) from None
+    with f:
         reader = csv.DictReader(f)
         index = 0
         try:
@@ -233,22 +301,16 @@ def _stream_csv(path: Path) -> Iterator[RowItem]:
                 yield f"{path}:row {index}", row, problem
         except UnicodeDecodeError:
             raise _not_utf8(f"{path}:row {index + 1}") from None
+        except csv.Error as err:  # e.g. a cell longer than the csv module's field limit (128 KiB)
+            raise DataError(f"{path}:row {index + 1}: cannot read the CSV ({err}); fix the file") from None
 
 
 def _read_json(path: Path) -> Iterator[RowItem]:
     """A .json file is read whole: a JSON array cannot be parsed row by row with the standard library (use
     .jsonl for files larger than memory)."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise _not_utf8(str(path)) from None
+    text = _read_text(path)
     if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{path}:line {err.lineno}: invalid JSON ({err.msg}); fix the syntax at that line"
-            ) from None
+        rows = _parse_json(path, text)
         del text
         for i, row in enumerate(rows, 1):
             yield f"{path}:row {i}", row, None
@@ -256,7 +318,7 @@ def _read_json(path: Path) -> Iterator[RowItem]:
     if text.lstrip().startswith("{") and "\n" in text.strip():
         try:  # one pretty-printed object is not a list of rows; say so instead of failing line by line
             json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not one object: read as JSON lines, each line's problem named
             pass
         else:
             raise DataError(
@@ -303,11 +365,15 @@ def iter_conversations(
     """The conversations of one dataset, lazily, in file order; ``max_samples`` counts rows (bad ones too)."""
     taken = 0
     for path in source.files:
+        if max_samples is not None and taken >= max_samples:
+            return
         spec = source.spec
+        rows = 0
         for where, row, problem in _read_rows(path):
             if max_samples is not None and taken >= max_samples:
                 return
             taken += 1
+            rows += 1
             if problem is None and spec is None:
                 spec = detect_format(row)
                 if spec is None:
@@ -326,6 +392,9 @@ def iter_conversations(
                 bad(where, problem)
                 continue
             yield fill_placeholders(conv, placeholders)
+        if not rows:
+            named = "" if source.name == str(path) else f" (dataset {source.name})"
+            raise DataError(f"{path}{named} holds no rows; add rows to it or take it out of dataset")
 
 
 def resolve_sources(data: DataArgs) -> list[DatasetSource]:

@@ -25,6 +25,20 @@ from tunesmith.data.segments import EncodedTurns, Rendered, encode_rendered
 from tunesmith.errors import DataError
 
 CONTENT, BOS, EOS = "{{content}}", "{{bos_token}}", "{{eos_token}}"
+# A conversation longer than this is refused before tokenizing: a fast tokenizer holds ~200 bytes per character
+# of a text it encodes (a 100 MB row: 20+ GB and many minutes), while even a 128k-token cutoff_len keeps about
+# 500k characters of it. 4 Mi characters is 8 times that.
+MAX_SAMPLE_CHARS = 1 << 22
+
+
+def _too_long(conv: Conversation, size: int) -> DataError:
+    return DataError(
+        f"{conv.source or 'a conversation'}: the conversation holds {size:,} characters, more than the "
+        f"{MAX_SAMPLE_CHARS:,} a sample may have (tokenizing it would take minutes and gigabytes, and cutoff_len keeps "
+        "only a small part of it); split it into shorter rows, or set skip_bad_rows=true to skip such rows"
+    )
+
+
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 INTERNLM2_SYSTEM = (
     "You are an AI assistant whose name is InternLM (书生·浦语).\n"
@@ -130,6 +144,10 @@ class Template:
         rendered: list[Rendered] = []
         slots: list[int | DataError] = []
         for conv in convs:
+            size = sum(len(turn.content) for turn in conv.turns) + len(conv.system or "")
+            if size > MAX_SAMPLE_CHARS:
+                slots.append(_too_long(conv, size))
+                continue
             try:
                 rendered.append(self.render(tokenizer, conv, default_system))
                 slots.append(len(rendered) - 1)
@@ -275,6 +293,17 @@ class AutoTemplate(Template):
         )
 
     def render(self, tokenizer: Any, conv: Conversation, default_system: str | None = None) -> Rendered:
+        from jinja2 import TemplateError
+
+        try:
+            return self._render_auto(tokenizer, conv, default_system)
+        except TemplateError as err:  # the template's own raise_exception(...) or an undefined variable
+            raise DataError(
+                f"{conv.source}: the tokenizer's chat template (template=auto) refused this conversation ({err}); "
+                "fix the row, set skip_bad_rows=true to skip such rows, or set template to a named one such as chatml"
+            ) from None
+
+    def _render_auto(self, tokenizer: Any, conv: Conversation, default_system: str | None) -> Rendered:
         messages = conv.to_messages(default_system)
         first = len(messages) - len(conv.turns)  # 1 with a system message
         prompts, responses, tails = [], [], []
@@ -370,6 +399,24 @@ TEMPLATES: dict[str, Template] = {
 }
 
 
+def _check_jinja(tokenizer: Any, chat_template: str) -> None:
+    """A chat template that is not valid jinja (a damaged chat_template.jinja) fails once, here, in one sentence."""
+    from jinja2 import TemplateError, TemplateSyntaxError
+
+    try:
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}], chat_template=chat_template, tokenize=False, add_generation_prompt=True
+        )
+    except TemplateSyntaxError as err:
+        raise DataError(
+            f"the chat template of {getattr(tokenizer, 'name_or_path', '')!r} is not valid jinja (line {err.lineno}: "
+            f"{err.message}); restore its chat_template.jinja (or tokenizer_config.json), or set template to one of "
+            f"{', '.join(TEMPLATES)}"
+        ) from None
+    except TemplateError:  # valid jinja that refuses this probe (its own raise_exception): rows are checked later
+        return
+
+
 def get_template(name: str, tokenizer: Any) -> Template:
     """A registered template checked against the tokenizer, or ``auto``: the tokenizer's own chat template."""
     if name == "auto":
@@ -381,6 +428,7 @@ def get_template(name: str, tokenizer: Any) -> Template:
                 f"template=auto needs the tokenizer's chat template, but {getattr(tokenizer, 'name_or_path', '')!r} "
                 f"has none; set template to one of {', '.join(TEMPLATES)}"
             )
+        _check_jinja(tokenizer, chat_template)
         return AutoTemplate("auto", "", "", "", chat_template=chat_template)
     if name not in TEMPLATES:
         raise DataError(f"unknown template {name!r}; set template to auto or one of {', '.join(TEMPLATES)}")

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tunesmith.config.load import check_output_folder
 from tunesmith.errors import ModelError
 from tunesmith.logging import get_logger
 
@@ -160,8 +161,7 @@ def _shard_size(size: float | str) -> int | str:
 
 
 def _check_out_dir(out: Path) -> None:
-    if out.is_file():
-        raise ModelError(f"export_dir {out} is a file; set export_dir to a new or empty folder.")
+    check_output_folder("export_dir", out, ModelError)  # a file, a path below a file, a dangling link, no permission
     if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
         raise ModelError(
             f"export_dir {out} is not empty and holds no earlier tunesmith export; choose a new or empty folder "

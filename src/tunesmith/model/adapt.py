@@ -13,6 +13,7 @@ from torch import nn
 
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.logging import get_logger
+from tunesmith.model.load import check_safetensors
 
 if TYPE_CHECKING:
     from tunesmith.config.schema import Config, MethodArgs
@@ -199,7 +200,7 @@ def load_adapter(
             f"adapter_name_or_path {path} has no adapter_config.json; point it at a PEFT adapter folder "
             "(a training run's output_dir or one of its checkpoints)."
         )
-    adapter_config = json.loads(config_file.read_text(encoding="utf-8"))
+    adapter_config = _read_adapter_config(config_file)
     peft_type = adapter_config.get("peft_type")
     if peft_type != "LORA":
         raise ModelError(
@@ -207,6 +208,7 @@ def load_adapter(
         )
     weights = path / "adapter_model.safetensors"
     if weights.is_file():
+        check_safetensors(weights)  # truncated or foreign: one sentence naming it, not a SafetensorError
         _check_adapter_fits(model, weights, adapter_config.get("base_model_name_or_path"))
     elif not (path / "adapter_model.bin").is_file():
         raise ModelError(
@@ -229,6 +231,23 @@ def load_adapter(
         ) from err
     logger.info("loaded LoRA adapter %s (%s)", path, "trainable" if trainable else "frozen")
     return peft_model
+
+
+def _read_adapter_config(config_file: Path) -> dict[str, Any]:
+    fix = "restore it from the training run, or point adapter_name_or_path at another checkpoint"
+    try:
+        config = json.loads(config_file.read_bytes().decode("utf-8-sig"))
+    except OSError as err:
+        raise ModelError(f"cannot read {config_file} ({err.strerror or err}); {fix}") from None
+    except UnicodeDecodeError:
+        raise ModelError(f"{config_file} is not UTF-8 text; {fix}") from None
+    except json.JSONDecodeError as err:
+        raise ModelError(f"{config_file}:{err.lineno}: invalid JSON ({err.msg}); {fix}") from None
+    except (ValueError, RecursionError) as err:
+        raise ModelError(f"{config_file} cannot be read as JSON ({type(err).__name__}); {fix}") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{config_file} holds a JSON {type(config).__name__}, not an object of settings; {fix}")
+    return config
 
 
 def _check_adapter_fits(model: nn.Module, weights: Path, recorded_base: str | None) -> None:

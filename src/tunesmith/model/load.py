@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.logging import get_logger
@@ -176,6 +177,159 @@ def _prepare_quantized(model: Any, compute_dtype: torch.dtype) -> None:
     logger.debug("prepared the quantized base for adapter training (compute dtype %s)", compute_dtype)
 
 
+def _read_config_json(model_dir: Path) -> dict[str, Any]:
+    """The folder's config.json as a dict; unreadable, not UTF-8, not JSON or not an object is a ModelError."""
+    path = model_dir / "config.json"
+    fix = "restore the model's original config.json"
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except OSError as err:
+        raise ModelError(f"cannot read {path} ({err.strerror or err}); check that it is a readable file") from None
+    except UnicodeDecodeError:
+        raise ModelError(f"{path} is not UTF-8 text, so not a config.json; {fix}") from None
+    except json.JSONDecodeError as err:
+        raise ModelError(f"{path}:{err.lineno}: config.json is not valid JSON ({err.msg}); {fix}") from None
+    except (ValueError, RecursionError) as err:
+        raise ModelError(f"{path}: config.json cannot be read as JSON ({type(err).__name__}); {fix}") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{path} holds a JSON {type(config).__name__}, not an object of settings; {fix}")
+    return config
+
+
+def check_model_config(model_dir: Path, trust_remote_code: bool = False) -> dict[str, Any]:
+    """config.json read and its architecture known to transformers (or brought by the folder's own code)."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    config = _read_config_json(model_dir)
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise ModelError(
+            f"{model_dir / 'config.json'} has no model_type, so its architecture is unknown; restore the model's "
+            "original config.json"
+        )
+    if model_type not in CONFIG_MAPPING and not (trust_remote_code and "auto_map" in config):
+        hint = (
+            "set trust_remote_code: true if you trust the folder's own Python code"
+            if "auto_map" in config
+            else "check the name, or install a transformers release that supports it"
+        )
+        raise ModelError(
+            f"{model_dir / 'config.json'} has model_type {model_type!r}, an architecture transformers "
+            f"{transformers.__version__} does not know; {hint}"
+        )
+    if model_type in CONFIG_MAPPING and not trust_remote_code:  # built-in code: check the values now
+        _load_config_object(model_dir)
+    return config
+
+
+def _load_config_object(model_dir: Path) -> Any:
+    """transformers' config of a built-in architecture; a value of the wrong type is a ModelError naming it."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (StrictDataclassError, ValueError) as err:
+        raise ModelError(
+            f"{model_dir / 'config.json'} has a value transformers refuses ({_one_line(err)}); restore the model's "
+            "original config.json"
+        ) from None
+
+
+def check_safetensors(path: Path) -> dict[str, list[int]]:
+    """The tensor shapes a safetensors file's header lists, once the file is known to hold every byte that header
+    promises: a truncated or foreign file is one ModelError naming it (safetensors itself raises a bare
+    SafetensorError deep inside transformers)."""
+    again = "copy or download the file again"
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            raw = fh.read(length) if 0 < length <= size - 8 else b""
+    except OSError as err:
+        raise ModelError(f"cannot read {path} ({err.strerror or err}); check that it is a readable file") from None
+    if length < 0 or not raw:
+        raise ModelError(f"{path} is truncated or not a safetensors file ({size:,} bytes, no valid header); {again}")
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError):
+        header = None
+    entries = {k: v for k, v in header.items() if k != "__metadata__"} if isinstance(header, dict) else None
+    if entries is None or not all(_valid_entry(v) for v in entries.values()):
+        raise ModelError(f"{path} is not a safetensors file (its header is not a table of tensors); {again}")
+    needed = 8 + length + max((v["data_offsets"][1] for v in entries.values()), default=0)
+    if needed > size:
+        raise ModelError(f"{path} is truncated: it has {size:,} bytes but its tensors need {needed:,}; {again}")
+    return {name: list(entry["shape"]) for name, entry in entries.items()}
+
+
+def _valid_entry(entry: Any) -> bool:
+    if not isinstance(entry, dict):
+        return False
+    offsets, shape = entry.get("data_offsets"), entry.get("shape")
+    return (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(x, int) and x >= 0 for x in offsets)
+        and isinstance(shape, list)
+        and all(isinstance(x, int) for x in shape)
+    )
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files transformers will read: the shards of the index, else model.safetensors."""
+    index = model_dir / "model.safetensors.index.json"
+    single = model_dir / "model.safetensors"
+    for path in (index, single):
+        if os.path.lexists(path) and not path.is_file():
+            what = "a folder" if path.is_dir() else "a symbolic link that leads nowhere (or loops)"
+            raise ModelError(f"{path} is {what}, not a file; copy the model's {path.name} there again")
+    if not index.is_file():
+        return [single] if single.is_file() else []
+    try:
+        content = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8, not JSON
+        content = None
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ModelError(f"{index} is not a safetensors index (no weight_map of file names); restore the original")
+    shards = [model_dir / name for name in sorted(set(weight_map.values()))]
+    for shard in shards:
+        if not shard.is_file():
+            raise ModelError(f"{index} lists {shard.name}, which is missing from {model_dir}; copy every shard")
+    return shards
+
+
+def _check_weight_shapes(model_dir: Path, config: dict[str, Any], trust_remote_code: bool) -> None:
+    """Every saved tensor that the architecture of config.json also has must have the shape config.json implies:
+    a config.json of another model size otherwise fails inside transformers after a page-long report."""
+    shapes: dict[str, tuple[Path, list[int]]] = {}
+    for file in _weight_files(model_dir):
+        shapes.update({name: (file, shape) for name, shape in check_safetensors(file).items()})
+    if not shapes or trust_remote_code or "quantization_config" in config:
+        return
+    from transformers import AutoModelForCausalLM
+
+    model_config = _load_config_object(model_dir)
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            model = AutoModelForCausalLM.from_config(model_config)
+    except (RuntimeError, ValueError, TypeError) as err:  # e.g. hidden_size: 0, num_attention_heads: -1
+        raise ModelError(
+            f"{model_dir / 'config.json'} describes a model that cannot be built ({_first_line(err)}); restore the "
+            "model's original config.json"
+        ) from None
+    for name, tensor in model.state_dict().items():
+        file, shape = shapes.get(name, (None, None))
+        if file is not None and shape != list(tensor.shape):
+            raise ModelError(
+                f"{file} holds {name} with shape {shape} but {model_dir / 'config.json'} describes "
+                f"{list(tensor.shape)}; the weights and config.json come from different models, so put the "
+                "config.json that belongs to these weights next to them"
+            )
+
+
 def check_weights(model_dir: Path, allow_pickle: bool) -> bool:
     """True when the folder has safetensors weights; pickled-only folders need `allow_pickle: true`."""
     if any(model_dir.glob("*.safetensors")):
@@ -202,14 +356,22 @@ def load_tokenizer(
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name_or_path, cache_dir)
+    check_model_config(path, trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             path, trust_remote_code=trust_remote_code, local_files_only=True
         )
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, StrictDataclassError) as err:
         raise ModelError(
-            f"cannot load the tokenizer of {path} ({_first_line(err)}); {_remote_code_hint(err)}"
+            f"cannot load the tokenizer of {path} ({_one_line(err)}); {_remote_code_hint(err)}"
         ) from err
+    if len(tokenizer.get_vocab()) <= len(tokenizer.added_tokens_decoder):
+        # transformers builds an empty tokenizer when the files are missing: it would encode every text as []
+        raise ModelError(
+            f"the tokenizer of {path} has no vocabulary besides its special tokens, so its files (tokenizer.json, "
+            "or vocab.json with merges.txt, or tokenizer.model) are missing; copy them from the model's original "
+            "folder"
+        )
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelError(
@@ -263,7 +425,10 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path, cache_dir)
+    config = check_model_config(path, trust_remote_code)
     use_safetensors = check_weights(path, allow_pickle)
+    if use_safetensors:
+        _check_weight_shapes(path, config, trust_remote_code)
     torch_dtype = resolve_dtype(dtype, path)
     target = device if isinstance(device, torch.device) else pick_device(device)
     extra: dict[str, Any] = {}
@@ -285,9 +450,9 @@ def load_model(
             local_files_only=True,
             **extra,
         )
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, StrictDataclassError) as err:
         raise ModelError(
-            f"cannot load the model in {path} ({_first_line(err)}); {_remote_code_hint(err)}"
+            f"cannot load the model in {path} ({_one_line(err)}); {_remote_code_hint(err)}"
         ) from err
     if quantization is not None:
         _prepare_quantized(model, quantization.compute_dtype)
@@ -325,6 +490,13 @@ def load_model_and_tokenizer(cfg: Config) -> tuple[Any, PreTrainedTokenizerBase]
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's text on one line (huggingface_hub's validation errors put the field and its problem on two)."""
+    if isinstance(err, StrictDataclassError):
+        return " ".join(line.strip() for line in str(err).splitlines() if line.strip()).rstrip(".")
+    return _first_line(err)
 
 
 def _remote_code_hint(err: BaseException) -> str:

@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunesmith.config.load import check_output_folder
 from tunesmith.errors import ModelError
 from tunesmith.logging import get_logger
 
@@ -158,6 +159,7 @@ def _converted(gguf: Path, target: Path) -> Path:
     logger.info(
         "converting %s to an HF safetensors folder in %s (once; later loads use the cache)", gguf, target
     )
+    check_output_folder("cache_dir", target.parent, ModelError)  # a file there: one sentence, not FileExistsError
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build next to the target and rename at the end: a crash leaves only a temp folder, never a half cache.
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))

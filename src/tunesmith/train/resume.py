@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from tunesmith.config import Config
+from tunesmith.config.load import check_output_folder
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.logging import get_logger, is_main_process
 from tunesmith.train import checkpoint as ckpt
@@ -61,6 +62,9 @@ def find_resume_checkpoint(cfg: Config) -> Path | None:
     """The checkpoint this run continues from: ``resume_from_checkpoint``, else the newest complete one in
     ``output_dir`` (unless ``overwrite_output_dir``). Raises when the folder's run cannot be continued."""
     output_dir = Path(cfg.output_dir)
+    check_output_folder("output_dir", output_dir)  # a file there is one sentence, not a FileExistsError later
+    if cfg.use_tensorboard and cfg.logging_dir:
+        check_output_folder("logging_dir", Path(cfg.logging_dir))
     if cfg.overwrite_output_dir and cfg.resume_from_checkpoint:
         raise ConfigError("overwrite_output_dir and resume_from_checkpoint are both set; choose one")
     for path in ckpt.remove_partial(output_dir) if is_main_process() else []:
