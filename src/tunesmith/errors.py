@@ -6,6 +6,12 @@ the message without a traceback and exits non-zero; everything else is a bug and
 """
 
 
+def short_repr(value: object, limit: int = 80) -> str:
+    """repr(value), cut to ``limit`` characters: a message quotes the value, not a whole pasted file."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}…{text[-4:]}"
+
+
 class TunesmithError(Exception):
     """An error the user can fix; ``str(err)`` is the whole message shown to them."""
 

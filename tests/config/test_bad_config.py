@@ -387,11 +387,6 @@ def test_tokenized_path_at_a_folder_of_the_users_is_refused_and_left_alone(tmp_p
     assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`tunesmith eval` writes output_dir after generating, without this check: it needs "
-    "check_output_folder in evaluate (cmd_eval / check_predict_config), which this change does not own",
-)
 def test_eval_output_dir_that_is_a_file(tmp_path, capsys, tiny_model_dir):
     blocker = tmp_path / "blocker"
     blocker.write_text("keep me")
@@ -532,3 +527,24 @@ def test_a_config_broken_into_junk_leaves_the_checkpoints_alone(tmp_path, capsys
     before = snapshot(root)
     assert_refused(["train", config], capsys, config)
     assert snapshot(root) == before
+
+
+# ------------------------------------------------------------------------------------ a ds_config.json file
+
+DS_FILES = [
+    ("not-utf8", b'{"zero_optimization": {"stage": 2}, "x": "\xff\xfe"}', "not UTF-8"),
+    ("too-deep", b"[" * 100_000 + b"]" * 100_000, "cannot be read as JSON"),
+    ("section-not-a-mapping", b'{"zero_optimization": 3}', "deepspeed.zero_optimization"),
+    ("truncated", b'{"zero_optimization": {"stage": 2', "invalid JSON"),
+    ("a-list", b"[1, 2]", "JSON object"),
+]
+
+
+@pytest.mark.parametrize("content, words", [c[1:] for c in DS_FILES], ids=[c[0] for c in DS_FILES])
+def test_a_broken_ds_config_file_is_named(tmp_path, capsys, tiny_model_dir, content, words):
+    ds = tmp_path / "ds_config.json"
+    ds.write_bytes(content)
+    config = make_run(tmp_path, tiny_model_dir, deepspeed=str(ds))
+    message = assert_refused(["train", config], capsys, ds)
+    assert words in message
+    assert_refused(["plan", config, "--gpus", "1x24GB"], capsys, ds)  # the planner reads it the same way

@@ -20,6 +20,7 @@ from bad_input_helpers import (
     make_run,
     snapshot,
     trained_run,
+    write_config,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -246,6 +247,22 @@ def test_export_from_a_truncated_model(tmp_path, capsys, broken_copy):
     out = tmp_path / "merged"
     assert_refused(["export", "--model", folder, "--out", out], capsys, folder / "model.safetensors", "truncated")
     assert not out.exists()
+
+
+def test_convert_of_a_checkpoint_with_truncated_weights(tmp_path, capsys, reference_run):
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(reference_run / "run" / "checkpoint-2", checkpoint)
+    weights = checkpoint / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    out = tmp_path / "converted"
+    assert_refused(["convert", checkpoint, "--out", out], capsys, weights, "truncated")
+    assert not out.exists()
+
+
+def test_plan_with_a_config_json_that_is_not_utf8(tmp_path, capsys, broken_copy):
+    folder = broken_copy(lambda f: (f / "config.json").write_bytes(b"\xff\xfe\x00junk"))
+    config = write_config(tmp_path / "p.yaml", model_name_or_path=str(folder), dataset=["x"])
+    assert_refused(["plan", config, "--gpus", "1x24GB"], capsys, "model_name_or_path", folder)
 
 
 def test_export_into_a_path_below_a_file(tmp_path, capsys, tiny_model_dir):

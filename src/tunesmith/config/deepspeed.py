@@ -30,7 +30,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from tunesmith.errors import ConfigError
+from tunesmith.errors import ConfigError, short_repr
 
 PRESETS = ("ds_z0", "ds_z1", "ds_z2", "ds_z2_offload", "ds_z3", "ds_z3_offload")
 DEFAULT_PRESET = "ds_z2"
@@ -103,9 +103,54 @@ def read_ds_config(value: str | dict[str, Any] | None) -> tuple[dict[str, Any], 
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ConfigError(f"deepspeed: {path}:{err.lineno}: invalid JSON ({err.msg}); fix the file") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"deepspeed: {path} is not UTF-8 text (byte {err.start}: {err.object[err.start:err.start + 1]!r}); "
+            "save it as UTF-8 JSON"
+        ) from None
+    except (RecursionError, ValueError) as err:  # nested too deep; integers beyond Python's digit limit
+        raise ConfigError(f"deepspeed: {path} cannot be read as JSON ({type(err).__name__}); fix the file") from None
+    except OSError as err:
+        raise ConfigError(f"deepspeed: cannot read {path} ({err.strerror or err}); check the file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"deepspeed: {path} must hold a JSON object, not a {type(data).__name__}")
+    check_sections(data, f"deepspeed: {path}")
     return data, str(path)
+
+
+# Sections of an inline DeepSpeed mapping that DeepSpeed (and tunesmith's resolution of "auto") read as mappings.
+_DS_MAPPINGS = (
+    "zero_optimization",
+    "zero_optimization.offload_optimizer",
+    "zero_optimization.offload_param",
+    "optimizer",
+    "optimizer.params",
+    "scheduler",
+    "scheduler.params",
+    "fp16",
+    "bf16",
+    "bfloat16",
+)
+
+
+def check_sections(value: Any, loc: str) -> None:
+    """A DeepSpeed config (inline mapping or JSON file, at ``loc``) whose sections are not mappings
+    (``zero_optimization: 3``) would fail deep inside the engine or the memory planner; name the section instead."""
+    if not isinstance(value, dict):
+        return
+    for dotted in _DS_MAPPINGS:
+        node: Any = value
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None and not isinstance(node, dict):
+            example = {"zero_optimization": "{stage: 3}"}.get(dotted, "{device: cpu}" if "offload" in dotted else "{...}")
+            for part in reversed(dotted.split(".")):
+                example = f"{{{part}: {example}}}"
+            raise ConfigError(
+                f"{loc}: deepspeed.{dotted} is {short_repr(node)}, not a mapping; write it as a mapping, e.g. "
+                f"deepspeed: {example}"
+            )
+
 
 
 def zero_stage(value: str | dict[str, Any] | None) -> int | None:

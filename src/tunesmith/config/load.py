@@ -13,8 +13,9 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import ValidationError
 
+from tunesmith.config.deepspeed import check_sections
 from tunesmith.config.schema import NOT_SUPPORTED_YET, Config
-from tunesmith.errors import ConfigError, TunesmithError
+from tunesmith.errors import ConfigError, TunesmithError, short_repr
 
 
 def _read_config_text(path: Path) -> str:
@@ -161,7 +162,7 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any, text: str) -> None:
         elif not isinstance(nxt, dict):
             name = ".".join(parts[: depth + 1])
             raise ConfigError(
-                f"command line ({_printable(text)}): {_printable(name)} is {_short(nxt)}, not a map, so "
+                f"command line ({_printable(text)}): {_printable(name)} is {short_repr(nxt)}, not a map, so "
                 f"{_printable(key)} cannot be set; set {_printable(name)} as a whole instead"
             )
         target = nxt
@@ -237,45 +238,11 @@ def _check_values(data: dict[str, Any], where: dict[str, str], origin: str) -> N
         if bad is not None:
             raise ConfigError(f"{loc}: {key} holds text that is not valid UTF-8 ({bad}); write it as UTF-8 text")
         if key == "deepspeed":
-            _check_deepspeed_mapping(value, loc)
+            check_sections(value, loc)
         if _bool_for_number(value, Config.model_fields[key].annotation):
             raise ConfigError(
-                f"{loc}: {key} expects a number but got {_short(value)} (YAML reads true, false, yes, no, on and off "
+                f"{loc}: {key} expects a number but got {short_repr(value)} (YAML reads true, false, yes, no, on and off "
                 "as booleans); write a number"
-            )
-
-
-# Sections of an inline DeepSpeed mapping that DeepSpeed (and tunesmith's resolution of "auto") read as mappings.
-_DS_MAPPINGS = (
-    "zero_optimization",
-    "zero_optimization.offload_optimizer",
-    "zero_optimization.offload_param",
-    "optimizer",
-    "optimizer.params",
-    "scheduler",
-    "scheduler.params",
-    "fp16",
-    "bf16",
-    "bfloat16",
-)
-
-
-def _check_deepspeed_mapping(value: Any, loc: str) -> None:
-    """An inline ``deepspeed:`` mapping whose sections are not mappings (``zero_optimization: 3``) would fail deep
-    inside the engine or the memory planner; name the section instead."""
-    if not isinstance(value, dict):
-        return
-    for dotted in _DS_MAPPINGS:
-        node: Any = value
-        for part in dotted.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is not None and not isinstance(node, dict):
-            example = {"zero_optimization": "{stage: 3}"}.get(dotted, "{device: cpu}" if "offload" in dotted else "{...}")
-            for part in reversed(dotted.split(".")):
-                example = f"{{{part}: {example}}}"
-            raise ConfigError(
-                f"{loc}: deepspeed.{dotted} is {_short(node)}, not a mapping; write it as a mapping, e.g. "
-                f"deepspeed: {example}"
             )
 
 
@@ -286,7 +253,7 @@ def _check_finite(config: Config, where: dict[str, str], origin: str) -> None:
         numbers = value if isinstance(value, list) else [value]
         for number in numbers:
             if isinstance(number, float) and not math.isfinite(number):
-                raise ConfigError(f"{where.get(key, origin)}: {key} is {_short(value)}, not a finite number; fix the value")
+                raise ConfigError(f"{where.get(key, origin)}: {key} is {short_repr(value)}, not a finite number; fix the value")
 
 
 def _describe_type(annotation: Any) -> str:
@@ -306,13 +273,7 @@ def _check_keys(data: dict[str, Any], where: dict[str, str], origin: str) -> Non
             raise ConfigError(f"{loc}: not supported yet: {key}; remove it from the config")
         close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}?" if close else "see the config reference in README.md"
-        raise ConfigError(f"{loc}: unknown config key {_short(key)}; {hint}")
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    """repr(value), cut to ``limit`` characters: a message quotes the value, not a whole pasted file."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[: limit - 5]}…{text[-4:]}"
+        raise ConfigError(f"{loc}: unknown config key {short_repr(key)}; {hint}")
 
 
 def _raise_validation(err: ValidationError, where: dict[str, str], origin: str) -> None:
@@ -328,7 +289,7 @@ def _raise_validation(err: ValidationError, where: dict[str, str], origin: str) 
         loc = where[named[-1]] if named else origin
     if key in Config.model_fields and first["type"] not in ("value_error",):
         expected = _describe_type(Config.model_fields[key].annotation)
-        value = _short(first.get("input"))
+        value = short_repr(first.get("input"))
         raise ConfigError(f"{loc}: {key} expects {expected} but got {value} ({msg}); fix the value") from None
     raise ConfigError(f"{loc}: {key}: {msg}" if key else f"{loc}: {msg}") from None
 

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tunesmith.config import Config
+from tunesmith.config.load import check_output_folder
 from tunesmith.data.conversation import Conversation
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.evaluate.metrics import compute_metrics
@@ -28,7 +30,7 @@ RESULTS_FILE = "predict_results.json"
 _BATCH = 2048  # conversations per tokenizer call, as encode_dataset
 
 
-def kept_conversations(convs: list[Conversation], tokenizer: Any, template: Any, cfg: Any) -> list[Conversation]:
+def kept_conversations(convs: list[Conversation], tokenizer: Any, template: Any, cfg: Config) -> list[Conversation]:
     """The conversations encode_dataset keeps (bad rows skipped, over-long ones dropped), in order: splitting
     these with the training seed gives the same validation rows as training's split of the encoded samples."""
     from tunesmith.data.encode import assemble
@@ -46,7 +48,7 @@ def kept_conversations(convs: list[Conversation], tokenizer: Any, template: Any,
     return kept
 
 
-def prediction_conversations(cfg: Any, tokenizer: Any, template: Any) -> tuple[list[Conversation], str]:
+def prediction_conversations(cfg: Config, tokenizer: Any, template: Any) -> tuple[list[Conversation], str]:
     """(conversations to predict on, a description of where they come from)."""
     from tunesmith.data.sources import load_conversations
     from tunesmith.data.split import split_train_val
@@ -65,7 +67,7 @@ def prediction_conversations(cfg: Any, tokenizer: Any, template: Any) -> tuple[l
     return convs, where
 
 
-def run_predict(cfg: Any, model: Any = None, tokenizer: Any = None) -> dict[str, float]:
+def run_predict(cfg: Config, model: Any = None, tokenizer: Any = None) -> dict[str, float]:
     """Generate, score and write the results (see the module docstring); returns predict_results.json's dict.
 
     ``model`` / ``tokenizer`` default to loading cfg's model (+ adapter)."""
@@ -123,7 +125,7 @@ def run_predict(cfg: Any, model: Any = None, tokenizer: Any = None) -> dict[str,
     return results
 
 
-def predict_after_training(cfg: Any) -> dict[str, float] | None:
+def predict_after_training(cfg: Config) -> dict[str, float] | None:
     """``do_predict: true`` with ``tunesmith train``: predict with the model training just saved in output_dir
     (the adapter for lora, the whole model for full / freeze). Main process only; None elsewhere."""
     if not cfg.do_predict or not is_main_process():
@@ -135,8 +137,9 @@ def predict_after_training(cfg: Any) -> dict[str, float] | None:
     return run_predict(trained)
 
 
-def check_predict_config(cfg: Any) -> None:
+def check_predict_config(cfg: Config) -> None:
     """Fail early (before loading anything) when `tunesmith eval` cannot run with this config."""
     cfg.require("model_name_or_path", "output_dir")
+    check_output_folder("output_dir", Path(cfg.output_dir or "."))
     if not cfg.eval_dataset and not cfg.dataset:
         raise ConfigError("tunesmith eval needs eval_dataset or dataset; set one in the YAML or as eval_dataset=...")

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from tunesmith.errors import TunesmithError
 from tunesmith.logging import get_logger
+from tunesmith.model.load import check_safetensors
 from tunesmith.train import checkpoint as ckpt
 
 log = get_logger("export")
@@ -93,6 +94,7 @@ def read_root_weights(path: Path) -> dict[str, torch.Tensor]:
     files = sorted(path.glob("model*.safetensors")) or sorted(path.glob(ADAPTER_WEIGHTS))
     weights: dict[str, torch.Tensor] = {}
     for file in files:
+        check_safetensors(file)  # a truncated file: one sentence naming it
         weights.update(load_file(file, device="cpu"))
     return weights
 

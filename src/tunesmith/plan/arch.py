@@ -198,7 +198,7 @@ def facts_for_model(name_or_path: str | None, cache_dir: str | None = None) -> A
     if config_file is not None and config_file.is_file():
         try:
             data = json.loads(config_file.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8, not JSON: plan from the name
             data = None
         if isinstance(data, dict):
             facts = facts_from_config(data, source=str(config_file))
