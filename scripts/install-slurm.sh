@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs a Slurm controller, a Slurm node daemon, the Slurm client tools and MUNGE from Debian (idempotent;
 # quiet; fast when already installed). tests/launch/test_slurm_job.py starts them on 127.0.0.1 with a slurm.conf
-# of its own (tests/launch/slurm_cluster.py) and submits real jobs; it skips, saying why, where they are absent.
+# of its own (tests/launch/slurm_helpers.py) and submits real jobs; it skips, saying why, where they are absent.
 # The packages' own services are not started or configured here: the tests run private daemons in a temp dir.
 set -euo pipefail
 if command -v slurmctld >/dev/null 2>&1 && command -v slurmd >/dev/null 2>&1 \

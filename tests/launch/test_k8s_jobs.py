@@ -1,6 +1,6 @@
 """`tunesmith launch k8s` + `tunesmith jobs` against a Kubernetes API emulator on 127.0.0.1.
 
-No real API server can run on the test machines: ``k8s_api_emulator.py`` serves the endpoints the kubernetes
+No real API server can run on the test machines: ``k8s_helpers.py`` serves the endpoints the kubernetes
 client calls (and checks PyTorchJobs against the CRD schema from ../shared when it is there). The real CLI
 runs as a subprocess with a kubeconfig pointing at the emulator, so the kubeconfig loading, the HTTP calls and
 the exit codes are the ones a user gets; the many shorter checks call the same CLI in-process (``main``).
@@ -17,14 +17,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from k8s_api_emulator import K8sApiEmulator, crd_schema
+from k8s_helpers import K8sApiEmulator, crd_schema
 
 from tunesmith.cli import build_parser, main
 from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
 from tunesmith.launch.jobs import _backend
-from tunesmith.launch.k8s_client import connect, submit
-from tunesmith.launch.k8s_render import K8sOptions, render
+from tunesmith.launch.k8s import K8sOptions
+from tunesmith.launch.k8s import render_pytorchjob as render
+from tunesmith.launch.k8s.submit import connect, submit
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO.parent / "shared" / "k8s" / "kubeflow.org_pytorchjobs.yaml"

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from k8s_api_emulator import crd_schema, schema_violations
+from k8s_helpers import crd_schema, schema_violations
 
 from tunesmith.cli import main
 from tunesmith.config import load_config
 from tunesmith.errors import ConfigError
-from tunesmith.launch.k8s_render import (
+from tunesmith.launch.k8s import (
     ASCEND,
     ASCEND_DRIVER,
     POD_COMMAND,
@@ -23,8 +23,8 @@ from tunesmith.launch.k8s_render import (
     check_options,
     job_name,
     path_warnings,
-    render,
 )
+from tunesmith.launch.k8s import render_pytorchjob as render
 
 BASE = [
     "model_name_or_path=/models/qwen2.5-1.5b",

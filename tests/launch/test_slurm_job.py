@@ -1,4 +1,4 @@
-"""`tunesmith launch slurm` against a real Slurm (slurmctld + two slurmd + munged, see slurm_cluster.py): the
+"""`tunesmith launch slurm` against a real Slurm (slurmctld + two slurmd + munged, see slurm_helpers.py): the
 job trains the tiny model; `tunesmith jobs status|logs|delete` follow it. Needs root and Debian's Slurm
 packages (scripts/install-slurm.sh installs them; the tests skip, saying so, where that is impossible)."""
 
@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from slurm_cluster import slurm_cluster  # noqa: F401 - the module-scoped cluster fixture
+from cluster_helpers import assert_clean_finish
+from slurm_helpers import slurm_cluster  # noqa: F401 - the module-scoped cluster fixture
 
 pytestmark = pytest.mark.slow
 
@@ -100,11 +101,14 @@ def test_cpu_job_trains_the_tiny_model_and_jobs_follows_it(run_dir, slurm_cluste
     assert logs.stdout == (run / f"slurm-{job_id}.out").read_text()
     assert "training finished: step 4" in logs.stdout
     assert f"tunesmith: job {job_id} on n1: 1 node(s) x 1 process(es)" in logs.stdout
+    assert_clean_finish([logs.stdout])
 
 
 def test_two_node_job_trains_with_ddp_across_the_nodes(run_dir, slurm_cluster):  # noqa: F811
     """Two slurmd, each in its own network namespace when the machine allows it: one task per node, torchrun
-    on each, a c10d rendezvous hosted on n1, DDP (gloo) over the link between them."""
+    on each, a c10d rendezvous hosted on n1, DDP (gloo) over the link between them. The job's log (both nodes'
+    output) holds no traceback, stack trace or warning: n1's `tunesmith train` holds the rendezvous store until
+    n2 has left."""
     cwd, env = run_dir
     proc = tunesmith("launch", "slurm", "cfg.yaml", "--nodes", "2", cwd=cwd, env=env)
     job_id = submitted_job_id(proc)
@@ -115,7 +119,11 @@ def test_two_node_job_trains_with_ddp_across_the_nodes(run_dir, slurm_cluster): 
     assert "n[1-2]: 2 node(s) x 1 process(es)" in log
     first_addr = slurm_cluster.node_addrs["n1"]
     assert f"first host {first_addr}:" in log  # n1's NodeAddr: 10.77.X.11 in namespaces, else 127.0.0.1
-    assert log.count("rendezvous '" + job_id + "'") == 2, log  # one torchrun per node, both in the job's c10d
+    launches = [line for line in log.splitlines() if line.startswith("[tunesmith] launching 1 process(es)")]
+    assert len(launches) == 2, log  # one torchrun per node, both in the job's c10d rendezvous
+    assert all(f" --rdzv-backend=c10d --rdzv-endpoint={first_addr}:" in line for line in launches), launches
+    assert all(f" --rdzv-id={job_id} " in line for line in launches), launches
+    assert_clean_finish([log])
     assert "engine ddp on 2 rank(s)" in log and "global batch 8" in log, log
     assert_trained(cwd / "run", steps=4)
     fields = slurm_cluster.run(["scontrol", "show", "job", "-o", job_id]).stdout

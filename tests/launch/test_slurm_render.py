@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from tunesmith.errors import ConfigError, TunesmithError
-from tunesmith.launch.slurm import SlurmSpec, job_status, render_sbatch, submit
+from tunesmith.launch.slurm import SlurmOptions as SlurmSpec
+from tunesmith.launch.slurm import render_sbatch
+from tunesmith.launch.slurm.submit import job_status, submit
 
 
 def spec(**kw) -> SlurmSpec:

@@ -27,6 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from cluster_helpers import assert_clean_finish
 from safetensors.torch import load_file
 from test_pipeline import write_run_config
 
@@ -305,19 +306,20 @@ def test_two_invocations_with_nnodes_2_train_one_job(workdir, one_rank_run, tmp_
             cwd=root,
             env=_env(FORCE_TORCHRUN="1", NNODES="2", NODE_RANK=str(rank), NPROC_PER_NODE="1",
                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             text=True,
         )
         for rank in (0, 1)
     ]
     try:
-        errs = [node.communicate(timeout=180)[1] for node in nodes]
+        errs = [node.communicate(timeout=180)[0] for node in nodes]
     finally:
         for node in nodes:
             if node.poll() is None:
                 node.kill()
     assert [node.returncode for node in nodes] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    assert_clean_finish(errs)  # both nodes leave the job in order: no stack trace, no warning
     assert "engine ddp on 2 rank(s)" in errs[0] and "training finished" not in errs[1]  # rank 0 is on node 0
     ref, got = losses(one_rank_run), losses(out)
     assert max(abs(ref[s] - got[s]) for s in ref) < LOSS_TOL

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from launch_cluster_helpers import clean_env, write_config
+from cluster_helpers import clean_env, write_config
 
 from tunesmith.runenv import free_port
 from tunesmith.train.distributed import _leaders

@@ -37,6 +37,9 @@ PET_NPROC = ("PET_NPROC_PER_NODE", "PET_N_PROC_PER_NODE")
 PET_LAUNCH = (*PET_NPROC, "PET_NNODES", "PET_RDZV_ENDPOINT")
 LAUNCH_ENV = ("NNODES", "NPROC_PER_NODE", "FORCE_TORCHRUN", "RDZV_ID", "MIN_NNODES", "MAX_NNODES")
 WORKER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+# A Slurm job's rendezvous port: below Linux's ephemeral range (32768+), above Slurm's own 6817/6818; the job id
+# spreads concurrent jobs that share a first node over SLURM_PORT_SPAN ports.
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 15000
 
 
 # ------------------------------------------------------------------------------------------ Slurm node lists
@@ -108,9 +111,10 @@ def _first(env: Mapping[str, str], *names: str) -> str | None:
 
 
 def slurm_master_port(job_id: str) -> int:
-    """A port every node of the job computes alike, spread so that two jobs sharing a node rarely collide."""
+    """A port every node of the job computes alike, spread so that two jobs sharing a node rarely collide (the
+    sbatch script of ``tunesmith launch slurm`` computes the same)."""
     digits = re.sub(r"\D", "", job_id) or "0"  # array jobs: 1234_7
-    return 15000 + int(digits) % 15000  # below Linux's ephemeral ports (32768+); as launch/slurm.py
+    return SLURM_PORT_BASE + int(digits) % SLURM_PORT_SPAN
 
 
 def _pytorchjob(env: Mapping[str, str]) -> dict[str, str]:

@@ -4,14 +4,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 
+from tunesmith.launch import ranktable
 from tunesmith.launch.jobs import add_jobs_parser
-from tunesmith.launch.k8s import add_launch_parser as add_k8s_parser
-
-# Launch targets written in their own modules; each defines add_launch_parser(launch_subparsers).
-OPTIONAL_TARGETS = ("tunesmith.launch.slurm", "tunesmith.launch.ranktable")
+from tunesmith.launch.k8s import commands as k8s
+from tunesmith.launch.slurm import commands as slurm
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -20,8 +17,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="run training on a cluster: a Kubeflow PyTorchJob (k8s), a Slurm job, or an Ascend rank table",
     )
     launch_sub = p.add_subparsers(dest="launch_command", metavar="TARGET", required=True)
-    add_k8s_parser(launch_sub)
-    for module in OPTIONAL_TARGETS:
-        if importlib.util.find_spec(module) is not None:
-            importlib.import_module(module).add_launch_parser(launch_sub)
+    for target in (k8s, slurm, ranktable):
+        target.add_launch_parser(launch_sub)
     add_jobs_parser(sub)

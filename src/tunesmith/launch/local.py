@@ -63,6 +63,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def run_worker(cfg: Config) -> int:
     """Train in this process (one rank of a job, or the whole job), then predict when do_predict asks."""
     from tunesmith.evaluate.predict import predict_after_training
+    from tunesmith.launch.rendezvous import leave_after_other_agents
     from tunesmith.train import train
     from tunesmith.train.distributed import shutdown_distributed
 
@@ -77,6 +78,7 @@ def run_worker(cfg: Config) -> int:
     predict_after_training(cfg)  # do_predict: generate + score on the main process; a no-op otherwise
     log.info("training finished: step %d, final loss %.4f, run folder %s", result.global_step, result.final_loss,
              result.output_dir)
+    leave_after_other_agents()  # node 0 of a static multi-node job: its agent, which hosts the store, leaves last
     return 0
 
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 from tunesmith.errors import ConfigError
 from tunesmith.launch.cluster_env import adopt_worker_env, cluster_source, launch_env
+from tunesmith.launch.rendezvous import ordered_exit
 from tunesmith.runenv import free_port, launched_by_torchrun
 
 TRUE_VALUES = ("1", "true", "yes", "y", "on")
@@ -230,9 +231,27 @@ def torchrun_command(spec: LaunchSpec, worker_args: Sequence[str], port: int) ->
 
 
 def run_torchrun(spec: LaunchSpec, worker_args: Sequence[str]) -> int:
-    """Run the job and return its exit code; torchrun's own output (the failure summary included) passes through."""
+    """Run the job and return its exit code; torchrun's own output (the failure summary included) passes through.
+    The node hosting the rendezvous store leaves last (:mod:`tunesmith.launch.rendezvous`)."""
     port = master_port(spec)
-    cmd = torchrun_command(spec, worker_args, port)
+    with ordered_exit(spec, rdzv_endpoint(spec, port)) as launch:
+        cmd = torchrun_command(launch.spec, worker_args, port)
+        _announce(spec, port, cmd)
+        proc = subprocess.Popen(cmd, env=dict(launch.env))
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached torchrun too (same process group); let it stop its workers
+            code = proc.wait()
+    if code != 0:
+        print(
+            f"tunesmith: error: distributed training failed (torchrun exit code {code}); the summary above names "
+            "the rank that failed first and its error",
+            file=sys.stderr,
+        )
+    return code
+
+
+def _announce(spec: LaunchSpec, port: int, cmd: Sequence[str]) -> None:
     where = (
         f"one of {spec.nnodes_arg} node(s), rendezvous {spec.rdzv_id!r} at {rdzv_endpoint(spec, port)}"
         if spec.elastic
@@ -252,15 +271,3 @@ def run_torchrun(spec: LaunchSpec, worker_args: Sequence[str]) -> int:
             file=sys.stderr,
             flush=True,
         )
-    proc = subprocess.Popen(cmd)
-    try:
-        code = proc.wait()
-    except KeyboardInterrupt:  # Ctrl-C reached torchrun too (same process group); let it stop its workers
-        code = proc.wait()
-    if code != 0:
-        print(
-            f"tunesmith: error: distributed training failed (torchrun exit code {code}); the summary above names "
-            "the rank that failed first and its error",
-            file=sys.stderr,
-        )
-    return code

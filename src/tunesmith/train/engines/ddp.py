@@ -6,6 +6,7 @@ the state is replicated, so the files do not depend on the world size and resume
 
 from __future__ import annotations
 
+import inspect
 from contextlib import AbstractContextManager, nullcontext
 from typing import ClassVar
 
@@ -13,6 +14,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from tunesmith.train.engines.base import TorchEngine
+
+# torch ≥ 2.13 names it forward_sync_buffers (and warns about broadcast_buffers, which older ones take)
+_NO_FORWARD_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 class DDPEngine(TorchEngine):
@@ -22,11 +30,11 @@ class DDPEngine(TorchEngine):
         model = model.to(self.device)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         # DDP broadcasts rank 0's parameters and buffers here, so every replica starts identical. The buffers of a
-        # causal LM (rotary tables) never change, so re-broadcasting them before every forward would be wasted.
+        # causal LM (rotary tables) never change, so re-syncing them before every forward would be wasted.
         # gradient_as_bucket_view: each .grad is a view into the reducer's all-reduce bucket instead of a second
         # copy beside it, saving one full set of gradients (the reduced values are the same).
         return DistributedDataParallel(
-            model, device_ids=device_ids, broadcast_buffers=False, gradient_as_bucket_view=True
+            model, device_ids=device_ids, gradient_as_bucket_view=True, **_NO_FORWARD_BUFFER_SYNC
         )
 
     def accumulating(self, last: bool) -> AbstractContextManager:

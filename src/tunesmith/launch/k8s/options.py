@@ -1,40 +1,45 @@
-"""``tunesmith launch k8s CONFIG``: render the config as a Kubeflow PyTorchJob (+ ConfigMap) and submit it.
-
-Rendering and validation live in ``k8s_render.py``, the API calls in ``k8s_client.py``; this module is the
-command line. Heavy imports (kubernetes, kubeflow) happen inside the handler.
-"""
+"""What a user asks ``tunesmith launch k8s`` for: :class:`K8sOptions`, and the command line that fills it (and the
+cluster arguments ``tunesmith jobs`` shares)."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+from dataclasses import dataclass, field
 
-from tunesmith.logging import get_logger
-
-log = get_logger("launch.k8s")
-
-
-def add_cluster_args(p: argparse.ArgumentParser) -> None:
-    """--kubeconfig / --context / --namespace: shared by `launch k8s` and `jobs`."""
-    p.add_argument(
-        "--kubeconfig",
-        metavar="FILE",
-        help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, then the in-cluster service account)",
-    )
-    p.add_argument("--context", help="kubeconfig context (default: the current one)")
-    p.add_argument(
-        "--namespace", "-n", metavar="NS", help="namespace (default: the context's namespace, else `default`)"
-    )
+GPU = "nvidia.com/gpu"
+ASCEND = "huawei.com/Ascend910"
+ACCELERATORS = (GPU, ASCEND, "none")
+RESTART_POLICIES = ("OnFailure", "Never", "Always", "ExitCode")
+# Where the pods find the resolved config: the ConfigMap's one file, mounted read-only.
+CONFIG_MOUNT = "/config"
+CONFIG_FILE = "train.yaml"
 
 
-def _cmd_launch_k8s(args: argparse.Namespace) -> int:
-    from tunesmith.config import load_config
-    from tunesmith.launch.k8s_client import connect, require_cluster_packages, submit
-    from tunesmith.launch.k8s_render import K8sOptions, render
+@dataclass(frozen=True)
+class K8sOptions:
+    """The options of ``tunesmith launch k8s`` as given (the CLI fills this; tests build it directly)."""
 
-    require_cluster_packages()
-    cfg = load_config(args.config, args.overrides)
-    opts = K8sOptions(
+    image: str | None
+    nnodes: int | None = None
+    nproc_per_node: int = 1
+    accelerator: str = GPU
+    namespace: str | None = None
+    name: str | None = None
+    pvc: list[str] = field(default_factory=list)
+    env: list[str] = field(default_factory=list)
+    elastic: str | None = None
+    max_restarts: int = 3
+    restart_policy: str = "OnFailure"
+    cpu: str | None = None
+    memory: str | None = None
+    shm_size: str | None = None
+    workdir: str | None = None
+    node_selector: list[str] = field(default_factory=list)
+    image_pull_secret: list[str] = field(default_factory=list)
+
+
+def options_from_args(args: argparse.Namespace) -> K8sOptions:
+    return K8sOptions(
         image=args.image,
         nnodes=args.nnodes,
         nproc_per_node=args.nproc_per_node,
@@ -53,36 +58,23 @@ def _cmd_launch_k8s(args: argparse.Namespace) -> int:
         node_selector=args.node_selector,
         image_pull_secret=args.image_pull_secret,
     )
-    rendered = render(cfg, opts, source=args.config)
-    for warning in rendered.warnings:
-        log.warning("warning: %s", warning)
-    text = rendered.to_yaml()
-    if args.out:
-        Path(args.out).write_text(text, encoding="utf-8")
-        log.info("wrote the ConfigMap and PyTorchJob %s to %s", rendered.name, args.out)
-    if args.dry_run:
-        if not args.out:
-            print(text, end="")
-        return 0
-    cluster = connect(args.kubeconfig, args.context, args.namespace)
-    submit(cluster, rendered)
-    print(
-        f"submitted PyTorchJob {rendered.name} to namespace {cluster.namespace} ({cluster.host}); follow it "
-        f"with `tunesmith jobs status {rendered.name}` and `tunesmith jobs logs {rendered.name}`"
+
+
+def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
+    """--kubeconfig / --context / --namespace: shared by `launch k8s` and `jobs`."""
+    p.add_argument(
+        "--kubeconfig",
+        metavar="FILE",
+        help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, then the in-cluster service account)",
     )
-    return 0
-
-
-def add_launch_parser(launch_sub: argparse._SubParsersAction) -> None:
-    from tunesmith.launch.k8s_render import ACCELERATORS, GPU, RESTART_POLICIES
-
-    p = launch_sub.add_parser(
-        "k8s",
-        help="submit the config as a Kubeflow PyTorchJob (Master + Workers running `tunesmith train`)",
-        description="Render the resolved config as a ConfigMap and a kubeflow.org/v1 PyTorchJob whose pods "
-        "run `tunesmith train /config/train.yaml`, check both, and submit them (or print them with "
-        "--dry-run). Paths in the config must be pod paths, on a --pvc mount.",
+    p.add_argument("--context", help="kubeconfig context (default: the current one)")
+    p.add_argument(
+        "--namespace", "-n", metavar="NS", help="namespace (default: the context's namespace, else `default`)"
     )
+
+
+def add_launch_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``tunesmith launch k8s``."""
     p.add_argument("config", help="YAML config file (LLaMA-Factory keys)")
     p.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. learning_rate=5e-4"
@@ -171,5 +163,4 @@ def add_launch_parser(launch_sub: argparse._SubParsersAction) -> None:
         "--dry-run", action="store_true", help="print the ConfigMap + PyTorchJob YAML and submit nothing"
     )
     p.add_argument("--out", metavar="FILE", help="also write the YAML to FILE (kubectl apply -f FILE)")
-    add_cluster_args(p)
-    p.set_defaults(func=_cmd_launch_k8s)
+    add_cluster_arguments(p)

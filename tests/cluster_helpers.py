@@ -1,10 +1,11 @@
-"""Helpers for the launch tests (a uniquely named module): a tiny training config, a clean environment, and two
-`tunesmith train` processes started the way a scheduler starts them."""
+"""Helpers for the launch tests (a uniquely named module): a tiny training config, a clean environment, two
+`tunesmith train` processes started the way a scheduler starts them, and what a clean finish never prints."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -91,20 +92,21 @@ def port_is_free(port: int) -> bool:
 
 
 def start_train(config: str, env: dict[str, str], cwd: Path, *args: str) -> subprocess.Popen:
+    """`tunesmith train CONFIG ARGS` as a node of a job; its stdout and stderr go into one pipe."""
     return subprocess.Popen(
         [sys.executable, "-m", "tunesmith.cli", "train", config, *args],
         cwd=cwd,
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
     )
 
 
 def run_together(procs: list[subprocess.Popen], timeout: float = 120) -> list[str]:
-    """Wait for every process; kill the rest when one hangs. Returns their stderr."""
+    """Wait for every process; kill the rest when one hangs. Returns their output (stdout and stderr)."""
     try:
-        return [proc.communicate(timeout=timeout)[1] for proc in procs]
+        return [proc.communicate(timeout=timeout)[0] for proc in procs]
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -116,3 +118,26 @@ def logged_losses(run_dir: Path) -> dict[int, float]:
     from tunesmith.train.observe import read_log
 
     return {e["step"]: e["loss"] for e in read_log(run_dir) if "loss" in e}
+
+
+# What a job that succeeded never prints, on any node: a Python traceback, a C++ stack trace (c10d's "Exception
+# raised from ... frame #N"), a store connection lost ("recvVector failed"), a rendezvous left badly ("failed to
+# shutdown the rendezvous", "Error waiting on exit barrier"), a log line of torch's C++ or Python loggers at
+# warning level or above ("[W1202 16:15:50.034 socket.cpp:207] ...", "W1202 16:16:21.182000 13737 ..."), a Python
+# warning ("FutureWarning: ...") or a logged WARNING.
+UNCLEAN = re.compile(
+    r"Traceback|Exception raised from|frame #\d+: |recvVector|failed to shutdown|exit barrier|"
+    r"(?<!\w)\[?[WEF]\d{4} \d\d:\d\d:\d\d|\w+Warning: |\bWARNING\b"
+)
+
+
+def unclean_lines(output: str) -> list[str]:
+    """The lines of a node's output that a clean, successful finish never prints."""
+    return [line for line in output.splitlines() if UNCLEAN.search(line)]
+
+
+def assert_clean_finish(outputs: list[str]) -> None:
+    """Every node's output is free of tracebacks, stack traces and warnings."""
+    for node, output in enumerate(outputs):
+        found = unclean_lines(output)
+        assert not found, f"node {node} printed:\n" + "\n".join(found[:20]) + "\n--- its output:\n" + output[-6000:]

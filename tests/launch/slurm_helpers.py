@@ -8,7 +8,10 @@ it serves every network namespace).
 Two nodes, two networks: each slurmd runs in a network namespace of its own (``ip netns``), joined to the
 controller by veth pairs on a bridge: controller 10.77.X.1, n1 .11, n2 .12. A two-node job is then two hosts
 as far as TCP is concerned: the c10d rendezvous and gloo cross a real (virtual) link, and 127.0.0.1 on one
-node is not the other. Where namespaces cannot be made (no root, no ``ip``), both slurmd run on 127.0.0.1
+node is not the other. The machine's DNS server cannot be reached from the namespaces, so every address lookup
+there would fail with EAI_AGAIN, and c10d logs a warning for each socket it cannot name; each slurmd therefore
+runs in a mount namespace of its own whose /etc/hosts names the controller and the nodes and whose
+/etc/nsswitch.conf resolves from that file alone, as a cluster's resolver would answer. Where namespaces cannot be made (no root, no ``ip``), both slurmd run on 127.0.0.1
 with a port each (``network == "loopback"``); Debian's slurmd runs several instances per host (``-N NAME``).
 """
 
@@ -24,15 +27,11 @@ from pathlib import Path
 
 import pytest
 
+from tunesmith.runenv import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo", "srun")
 NODES = ("n1", "n2")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def ensure_slurm() -> None:
@@ -70,7 +69,12 @@ class SlurmCluster:
 
     def make_network(self) -> bool:
         """A bridge with the controller's address and a namespace per node behind a veth pair (True: made)."""
-        if not self.want_netns or os.getuid() != 0 or not shutil.which("ip") or not shutil.which("nsenter"):
+        tools = ("ip", "nsenter", "unshare", "mount")
+        if not Path("/etc/nsswitch.conf").is_file():
+            return False
+        if not self.want_netns or os.getuid() != 0 or not all(shutil.which(tool) for tool in tools):
+            return False
+        if not self._private_hosts_work():
             return False
         try:
             self._ip("link", "add", self.bridge, "type", "bridge")
@@ -97,6 +101,28 @@ class SlurmCluster:
         self.env["GLOO_SOCKET_IFNAME"] = "ts0"
         return True
 
+    def _private_hosts_work(self) -> bool:
+        """Whether a mount namespace with its own /etc/hosts can be made here (see write_resolver)."""
+        probe = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "mount", "--bind", "/etc/hosts", "/etc/hosts"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        return probe.returncode == 0
+
+    def write_resolver(self) -> tuple[Path, Path]:
+        """For the nodes' namespaces: this machine's /etc/hosts plus the controller's and the nodes' addresses,
+        and an /etc/nsswitch.conf that looks host names up in that file only (no DNS server is reachable)."""
+        hosts, nsswitch = self.root / "hosts", self.root / "nsswitch.conf"
+        names = [f"{self.ctld_addr} tunesmith-slurmctld", *(f"{a} {n}" for n, a in self.node_addrs.items())]
+        original = Path("/etc/hosts").read_text(encoding="utf-8") if Path("/etc/hosts").is_file() else ""
+        hosts.write_text(original.rstrip("\n") + "\n" + "\n".join(names) + "\n", encoding="utf-8")
+        lines = Path("/etc/nsswitch.conf").read_text(encoding="utf-8").splitlines()
+        lines = [line for line in lines if not line.startswith("hosts:")] + ["hosts: files"]
+        nsswitch.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return hosts, nsswitch
+
     def remove_network(self) -> None:
         for ns in self.namespaces.values():  # deleting a namespace deletes its veth end, and so the pair
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30, check=False)
@@ -110,9 +136,9 @@ class SlurmCluster:
         os.chmod(self.root / "run", 0o755)
         os.chmod(self.root / "munge", 0o700)  # ...and its key readable by its user only
         host = socket.gethostname()
-        ctld_port = _free_port()
+        ctld_port = free_port()
         # one port per slurmd: they share 127.0.0.1 in loopback mode (in namespaces they could share one)
-        node_ports = [_free_port() for _ in self.nodes]
+        node_ports = [free_port() for _ in self.nodes]
         d = self.root
         lines = [
             "ClusterName=tunesmith-test",
@@ -182,9 +208,15 @@ class SlurmCluster:
         self._spawn("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)])
         for node in self.nodes:
             slurmd = ["slurmd", "-D", "-N", node, "-f", str(self.conf)]
-            # nsenter --net only: `ip netns exec` would also remount /sys, and slurmd finds no cgroup fs there
+            # nsenter --net only: `ip netns exec` would also remount /sys, and slurmd finds no cgroup fs there.
+            # unshare --mount: the node's own name resolution, for slurmd and every job step it starts.
             if self.network == "netns":
-                slurmd = ["nsenter", f"--net=/run/netns/{self.namespaces[node]}", *slurmd]
+                bind = 'mount --bind "$0" /etc/hosts && mount --bind "$1" /etc/nsswitch.conf && shift && exec "$@"'
+                slurmd = [
+                    "unshare", "--mount", "--propagation", "private",
+                    "sh", "-c", bind, *(str(path) for path in self.write_resolver()),
+                    "nsenter", f"--net=/run/netns/{self.namespaces[node]}", *slurmd,
+                ]  # fmt: skip
             self._spawn(f"slurmd-{node}", slurmd)
         self._wait(self.all_idle, timeout, "the nodes did not become idle")
         return self

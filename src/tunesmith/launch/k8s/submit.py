@@ -1,4 +1,5 @@
-"""Talking to a Kubernetes API server: submit a rendered PyTorchJob, follow it, read its logs, delete it.
+"""Talking to a Kubernetes API server: submit a rendered PyTorchJob, follow it, read its logs, delete it
+(:class:`K8sJobs`, the back-end of ``tunesmith jobs``).
 
 The client configuration comes from ``--kubeconfig``, else ``KUBECONFIG`` / ``~/.kube/config``, else the
 in-cluster service account. API failures become one-sentence :class:`TunesmithError` messages (what the server
@@ -15,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import TunesmithError
-from tunesmith.launch.k8s_render import (
+from tunesmith.launch.backend import LogRequest
+from tunesmith.launch.k8s.render import (
     CONFIG_MAP_ANNOTATION,
     CONTAINER,
     GROUP,
@@ -155,8 +157,7 @@ def submit(cluster: Cluster, rendered: Rendered) -> None:
     else:
         raise TunesmithError(
             f"a PyTorchJob named {name} already exists in namespace {ns}; delete it with "
-            f"`tunesmith jobs delete "
-            f"{name}` or pass --name"
+            f"`tunesmith jobs delete {name}` or pass --name"
         )
     cm_name = config_map["metadata"]["name"]
     try:
@@ -330,3 +331,50 @@ def delete(cluster: Cluster, name: str) -> list[str]:
     if _delete_quietly(cluster, config_map):
         deleted.append(f"ConfigMap {config_map}")
     return deleted
+
+
+def job_table(items: list[dict[str, Any]]) -> list[str]:
+    """``jobs list``: name, state, replicas and creation time, in aligned columns."""
+    rows = [("NAME", "STATE", "REPLICAS", "CREATED")]
+    for job in items:
+        specs = (job.get("spec") or {}).get("pytorchReplicaSpecs") or {}
+        replicas = "+".join(f"{rs.get('replicas', 1)} {role.lower()}" for role, rs in specs.items())
+        meta = job.get("metadata") or {}
+        rows.append((meta.get("name", "?"), job_state(job), replicas, meta.get("creationTimestamp", "")))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(4)]
+    return [
+        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+
+
+class K8sJobs:
+    """``tunesmith jobs`` for PyTorchJobs (a :class:`tunesmith.launch.backend.JobBackend`); connects on first use
+    with --kubeconfig / --context / --namespace."""
+
+    def __init__(
+        self, kubeconfig: str | None = None, context: str | None = None, namespace: str | None = None
+    ) -> None:
+        self._where = (kubeconfig, context, namespace)
+        self._cluster: Cluster | None = None
+
+    @property
+    def cluster(self) -> Cluster:
+        if self._cluster is None:
+            self._cluster = connect(*self._where)
+        return self._cluster
+
+    def list_jobs(self) -> str:
+        items = list_jobs(self.cluster)
+        if not items:
+            return f"no PyTorchJobs in namespace {self.cluster.namespace}"
+        return "\n".join(job_table(items))
+
+    def status(self, name: str) -> str:
+        return describe(self.cluster, name)
+
+    def logs(self, name: str, request: LogRequest) -> Iterator[str]:
+        return pod_logs(self.cluster, name, request.replica, request.index, request.tail, request.follow)
+
+    def delete(self, name: str) -> str:
+        deleted = delete(self.cluster, name)
+        return f"deleted {' and '.join(deleted)} from namespace {self.cluster.namespace}"

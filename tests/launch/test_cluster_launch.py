@@ -1,16 +1,21 @@
 """Two real `tunesmith train` processes started exactly as a scheduler starts them train one job together:
 Kubeflow PyTorchJob pods (training-operator v1.7+: PET_* variables, and before: MASTER_ADDR/MASTER_PORT/RANK/
-WORLD_SIZE only), Slurm tasks (SLURM_* only, one task per node) and LLaMA-Factory's elastic c10d rendezvous
-(RDZV_ID). Each pair forms a 2-rank DDP job on 127.0.0.1 (gloo, CPU) and must log the same losses as one process
-with the same global batch, within the tolerance of tests/train/test_distributed.py (2e-5: float32 summation
-order; a skipped, repeated or mis-scaled sample moves them by >= 1e-2)."""
+WORLD_SIZE only), Slurm tasks (SLURM_* only, one task per node), LLaMA-Factory's multi-node recipe (NNODES,
+NODE_RANK) and its elastic c10d rendezvous (RDZV_ID). Each pair forms a 2-rank DDP job on 127.0.0.1 (gloo, CPU)
+and must log the same losses as one process with the same global batch, within the tolerance of
+tests/train/test_distributed.py (2e-5: float32 summation order; a skipped, repeated or mis-scaled sample moves
+them by >= 1e-2), and finish cleanly: no node prints a traceback, a stack trace or a warning (the process holding
+the rendezvous store leaves last, see tunesmith.launch.rendezvous). Two tests widen the shutdown races
+to seconds (slow_agent/sitecustomize.py) so that the ordering is what they see, not luck."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
-from launch_cluster_helpers import (
+from cluster_helpers import (
+    assert_clean_finish,
     clean_env,
     logged_losses,
     port_is_free,
@@ -26,6 +31,7 @@ from tunesmith.train import train
 
 pytestmark = pytest.mark.slow
 LOSS_TOL = 2e-5
+SLOW_AGENT = Path(__file__).with_name("slow_agent")  # a sitecustomize.py that delays parts of the shutdown
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +47,7 @@ def job(tmp_path_factory, tiny_model_dir):
 def _check_one_job(errs: list[str], out: Path, reference: dict[int, float]) -> str:
     both = "\n".join(errs)
     assert "engine ddp on 2 rank(s): global batch 4" in both, both[-4000:]
+    assert_clean_finish(errs)
     assert both.count("training finished") == 1  # one job, rank 0 reports
     got = logged_losses(out)
     assert list(got) == [1, 2, 3, 4]
@@ -137,6 +144,79 @@ def test_two_invocations_meet_in_a_c10d_rendezvous(job):
     assert both.count(f"--rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:{port} --rdzv-id=tunesmith-test") == 2
 
 
+def test_two_invocations_with_nnodes_2_and_node_ranks(job):
+    """LLaMA-Factory's multi-node recipe: FORCE_TORCHRUN=1 NNODES=2 NODE_RANK=0/1 MASTER_ADDR MASTER_PORT, one
+    process per "node"; torchrun's static rendezvous, whose store node 0's agent holds."""
+    root, config, reference = job
+    out, port = root / "nnodes", str(free_port())
+    nodes = [
+        start_train(
+            config,
+            clean_env(
+                FORCE_TORCHRUN="1",
+                NNODES="2",
+                NODE_RANK=str(rank),
+                NPROC_PER_NODE="1",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+            ),
+            root,
+            f"output_dir={out}",
+        )
+        for rank in (0, 1)
+    ]
+    errs = run_together(nodes)
+    assert [n.returncode for n in nodes] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    _check_one_job(errs, out, reference)
+    assert "training finished" in errs[0] and "--node-rank=1" in errs[1]  # rank 0 is on node 0
+
+
+def _slowed(**delays: str) -> dict[str, str]:
+    """Variables that load slow_agent/sitecustomize.py with these delays (seconds)."""
+    path = os.pathsep.join(p for p in (str(SLOW_AGENT), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, **{f"TUNESMITH_TEST_DELAY_{k.upper()}_S": v for k, v in delays.items()}}
+
+
+def test_the_c10d_store_outlives_an_agent_that_closes_the_rendezvous_late(job):
+    """The Slurm script's layout (RDZV_CONF is_host=1 on node 0, 0 elsewhere), with node 1's agent closing the
+    rendezvous 3 s after node 0's. torchrun's agent on node 0 used to hold the store and leave first: node 1 then
+    printed "recvVector failed" and a C++ stack trace, then "failed to shutdown the rendezvous". Node 0's
+    `tunesmith train` now holds the store and waits for node 1 to leave."""
+    root, config, reference = job
+    out, port = root / "c10d-slow-close", str(free_port())
+    env = {"RDZV_ID": "slow-close", "NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": port}  # fmt: skip
+    nodes = [
+        start_train(config, clean_env(**env, RDZV_CONF="is_host=1"), root, f"output_dir={out}"),
+        start_train(
+            config, clean_env(**env, RDZV_CONF="is_host=0", **_slowed(close="3")), root, f"output_dir={out}"
+        ),
+    ]
+    errs = run_together(nodes)
+    assert [n.returncode for n in nodes] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    _check_one_job(errs, out, reference)
+    assert errs[1].count("--rdzv-conf=is_host=0") == 1 and errs[0].count("--rdzv-conf=is_host=0") == 1
+
+
+def test_node_0_arrives_last_at_the_exit_barrier_of_a_static_rendezvous(job):
+    """NNODES + NODE_RANK: node 0's agent holds the store and leaves right after the exit barrier. Node 1's worker
+    exits 3 s after node 0's, and an agent that arrives last at the barrier waits 3 s between waking the others and
+    its own wait on the store. Node 1 used to arrive last and find the store gone ("Error waiting on exit barrier",
+    a traceback); node 0's worker now waits for node 1's agent to arrive, so node 0 is last."""
+    root, config, reference = job
+    out, port = root / "static-slow-exit", str(free_port())
+    env = {"FORCE_TORCHRUN": "1", "NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": port}  # fmt: skip
+    slow = _slowed(worker_exit="3", last_wait="3")
+    nodes = [
+        start_train(config, clean_env(**env, NODE_RANK="0"), root, f"output_dir={out}"),
+        start_train(config, clean_env(**env, NODE_RANK="1", **slow), root, f"output_dir={out}"),
+    ]
+    errs = run_together(nodes)
+    assert [n.returncode for n in nodes] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    _check_one_job(errs, out, reference)
+
+
 def test_the_deepspeed_launcher_starts_the_same_command(job):
     """`deepspeed` runs `python -u -m tunesmith.cli --local_rank=N train CONFIG` per rank with RANK, LOCAL_RANK,
     WORLD_SIZE, MASTER_ADDR and MASTER_PORT set: the argument is absorbed and the ranks join as workers."""
@@ -170,4 +250,4 @@ def test_the_deepspeed_launcher_starts_the_same_command(job):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "--local_rank=1" in result.stdout + result.stderr  # the launcher did add it
-    _check_one_job([result.stderr], out, reference)
+    _check_one_job([result.stdout + result.stderr], out, reference)
