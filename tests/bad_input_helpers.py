@@ -6,7 +6,7 @@ console script runs it) and checks all of that; :func:`assert_refused_subprocess
 ``python -m tunesmith.cli`` for the few cases that need a separate process. :func:`snapshot` records a folder
 byte for byte, so a refused re-run can be shown to have left an earlier run's checkpoints alone.
 
-Imported as ``bad_input_helpers`` (tests/ is on the path, as for ``testutil``).
+Imported as ``bad_input_helpers`` (tests/ is on the path, as for ``file_helpers``).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from testutil import write_json
+from file_helpers import write_json
 
 
 def tunesmith(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:

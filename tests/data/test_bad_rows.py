@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from testutil import write_json
+from file_helpers import write_json
 
 from tunesmith.config import Config
 from tunesmith.data import get_template, load_conversations, prepare_datasets

@@ -8,7 +8,7 @@ import logging
 import shutil
 
 import pytest
-from testutil import write_json
+from file_helpers import write_json
 
 import tunesmith.data as data_mod
 from tunesmith.config import Config

@@ -6,7 +6,7 @@ import logging
 import time
 
 import pytest
-from testutil import write_json
+from file_helpers import write_json
 
 from tunesmith.config import Config, load_config
 from tunesmith.data import (

@@ -8,7 +8,7 @@ import re
 
 import pytest
 import yaml
-from testutil import write_json
+from file_helpers import write_json
 
 from tunesmith.cli import main
 from tunesmith.data.convert import convert_file

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from testutil import write_json
+from file_helpers import write_json
 
 from tunesmith.config import Config, load_config
 from tunesmith.data import Conversation, load_conversations

@@ -8,7 +8,8 @@ import logging
 
 import pytest
 import yaml
-from testutil import write_json
+from file_helpers import write_json
+from model_helpers import QUESTION, REPLY, speaking_model_fixture
 
 from tunesmith.cli import main as commands_main
 from tunesmith.config import load_config
@@ -209,41 +210,7 @@ def test_train_with_a_llamafactory_predict_config_only_predicts(tmp_path, tiny_m
     assert cli_main(["train", plain]) == 2
 
 
-QUESTION, REPLY = "你是谁？", "我是Ada，人工智能助手😀。Hi，你好！"
-
-
-@pytest.fixture(scope="module")
-def speaking_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model taught to answer QUESTION with REPLY, whose characters the tiny tokenizer mostly spells as
-    2-3 byte tokens (tests/serve/serve_helpers.py's teach_reply does the same for the serving tests)."""
-    import torch
-
-    from tunesmith.data.templates import get_template
-    from tunesmith.model.load import load_model, load_tokenizer
-
-    tokenizer = load_tokenizer(tiny_model_dir)
-    template = get_template("auto", tokenizer)
-    prompt = template.encode_prompt(tokenizer, [{"role": "user", "content": QUESTION}])
-    answer = tokenizer.encode(REPLY, add_special_tokens=False) + template.stop_token_ids(tokenizer)[:1]
-    ids, labels = torch.tensor([prompt + answer]), torch.tensor([[-100] * len(prompt) + answer])
-    model = load_model(tiny_model_dir)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a model this small only loses time to a second thread on a shared machine
-    try:
-        for _ in range(400):
-            loss = model(input_ids=ids, labels=labels).loss
-            if loss.item() < 0.01:
-                break
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-    finally:
-        torch.set_num_threads(threads)
-    out = tmp_path_factory.mktemp("speaking")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+speaking_model_dir = speaking_model_fixture()
 
 
 def test_predictions_cut_inside_a_character_hold_no_half_character(tmp_path, speaking_model_dir):

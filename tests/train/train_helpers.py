@@ -7,9 +7,10 @@ elsewhere, so each test module defines its small ``samples`` fixture itself.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from file_helpers import write_json  # noqa: F401  (re-exported: the training tests import it from here)
 
 QA = [
     ("Who are you?", "I am Ada, an AI assistant made by Lab."),
@@ -39,11 +40,6 @@ def encode_pairs(tokenizer, pairs=QA, repeat: int = 3) -> list[Enc]:
         reply = tokenizer(f"{answer}<|im_end|>\n")["input_ids"]
         out.append(Enc(prompt + reply, [-100] * len(prompt) + reply))
     return out
-
-
-def write_json(path: Path, rows) -> Path:
-    path.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
-    return path
 
 
 def make_cfg(output_dir: Path, model_dir: Path | None = None, **overrides):

@@ -1,4 +1,4 @@
-"""Plain helpers for tests, importable as ``from testutil import ...``.
+"""Plain helpers for tests, importable as ``from file_helpers import ...``.
 
 Kept out of conftest.py on purpose: several folders have a conftest.py, and pytest may bind the module name
 ``conftest`` to any of them, so ``from conftest import ...`` is fragile.
