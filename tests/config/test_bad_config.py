@@ -535,8 +535,8 @@ DS_FILES = [
     ("not-utf8", b'{"zero_optimization": {"stage": 2}, "x": "\xff\xfe"}', "not UTF-8"),
     ("too-deep", b"[" * 100_000 + b"]" * 100_000, "cannot be read as JSON"),
     ("section-not-a-mapping", b'{"zero_optimization": 3}', "deepspeed.zero_optimization"),
-    ("truncated", b'{"zero_optimization": {"stage": 2', "invalid JSON"),
-    ("a-list", b"[1, 2]", "JSON object"),
+    ("truncated", b'{"zero_optimization": {"stage": 2', "not valid JSON"),
+    ("a-list", b"[1, 2]", "not an object"),
 ]
 
 

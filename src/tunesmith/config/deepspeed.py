@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import ConfigError, short_repr
+from tunesmith.jsonfile import read_json_object
 
 PRESETS = ("ds_z0", "ds_z1", "ds_z2", "ds_z2_offload", "ds_z3", "ds_z3_offload")
 DEFAULT_PRESET = "ds_z2"
@@ -99,21 +100,7 @@ def read_ds_config(value: str | dict[str, Any] | None) -> tuple[dict[str, Any], 
             f"deepspeed: {value} is neither a file nor a preset; use a ds_config.json path or one of "
             f"{', '.join(PRESETS)}"
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"deepspeed: {path}:{err.lineno}: invalid JSON ({err.msg}); fix the file") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(
-            f"deepspeed: {path} is not UTF-8 text (byte {err.start}: {err.object[err.start:err.start + 1]!r}); "
-            "save it as UTF-8 JSON"
-        ) from None
-    except (RecursionError, ValueError) as err:  # nested too deep; integers beyond Python's digit limit
-        raise ConfigError(f"deepspeed: {path} cannot be read as JSON ({type(err).__name__}); fix the file") from None
-    except OSError as err:
-        raise ConfigError(f"deepspeed: cannot read {path} ({err.strerror or err}); check the file") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"deepspeed: {path} must hold a JSON object, not a {type(data).__name__}")
+    data = read_json_object(path, ConfigError, "fix the file", prefix="deepspeed: ")
     check_sections(data, f"deepspeed: {path}")
     return data, str(path)
 

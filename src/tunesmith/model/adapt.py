@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 
 from tunesmith.errors import ConfigError, ModelError
+from tunesmith.jsonfile import read_json_object
 from tunesmith.logging import get_logger
 from tunesmith.model.load import check_safetensors
 
@@ -235,19 +235,7 @@ def load_adapter(
 
 def _read_adapter_config(config_file: Path) -> dict[str, Any]:
     fix = "restore it from the training run, or point adapter_name_or_path at another checkpoint"
-    try:
-        config = json.loads(config_file.read_bytes().decode("utf-8-sig"))
-    except OSError as err:
-        raise ModelError(f"cannot read {config_file} ({err.strerror or err}); {fix}") from None
-    except UnicodeDecodeError:
-        raise ModelError(f"{config_file} is not UTF-8 text; {fix}") from None
-    except json.JSONDecodeError as err:
-        raise ModelError(f"{config_file}:{err.lineno}: invalid JSON ({err.msg}); {fix}") from None
-    except (ValueError, RecursionError) as err:
-        raise ModelError(f"{config_file} cannot be read as JSON ({type(err).__name__}); {fix}") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{config_file} holds a JSON {type(config).__name__}, not an object of settings; {fix}")
-    return config
+    return read_json_object(config_file, ModelError, fix)
 
 
 def _check_adapter_fits(model: nn.Module, weights: Path, recorded_base: str | None) -> None:

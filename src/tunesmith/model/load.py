@@ -13,6 +13,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 
 from tunesmith.errors import ConfigError, ModelError
+from tunesmith.jsonfile import read_json_object
 from tunesmith.logging import get_logger
 from tunesmith.model.resolve import resolve_model_path
 
@@ -179,21 +180,7 @@ def _prepare_quantized(model: Any, compute_dtype: torch.dtype) -> None:
 
 def _read_config_json(model_dir: Path) -> dict[str, Any]:
     """The folder's config.json as a dict; unreadable, not UTF-8, not JSON or not an object is a ModelError."""
-    path = model_dir / "config.json"
-    fix = "restore the model's original config.json"
-    try:
-        config = json.loads(path.read_bytes().decode("utf-8-sig"))
-    except OSError as err:
-        raise ModelError(f"cannot read {path} ({err.strerror or err}); check that it is a readable file") from None
-    except UnicodeDecodeError:
-        raise ModelError(f"{path} is not UTF-8 text, so not a config.json; {fix}") from None
-    except json.JSONDecodeError as err:
-        raise ModelError(f"{path}:{err.lineno}: config.json is not valid JSON ({err.msg}); {fix}") from None
-    except (ValueError, RecursionError) as err:
-        raise ModelError(f"{path}: config.json cannot be read as JSON ({type(err).__name__}); {fix}") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{path} holds a JSON {type(config).__name__}, not an object of settings; {fix}")
-    return config
+    return read_json_object(model_dir / "config.json", ModelError, "restore the model's original config.json")
 
 
 def check_model_config(model_dir: Path, trust_remote_code: bool = False) -> dict[str, Any]:
