@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import torch
-from train_helpers import encode_pairs, make_cfg, max_diff, state_of, tiny_model, write_json
+from file_helpers import write_json
+from train_helpers import encode_pairs, make_cfg, max_diff, state_of, tiny_model
 
 from tunesmith.data import prepare_datasets
 from tunesmith.data.pack import PackedSample, pack_samples

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from train_helpers import write_json
+from file_helpers import write_json
 
 from tunesmith.config import load_config
 from tunesmith.train import train

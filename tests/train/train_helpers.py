@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from file_helpers import write_json  # noqa: F401  (re-exported: the training tests import it from here)
-
 QA = [
     ("Who are you?", "I am Ada, an AI assistant made by Lab."),
     ("What is your name?", "My name is Ada."),
