@@ -12,6 +12,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+try:  # property-based bad-input tests: the same examples on every run, so a result never depends on luck
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("tunesmith", derandomize=True, database=None, print_blob=True)
+    _hypothesis_settings.load_profile("tunesmith")
+except ImportError:  # pragma: no cover - hypothesis comes with the dev extra
+    pass
 SHARED = REPO.parent / "shared"
 
 CHATML_TEMPLATE = (

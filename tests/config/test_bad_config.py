@@ -548,3 +548,20 @@ def test_a_broken_ds_config_file_is_named(tmp_path, capsys, tiny_model_dir, cont
     message = assert_refused(["train", config], capsys, ds)
     assert words in message
     assert_refused(["plan", config, "--gpus", "1x24GB"], capsys, ds)  # the planner reads it the same way
+
+
+def test_a_json_config_with_escaped_characters_beyond_the_bmp_loads(tmp_path):
+    """json.dumps writes 😀 as the escaped pair \\ud83d\\ude00; a JSON (= YAML) config must read it back as 😀."""
+    import json
+
+    path = tmp_path / "astral.yaml"
+    path.write_text(json.dumps({"default_system": "You are 😀 𐀀", "placeholders": {"name": "Ada 🤗"}}), encoding="utf-8")
+    assert "\\ud83d" in path.read_text(encoding="utf-8")
+    cfg = load_config(path)
+    assert cfg.default_system == "You are 😀 𐀀" and cfg.placeholders == {"name": "Ada 🤗"}
+
+
+def test_a_lone_surrogate_is_refused_on_one_line(tmp_path, capsys):
+    path = _file(tmp_path, 'default_system: "a\\n\\ud800"\n')
+    message = assert_refused(["train", path], capsys, f"{path}:1", "default_system")
+    assert "\n" not in message

@@ -198,6 +198,22 @@ def _bool_for_number(value: Any, annotation: Any) -> bool:
     return isinstance(value, bool) and annotation in (int, float)
 
 
+def _join_surrogate_pairs(value: Any) -> Any:
+    """JSON writes a character beyond U+FFFF as an escaped UTF-16 pair ("\\ud83d\\ude00"), which PyYAML reads as
+    two lone surrogates; join each pair into its character (in keys and items too), as JSON readers do. Lone
+    surrogates stay, for :func:`_bad_text` to refuse."""
+    if isinstance(value, str):
+        try:
+            return value.encode("utf-16", "surrogatepass").decode("utf-16")
+        except UnicodeDecodeError:
+            return value
+    if isinstance(value, dict):
+        return {_join_surrogate_pairs(k): _join_surrogate_pairs(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_join_surrogate_pairs(item) for item in value]
+    return value
+
+
 def _bad_text(value: Any) -> str | None:
     """The first string in ``value`` (keys and items too) that is not valid Unicode text, e.g. the lone
     surrogates Python makes of a non-UTF-8 command-line argument, or a YAML "\\udcff" escape."""
@@ -234,9 +250,10 @@ def _check_values(data: dict[str, Any], where: dict[str, str], origin: str) -> N
                 f"{loc}: {key} expands to more than {_MAX_VALUES:,} values through YAML anchors and aliases (a "
                 "'billion laughs' file); write the values out instead of nesting aliases"
             )
+        value = data[key] = _join_surrogate_pairs(value)  # after the size checks: aliases are expanded here
         bad = _bad_text(value)
         if bad is not None:
-            raise ConfigError(f"{loc}: {key} holds text that is not valid UTF-8 ({bad}); write it as UTF-8 text")
+            raise ConfigError(f"{loc}: {key} holds text that is not valid UTF-8 ({bad!r}); write it as UTF-8 text")
         if key == "deepspeed":
             check_sections(value, loc)
         if _bool_for_number(value, Config.model_fields[key].annotation):
