@@ -126,6 +126,7 @@ def worker(config: str, overrides: list[str], steps: int, result_file: str, chec
     from tunesmith.train.distributed import dist_info, shutdown_distributed
     from tunesmith.train.engines import create_engine
     from tunesmith.train.loop import seed_everything, train_step
+    from tunesmith.train.objectives import create_objective
     from tunesmith.train.optim import build_scheduler
     from tunesmith.train.state import TrainState
 
@@ -152,11 +153,12 @@ def worker(config: str, overrides: list[str], steps: int, result_file: str, chec
         world_size=engine.comm.world_size,
     )
     windows = (window for epoch in range(1000) for _, window in loader.windows(epoch, 0, 1))
+    objective = create_objective(cfg)
 
     def step() -> int:
-        _, targets, _ = train_step(engine, next(windows))
+        tokens = train_step(engine, objective, next(windows)).tokens
         scheduler.step()
-        return targets
+        return tokens
 
     for _ in range(2):  # warm-up: allocations, DeepSpeed's first-step setup
         step()

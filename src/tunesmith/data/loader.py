@@ -146,6 +146,30 @@ def collate(samples: Sequence[EncodedLike], pad_token_id: int) -> Batch:
     return Batch(input_ids=input_ids, labels=labels, attention_mask=attention_mask)
 
 
+class Collator(Protocol):
+    """How a training objective turns samples into micro-batches (see :mod:`tunesmith.train.objectives`)."""
+
+    def collate(self, samples: Sequence[EncodedLike]) -> Batch:
+        """One micro-batch of ``samples``."""
+
+    def masked(self, sample: EncodedLike) -> Batch:
+        """A micro-batch that runs forward and backward but holds no targets (zero loss, zero gradient): what a
+        rank without samples in a window runs, so that every rank runs the same number of passes."""
+
+
+@dataclass(frozen=True)
+class TokenCollator:
+    """Token-level batches (SFT, pre-training): :func:`collate` and :func:`masked_copy`."""
+
+    pad_token_id: int
+
+    def collate(self, samples: Sequence[EncodedLike]) -> Batch:
+        return collate(samples, self.pad_token_id)
+
+    def masked(self, sample: EncodedLike) -> Batch:
+        return masked_copy(sample, self.pad_token_id)
+
+
 class Loader(Protocol):
     """What the training loop reads: this rank's micro-batches, one accumulation window at a time, from a
     world-size-free :class:`DataPosition`. :class:`EpochLoader` (samples in memory, reshuffled every epoch) and
@@ -169,7 +193,8 @@ class Loader(Protocol):
 class EpochLoader:
     """Micro-batches of ``dataset`` for one epoch at a time, in a permutation fixed by ``(seed, epoch)``.
 
-    ``len(loader)`` (= :attr:`rounds_per_epoch`) is the number of micro-batch rounds per epoch (rounds of
+    ``collator`` (default: :class:`TokenCollator`) makes the micro-batches. ``len(loader)`` (=
+    :attr:`rounds_per_epoch`) is the number of micro-batch rounds per epoch (rounds of
     ``batch_size × world_size`` samples; the last one may be smaller). :meth:`windows` yields this rank's
     accumulation windows from a sample position.
     """
@@ -178,11 +203,12 @@ class EpochLoader:
         self,
         dataset: Sequence[EncodedLike],
         batch_size: int,
-        pad_token_id: int,
+        pad_token_id: int = 0,
         seed: int = 42,
         shuffle: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        collator: Collator | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -195,6 +221,7 @@ class EpochLoader:
         self.shuffle = shuffle
         self.rank = rank
         self.world_size = world_size
+        self.collator = collator or TokenCollator(pad_token_id)
 
     def __len__(self) -> int:
         return -(-len(self.dataset) // (self.batch_size * self.world_size))
@@ -233,9 +260,7 @@ class EpochLoader:
         for position, groups in self.window_indices(epoch, start, accumulation):
             filler = self.dataset[self.permutation(epoch)[position - 1]] if not all(groups) else None
             yield position, [
-                collate([self.dataset[i] for i in ids], self.pad_token_id)
-                if ids
-                else masked_copy(filler, self.pad_token_id)
+                self.collator.collate([self.dataset[i] for i in ids]) if ids else self.collator.masked(filler)
                 for ids in groups
             ]
 

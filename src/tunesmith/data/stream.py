@@ -42,7 +42,7 @@ from tunesmith.config import Config
 from tunesmith.config.schema import DataArgs
 from tunesmith.data.conversation import Conversation
 from tunesmith.data.encode import EncodeReport, encode_dataset
-from tunesmith.data.loader import Batch, DataPosition, EncodedLike, collate, masked_copy, rank_slices
+from tunesmith.data.loader import Batch, Collator, DataPosition, EncodedLike, TokenCollator, rank_slices
 from tunesmith.data.mix import mix
 from tunesmith.data.pack import pack_samples
 from tunesmith.data.sources import BadRows, DatasetSource, iter_conversations, resolve_sources
@@ -161,7 +161,13 @@ class StreamLoader:
     streaming twin of :class:`~tunesmith.data.loader.EpochLoader` (same :meth:`windows_from`)."""
 
     def __init__(
-        self, data: StreamingData, batch_size: int, pad_token_id: int, rank: int = 0, world_size: int = 1
+        self,
+        data: StreamingData,
+        batch_size: int,
+        pad_token_id: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        collator: Collator | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -172,6 +178,7 @@ class StreamLoader:
         self.pad_token_id = pad_token_id
         self.rank = rank
         self.world_size = world_size
+        self.collator = collator or TokenCollator(pad_token_id)
 
     @property
     def rounds_per_epoch(self) -> None:
@@ -214,8 +221,7 @@ class StreamLoader:
         for after, window in self.unit_windows(position, accumulation):
             mine = rank_slices(window, self.batch_size, self.rank, self.world_size)
             yield after, [
-                collate([unit.sample for unit in units], self.pad_token_id)
-                if units
-                else masked_copy(window[-1].sample, self.pad_token_id)
+                self.collator.collate([unit.sample for unit in units]) if units
+                else self.collator.masked(window[-1].sample)
                 for units in mine
             ]

@@ -1,10 +1,12 @@
 """The training loop: ``fit`` = setup → loop → finish, on an already prepared model (``train(cfg)`` in
 :mod:`tunesmith.train.pipeline` prepares one from a config). Each optimizer step:
 
-    forward each micro-batch of the accumulation window → sum of token losses / targets in the whole window →
+    forward each micro-batch of the accumulation window → the objective's summed loss / its units (target
+    tokens for SFT) in the whole window →
     backward → clip → AdamW step → lr schedule → whatever is due (log, eval, sample answers, checkpoint)
 
-The engine (:mod:`tunesmith.train.engines`) decides how the ranks share the work; the loop knows none by name.
+The engine (:mod:`tunesmith.train.engines`) decides how the ranks share the work, the objective
+(:mod:`tunesmith.train.objectives`) what a batch and its loss are; the loop knows neither by name.
 """
 
 from __future__ import annotations
@@ -22,10 +24,9 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from tunesmith.config import Config
-from tunesmith.data.loader import IGNORE_INDEX, Batch, EncodedLike, EpochLoader, Loader
+from tunesmith.data.loader import Batch, Collator, EncodedLike, EpochLoader, Loader
 from tunesmith.data.stream import StreamingData, StreamLoader
 from tunesmith.errors import DataError
 from tunesmith.logging import get_logger
@@ -33,6 +34,7 @@ from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import resume
 from tunesmith.train.distributed import Collectives
 from tunesmith.train.engines import Engine, create_engine
+from tunesmith.train.objectives import ModelCall, Objective, create_objective, token_loss_sum
 from tunesmith.train.observe import RunObserver, plot_loss, write_run_info
 from tunesmith.train.optim import build_scheduler, total_steps
 from tunesmith.train.samples import log_sample_generations, sample_every
@@ -40,7 +42,7 @@ from tunesmith.train.state import TrainState, run_signature
 
 log = get_logger("train")
 
-__all__ = ["TrainResult", "fit"]
+__all__ = ["TrainResult", "fit", "token_loss_sum"]  # token_loss_sum: where it lived before objectives
 
 StepCallback = Callable[[TrainState], None]
 
@@ -56,11 +58,9 @@ class TrainResult:
 
 @dataclass
 class StepOutcome:
-    """One optimizer step, over all ranks: mean token loss, target tokens, pre-clip gradient norm, and lr."""
+    """One optimizer step: its window's result and the lr it was taken with."""
 
-    loss: float
-    targets: int
-    grad_norm: float
+    result: WindowResult
     lr: float
 
 
@@ -70,6 +70,7 @@ class Run:
 
     cfg: Config
     engine: Engine
+    objective: Objective
     tokenizer: Any
     loader: Loader
     val_loader: EpochLoader | None
@@ -78,10 +79,10 @@ class Run:
     observer: RunObserver
     total: int
     resumed: bool
-    varlen: bool  # flash_attn: fa2: packed rows go to the model as position_ids without the 4-D mask
     started: float = field(default_factory=time.perf_counter)
     interval_started: float = field(default_factory=time.perf_counter)
-    interval_targets: int = 0
+    interval_tokens: int = 0
+    interval_metrics: dict[str, float] = field(default_factory=dict)  # metric sums over the interval's steps
     last_saved: int | None = None
 
     @property
@@ -103,61 +104,77 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Causal-LM cross entropy summed over the target tokens (position t predicts labels[t + 1]), in float32.
+@dataclass
+class WindowResult:
+    """One accumulation window over all ranks: the mean loss per unit, the units (target tokens for SFT) and
+    throughput tokens, the objective's metric means, and the pre-clip gradient norm."""
 
-    The labels are shifted, not the logits: slicing the (batch × seq × vocab) logits would copy the largest
-    tensor of the step (and keep a second one alive for backward).
+    loss: float
+    units: int
+    tokens: int
+    metrics: dict[str, float]
+    grad_norm: float
+
+
+def model_call(engine: Engine) -> ModelCall:
+    """The engine's model as objectives call it: under its autocast, without a KV cache."""
+
+    def call(**inputs: Any) -> Any:
+        with engine.autocast():
+            return engine.model(**inputs, use_cache=False)
+
+    return call
+
+
+def train_step(engine: Engine, objective: Objective, window: Sequence[Batch]) -> WindowResult:
+    """One optimizer step over an accumulation window, the loss and metrics taken over all ranks.
+
+    Every unit of the window (a target token for SFT) weighs the same: each micro-batch's summed loss is
+    divided by the units of the *whole* window on *all* ranks (counted before any backward), so the gradient
+    equals that of one big batch no matter how the units are spread over micro-batches and ranks.
     """
-    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).to(logits.device)
-    if logits.dtype != torch.float32:  # autocast: compute the softmax in float32
-        logits = logits.float()
-    return F.cross_entropy(
-        logits.view(-1, logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
+    units, tokens = engine.comm.all_reduce_sum(
+        [sum(objective.units(batch) for batch in window), sum(objective.tokens(batch) for batch in window)]
     )
-
-
-def train_step(engine: Engine, window: Sequence[Batch], varlen: bool = False) -> tuple[float, int, float]:
-    """One optimizer step over an accumulation window; returns (mean token loss, target tokens, grad norm), the
-    loss and token count taken over all ranks.
-
-    Every target token of the window weighs the same: each micro-batch's summed token loss is divided by the
-    number of targets in the *whole* window on *all* ranks (counted before any backward), so the gradient equals
-    that of one big batch no matter how the tokens are spread over micro-batches and ranks.
-    """
-    num_targets = int(engine.comm.all_reduce_sum([sum(batch.num_targets for batch in window)])[0])
-    denominator = max(num_targets, 1)
+    denominator = max(int(units), 1)
     window_loss = torch.zeros((), device=engine.device)
+    metric_sums = dict.fromkeys(objective.metric_names, 0.0)
+    call = model_call(engine)
     for index, batch in enumerate(window):
         batch = batch.to(engine.device)
         with engine.accumulating(last=index == len(window) - 1):
-            with engine.autocast():
-                logits = engine.model(**batch.model_inputs(varlen), use_cache=False).logits
-            loss = token_loss_sum(logits, batch.labels) / denominator
+            parts = objective.loss(call, batch)
+            loss = parts.loss / denominator
             engine.backward(loss)
         window_loss += loss.detach().float()
+        for name, value in parts.metrics.items():
+            metric_sums[name] += value
     grad_norm = engine.step()
-    return engine.comm.all_reduce_sum([float(window_loss)])[0], num_targets, grad_norm
+    totals = engine.comm.all_reduce_sum([float(window_loss), *metric_sums.values()])
+    metrics = {name: total / denominator for name, total in zip(metric_sums, totals[1:], strict=True)}
+    return WindowResult(totals[0], int(units), int(tokens), metrics, grad_norm)
 
 
-def evaluate(engine: Engine, loader: EpochLoader, varlen: bool = False) -> float:
-    """Mean token loss over the whole validation set (each target token weighs the same), each rank scoring its
-    share of the samples (masked fillers where the shares are uneven; they hold no targets)."""
+def evaluate(engine: Engine, objective: Objective, loader: EpochLoader) -> dict[str, float]:
+    """The objective's evaluation report (``eval_loss`` first: the mean loss per unit over the whole validation
+    set), each rank scoring its share of the samples (masked fillers where the shares are uneven; they hold no
+    units)."""
     engine.model.eval()
-    loss_sum, targets = 0.0, 0
+    loss_sum, units = 0.0, 0
+    metric_sums = dict.fromkeys(objective.metric_names, 0.0)
+    call = model_call(engine)
     with torch.no_grad():
         for _, window in loader.windows(epoch=0, start=0, accumulation=1):
             batch = window[0].to(engine.device)
-            with engine.autocast():
-                logits = engine.model(**batch.model_inputs(varlen), use_cache=False).logits
-            loss_sum += float(token_loss_sum(logits, batch.labels))
-            targets += batch.num_targets
+            parts = objective.loss(call, batch)
+            loss_sum += float(parts.loss)
+            units += objective.units(batch)
+            for name, value in parts.metrics.items():
+                metric_sums[name] += value
     engine.model.train()
-    loss_sum, targets = engine.comm.all_reduce_sum([loss_sum, targets])
-    return loss_sum / max(targets, 1)
+    loss_sum, units, *totals = engine.comm.all_reduce_sum([loss_sum, units, *metric_sums.values()])
+    means = {name: total / max(units, 1) for name, total in zip(metric_sums, totals, strict=True)}
+    return objective.eval_metrics(loss_sum / max(units, 1), means)
 
 
 # ------------------------------------------------------------------------------------------------ fit
@@ -171,18 +188,21 @@ def fit(
     val_data: Sequence[EncodedLike] = (),
     *,
     engine: Engine | None = None,
+    objective: Objective | None = None,
     device: torch.device | str | None = None,
     resume_from: Path | str | None | Literal["auto"] = "auto",
     callbacks: Sequence[StepCallback] = (),
 ) -> TrainResult:
     """Train ``model`` (already set up for cfg.finetuning_type) on encoded samples, or on a stream of them
     (:mod:`tunesmith.data.stream`); checkpoints, logs and the final model go to ``cfg.output_dir``.
-    ``engine``: the one :func:`tunesmith.train.pipeline.train` created (default: one for ``cfg`` on ``device``). ``resume_from``: a
-    checkpoint, None (fresh) or ``"auto"`` (see :func:`tunesmith.train.resume.find_resume_checkpoint`).
+    ``engine``: the one :func:`tunesmith.train.pipeline.train` created (default: one for ``cfg`` on ``device``);
+    ``objective``: the stage's (default: the one of ``cfg.stage``). ``resume_from``: a checkpoint, None (fresh)
+    or ``"auto"`` (see :func:`tunesmith.train.resume.find_resume_checkpoint`).
     ``callbacks`` run after every optimizer step (on every rank).
 
     Under torchrun every rank calls this with the same model and data; the engine decides how they share it."""
-    run = setup(cfg, model, tokenizer, train_data, val_data, engine or create_engine(cfg, device), resume_from)
+    run = setup(cfg, model, tokenizer, train_data, val_data, engine or create_engine(cfg, device),
+                objective or create_objective(cfg), resume_from)
     try:
         loop(run, callbacks)
     finally:
@@ -197,13 +217,16 @@ def setup(
     train_data: Sequence[EncodedLike] | StreamingData,
     val_data: Sequence[EncodedLike],
     engine: Engine,
+    objective: Objective,
     resume_from: Path | str | None | Literal["auto"],
 ) -> Run:
     """Everything before the first step: checks, model and optimizer on the engine, loaders, schedule, and the
     state (fresh, or restored from a checkpoint: weights, optimizer, scheduler, RNG and data position)."""
     resume_path = _setup_inputs(cfg, train_data, val_data, engine.comm, resume_from)
+    model = objective.prepare_model(model)
     _setup_model(model, cfg.gradient_checkpointing)
-    loader, val_loader = _setup_loaders(cfg, tokenizer, train_data, val_data, engine.comm)
+    loader, val_loader = _setup_loaders(cfg, objective.collator(pad_token_id(tokenizer)), train_data, val_data,
+                                        engine.comm)
     total = total_steps(cfg, loader.rounds_per_epoch)
     engine.setup(model, cfg, total)
     engine.model.train()
@@ -215,8 +238,8 @@ def setup(
     write_run_info(Path(cfg.output_dir), cfg)
     _log_start(cfg, engine, loader, total)
     observer = RunObserver(Path(cfg.output_dir), total, state.global_step, tensorboard_dir)
-    run = Run(cfg, engine, tokenizer, loader, val_loader, scheduler, state, observer, total,
-              resumed=resume_path is not None, varlen=cfg.flash_attn == "fa2")
+    run = Run(cfg, engine, objective, tokenizer, loader, val_loader, scheduler, state, observer, total,
+              resumed=resume_path is not None)
     run.last_saved = state.global_step if run.resumed else None
     return run
 
@@ -228,12 +251,14 @@ def loop(run: Run, callbacks: Sequence[StepCallback] = ()) -> None:
     while state.global_step < run.total:
         for position, window in run.loader.windows_from(state.position(), accumulation):
             lr = run.scheduler.get_last_lr()[0]
-            loss, targets, grad_norm = train_step(run.engine, window, run.varlen)
+            result = train_step(run.engine, run.objective, window)
             run.scheduler.step()
-            state.advance(position, run.per_round, loss)
-            run.interval_targets += targets
+            state.advance(position, run.per_round, result.loss)
+            run.interval_tokens += result.tokens
+            for name, value in result.metrics.items():
+                run.interval_metrics[name] = run.interval_metrics.get(name, 0.0) + value
             run.observer.step()
-            outcome = StepOutcome(loss, targets, grad_norm, lr)
+            outcome = StepOutcome(result, lr)
             for every, action in due:
                 if state.global_step % every == 0 or state.global_step == run.total:
                     action(run, outcome)
@@ -320,24 +345,28 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     model.config.use_cache = False
 
 
+def pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's pad token, else its eos token (models without a pad token), else 0."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pad_id if pad_id is not None else 0
+
+
 def _setup_loaders(
     cfg: Config,
-    tokenizer: Any,
+    collator: Collator,
     train_data: Sequence[EncodedLike] | StreamingData,
     val_data: Sequence[EncodedLike],
     comm: Collectives,
 ) -> tuple[Loader, EpochLoader | None]:
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pad_id = pad_id if pad_id is not None else 0
-    shard = dict(rank=comm.rank, world_size=comm.world_size)
+    shard: dict[str, Any] = dict(rank=comm.rank, world_size=comm.world_size, collator=collator)
     batch = cfg.per_device_train_batch_size
     loader: Loader
     if isinstance(train_data, StreamingData):
-        loader = StreamLoader(train_data, batch, pad_id, **shard)
+        loader = StreamLoader(train_data, batch, **shard)
     else:
-        loader = EpochLoader(train_data, batch, pad_id, cfg.seed, **shard)
+        loader = EpochLoader(train_data, batch, seed=cfg.seed, **shard)
     val_loader = (
-        EpochLoader(val_data, cfg.per_device_eval_batch_size, pad_id, shuffle=False, **shard) if val_data else None
+        EpochLoader(val_data, cfg.per_device_eval_batch_size, shuffle=False, **shard) if val_data else None
     )
     return loader, val_loader
 
@@ -443,27 +472,29 @@ def log_step(run: Run, outcome: StepOutcome) -> None:
         "step": state.global_step,
         "epoch": round(state.epoch_float, 4),
         "loss": state.interval_loss_sum / state.interval_steps,
+        **{name: total / state.interval_steps for name, total in run.interval_metrics.items()},
         "lr": outcome.lr,
-        "grad_norm": outcome.grad_norm,
-        "tokens_per_s": run.interval_targets / max(now - run.interval_started, 1e-9),
+        "grad_norm": outcome.result.grad_norm,
+        "tokens_per_s": run.interval_tokens / max(now - run.interval_started, 1e-9),
         "elapsed": round(now - run.started, 3),
     }
     state.record(entry)
     run.observer.log(entry)
     state.interval_loss_sum, state.interval_steps = 0.0, 0
-    run.interval_started, run.interval_targets = now, 0
+    run.interval_started, run.interval_tokens, run.interval_metrics = now, 0, {}
 
 
 def log_eval(run: Run, outcome: StepOutcome) -> None:
     assert run.val_loader is not None
     state = run.state
-    eval_loss = evaluate(run.engine, run.val_loader, run.varlen)
+    report = evaluate(run.engine, run.objective, run.val_loader)
+    eval_loss = report["eval_loss"]
     state.last_eval_loss = eval_loss
     state.best_eval_loss = eval_loss if state.best_eval_loss is None else min(state.best_eval_loss, eval_loss)
     entry = {
         "step": state.global_step,
         "epoch": round(state.epoch_float, 4),
-        "eval_loss": eval_loss,
+        **report,
         "elapsed": round(time.perf_counter() - run.started, 3),
     }
     state.record(entry)

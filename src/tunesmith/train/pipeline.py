@@ -21,6 +21,7 @@ from tunesmith.train import resume
 from tunesmith.train.distributed import main_process_first, prepare_datasets_once
 from tunesmith.train.engines import Engine, create_engine
 from tunesmith.train.loop import StepCallback, TrainResult, fit, seed_everything
+from tunesmith.train.objectives import create_objective
 
 
 def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> TrainResult:
@@ -41,8 +42,8 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> TrainResult:
     tokenizer = _load_tokenizer(cfg)
     data = prepare_datasets_once(cfg, tokenizer)
     model = apply_finetuning(_load_model(cfg, engine, attention), cfg)
-    return fit(cfg, model, tokenizer, data.train, data.val, engine=engine, resume_from=resume_from,
-               callbacks=callbacks)
+    return fit(cfg, model, tokenizer, data.train, data.val, engine=engine, objective=create_objective(cfg),
+               resume_from=resume_from, callbacks=callbacks)
 
 
 def _load_tokenizer(cfg: Config) -> Any:

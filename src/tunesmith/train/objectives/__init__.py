@@ -1,0 +1,23 @@
+"""Training objectives, one module per stage, chosen by ``stage`` (see :mod:`.base` for the interface).
+
+Adding a stage: a module here with a class implementing :class:`Objective`, and a line in ``_OBJECTIVES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tunesmith.config import Config
+from tunesmith.train.objectives.base import LossParts, ModelCall, Objective
+from tunesmith.train.objectives.sft import SFTObjective, token_loss_sum
+
+__all__ = ["LossParts", "ModelCall", "Objective", "SFTObjective", "create_objective", "token_loss_sum"]
+
+_OBJECTIVES: dict[str, Callable[[Config], Objective]] = {
+    "sft": lambda cfg: SFTObjective(varlen=cfg.flash_attn == "fa2"),
+}
+
+
+def create_objective(cfg: Config) -> Objective:
+    """The objective of ``cfg.stage``."""
+    return _OBJECTIVES[cfg.stage](cfg)

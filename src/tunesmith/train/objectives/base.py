@@ -1,0 +1,68 @@
+"""The objective interface: what differs between training stages.
+
+The loop knows stages only through :class:`Objective`, as it knows engines only through
+:class:`~tunesmith.train.engines.Engine`. An objective owns
+
+* how encoded examples become micro-batches (``collator``: collation and the masked filler a rank runs when
+  it has no samples in a window);
+* what a batch's loss is and what it is normalised by: ``loss`` returns the *sum* of the per-unit losses of a
+  micro-batch, and ``units`` how many units (target tokens for SFT, pairs for a preference loss) a batch
+  holds; the loop divides every micro-batch's sum by the units of the whole window on all ranks, so the
+  gradient is that of one big batch however the units are spread over micro-batches and ranks;
+* the metrics it logs (summed over units like the loss, reported as means);
+* what it needs besides the policy (``prepare_model``: a value head, a reference) and how it reports
+  evaluation (``eval_metrics``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from tunesmith.data.loader import Batch, Collator
+
+# The model as the objective calls it: keyword inputs in, the HF output (with .logits) out, under the engine's
+# autocast and without a KV cache.
+ModelCall = Callable[..., Any]
+
+__all__ = ["LossParts", "ModelCall", "Objective"]
+
+
+@dataclass
+class LossParts:
+    """One micro-batch's loss summed over its units, and its metrics summed the same way (floats: they are
+    only logged)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Objective(Protocol):
+    """One training stage's objective; see the module docstring."""
+
+    name: ClassVar[str]
+    # metrics besides the loss, in the order they are logged (each a mean over the units of a step)
+    metric_names: ClassVar[tuple[str, ...]]
+
+    def collator(self, pad_token_id: int) -> Collator:
+        """How samples become this objective's micro-batches."""
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model to train, before the engine wraps it (the policy itself, or with a head it needs)."""
+
+    def units(self, batch: Batch) -> int:
+        """What the loss of ``batch`` is a sum over (target tokens, pairs, …); the normaliser of a window."""
+
+    def tokens(self, batch: Batch) -> int:
+        """The tokens of ``batch`` that count for throughput (tokens_per_s)."""
+
+    def loss(self, model: ModelCall, batch: Batch) -> LossParts:
+        """The summed loss (and metric sums) of one micro-batch already on the model's device."""
+
+    def eval_metrics(self, loss: float, metrics: dict[str, float]) -> dict[str, float]:
+        """What evaluation reports, from the mean loss and metric means over the validation set (always
+        ``eval_loss`` first)."""
+
