@@ -56,7 +56,11 @@ class ModelArgs(_Section):
 
 
 class MethodArgs(_Section):
-    stage: Literal["sft"] = Field("sft", description="Training stage. Only supervised fine-tuning (sft) for now.")
+    stage: Literal["sft", "pt"] = Field(
+        "sft",
+        description="Training stage: `sft` (supervised fine-tuning on conversations: loss on the replies) or `pt` "
+        "(continued pre-training on raw text: loss on every token; see Continued pre-training in the README).",
+    )
     do_train: bool | None = Field(
         None,
         description="Whether `tunesmith train` trains. Unset: it trains, unless do_predict is true — a LLaMA-Factory "
@@ -277,6 +281,18 @@ class TrainArgs(_Section):
         "`ds_z3`, `ds_z3_offload` (default with engine: deepspeed: `ds_z2`). Needs `pip install "
         "tunesmith[deepspeed]`.",
     )
+    dataloader_num_workers: int = Field(
+        0,
+        ge=0,
+        description="Collate the next micro-batches in a background thread while the model computes, up to this "
+        "many windows ahead (0: collate in the loop). The data is tokenised before training, so no worker "
+        "processes are needed; the batches and their order are the same either way.",
+    )
+    save_only_model: bool = Field(
+        False,
+        description="Only `false` for now: checkpoints always hold the optimizer, scheduler and RNG state that "
+        "an exact resume needs.",
+    )
     ddp_timeout: int | None = Field(
         None,
         ge=1,
@@ -395,7 +411,7 @@ NOT_SUPPORTED_YET: frozenset[str] = frozenset(
     do_eval optim neftune_noise_alpha use_galore use_badam
     use_apollo upcast_layernorm torch_compile export_quantization_bit export_hub_model_id push_to_hub
     hub_model_id pref_beta pref_loss reward_model booster infer_backend vllm_maxlen ddp_find_unused_parameters
-    freeze_vision_tower image_max_pixels video_max_pixels media_dir lr_scheduler_kwargs save_only_model
+    freeze_vision_tower image_max_pixels video_max_pixels media_dir lr_scheduler_kwargs
     moe_aux_loss_coef disable_gradient_checkpointing max_source_length max_target_length
     """.split()
 )
@@ -422,6 +438,17 @@ class Config(ModelArgs, MethodArgs, DataArgs, TrainArgs, EvalArgs, ExportArgs):
             self.engine = "deepspeed"
         if self.engine == "deepspeed" and self.deepspeed is None:
             self.deepspeed = "ds_z2"
+        return self
+
+    @model_validator(mode="after")
+    def _stage_supports(self) -> Config:
+        if self.stage == "pt" and self.streaming:
+            raise ValueError("streaming: true is not supported with stage: pt yet; set streaming: false")
+        if self.save_only_model:
+            raise ValueError(
+                "not supported yet: save_only_model: true (checkpoints keep the optimizer state that an exact "
+                "resume needs); set save_only_model: false"
+            )
         return self
 
     @model_validator(mode="after")

@@ -15,6 +15,7 @@ from typing import Any
 from tunesmith.config import Config
 from tunesmith.data.cache import cache_key, cache_location, load_cached, save_cache
 from tunesmith.data.conversation import Conversation, Turn
+from tunesmith.data.documents import encode_documents, read_documents
 from tunesmith.data.encode import Encoded, EncodeReport, encode_conversation, encode_dataset, gc_paused
 from tunesmith.data.pack import PackedSample, pack_samples
 from tunesmith.data.sources import BadRows, load_conversations, read_conversations
@@ -94,9 +95,13 @@ def _prepare_or_load(cfg: Config, tokenizer: Any, template: Template) -> Prepare
 def _prepare(cfg: Config, tokenizer: Any, template: Template) -> PreparedData:
     bad = BadRows(cfg.skip_bad_rows)
     # read while encoding: only the batch being encoded is held as text, never every conversation at once
-    samples, report = encode_dataset(read_conversations(cfg, bad), tokenizer, template, cfg)
-    report.bad_rows += bad.count
-    logger.info(report.format())
+    if cfg.stage == "pt":
+        samples, report = encode_documents(read_documents(cfg, bad), tokenizer, cfg)
+        report.bad_rows += bad.count
+    else:
+        samples, report = encode_dataset(read_conversations(cfg, bad), tokenizer, template, cfg)
+        report.bad_rows += bad.count
+        logger.info(report.format())
     if not samples:
         raise DataError(
             f"no training samples left from dataset={','.join(cfg.dataset)} ({report.dropped} too long for "

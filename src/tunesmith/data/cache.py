@@ -51,6 +51,7 @@ logger = get_logger("data")
 FORMAT_VERSION = 1
 META = "meta.json"
 CONFIG_KEYS = (
+    "stage",
     "dataset",
     "template",
     "cutoff_len",

@@ -122,11 +122,11 @@ def _text(row: dict[str, Any], column: str | None, *, required: bool) -> str | N
         return None
     value = row[column]
     if not isinstance(value, str):
-        raise RowError(f"column '{column}' is {_kind(value)}, expected a string")
+        raise RowError(f"column '{column}' is {kind_of(value)}, expected a string")
     return value
 
 
-def _kind(value: Any) -> str:
+def kind_of(value: Any) -> str:
     """'a int', 'null', 'NaN (a float)': what a non-string value is, for a row's problem."""
     if value is None:
         return "null"
@@ -165,7 +165,7 @@ def _chat(row: dict[str, Any], spec: FormatSpec) -> tuple[str | None, list[tuple
         raise RowError(f"missing column '{column}'")
     messages = _maybe_json(row[column])
     if not isinstance(messages, list):
-        raise RowError(f"column '{column}' is {_kind(messages)}, expected a list of messages")
+        raise RowError(f"column '{column}' is {kind_of(messages)}, expected a list of messages")
     tags = spec.tags
     roles = dict(_ROLE_SYNONYMS)
     roles.update({tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system"})
@@ -181,9 +181,9 @@ def _chat(row: dict[str, Any], spec: FormatSpec) -> tuple[str | None, list[tuple
             raise RowError(f"message {i} lacks '{role_key}' or '{content_key}'")
         tag, content = message[role_key], message[content_key]
         if not isinstance(content, str):
-            raise RowError(f"message {i} content is {_kind(content)}, expected a string")
+            raise RowError(f"message {i} content is {kind_of(content)}, expected a string")
         if not isinstance(tag, str):
-            raise RowError(f"message {i} role ('{role_key}') is {_kind(tag)}, expected a string such as 'user'")
+            raise RowError(f"message {i} role ('{role_key}') is {kind_of(tag)}, expected a string such as 'user'")
         if tag in unsupported:
             raise RowError(f"message {i} has role '{tag}' (tool calls are not supported yet)")
         if tag not in roles:

@@ -24,9 +24,11 @@ saved on 2 ranks continues on 1 or 3 ranks from the very next sample. :class:`Da
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -270,3 +272,46 @@ class EpochLoader:
         for after, window in self.windows(position.epoch, position.samples, accumulation):
             done = after >= len(self.dataset)
             yield (DataPosition(position.epoch + 1) if done else DataPosition(position.epoch, after)), window
+
+
+def prefetch(items: Iterator[T], depth: int) -> Iterator[T]:
+    """``items``, produced by a background thread up to ``depth`` ahead (``dataloader_num_workers``): the next
+    windows are collated while the model computes. Same items, same order; an exception in the producer is
+    raised here, and closing this generator (the loop stopping early) stops the thread."""
+    if depth <= 0:
+        yield from items
+        return
+    ready: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(kind: str, value: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put((kind, value), timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put("item", item):
+                    return
+            put("end", None)
+        except BaseException as err:  # handed to the consumer, which raises it
+            put("error", err)
+
+    thread = threading.Thread(target=produce, name="tunesmith-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = ready.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join()

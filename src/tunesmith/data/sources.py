@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tunesmith.config import Config
 from tunesmith.config.schema import DataArgs
@@ -37,8 +37,9 @@ from tunesmith.errors import DataError
 from tunesmith.logging import get_logger
 
 logger = get_logger("data")
+T = TypeVar("T")
 
-SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")  # .txt: one raw-text document per line (stage: pt)
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
 _COLUMN_KEYS = {"prompt", "query", "response", "history", "messages", "system", "tools"}
@@ -329,10 +330,25 @@ def _read_json(path: Path) -> Iterator[RowItem]:
     yield from _read_jsonl_lines(path, text)
 
 
+def _stream_text_lines(path: Path) -> Iterator[RowItem]:
+    """A .txt file: each non-blank line is a row ``{"text": line}`` (LLaMA-Factory's text files), read lazily."""
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for lineno, line in enumerate(handle, 1):
+                if line.strip():
+                    yield f"{path}:line {lineno}", {"text": line.rstrip("\r\n")}, None
+    except UnicodeDecodeError:
+        raise _not_utf8(str(path)) from None
+    except OSError as err:
+        raise _unreadable(path, err) from None
+
+
 def _read_rows(path: Path) -> Iterator[RowItem]:
-    """The rows of one file, lazily: .jsonl line by line, .csv record by record, .parquet batch by batch;
-    .json whole (see :func:`_read_json`)."""
+    """The rows of one file, lazily: .jsonl line by line, .csv record by record, .parquet batch by batch, .txt
+    line by line; .json whole (see :func:`_read_json`)."""
     suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return _stream_text_lines(path)
     if suffix == ".parquet":
         return _stream_parquet(path)
     if suffix == ".csv":
@@ -359,10 +375,16 @@ class BadRows:
             logger.warning("skipped %s: %s", where, problem)
 
 
-def iter_conversations(
-    source: DatasetSource, max_samples: int | None, placeholders: dict[str, str], bad: BadRows
-) -> Iterator[Conversation]:
-    """The conversations of one dataset, lazily, in file order; ``max_samples`` counts rows (bad ones too)."""
+def iter_examples(
+    source: DatasetSource,
+    max_samples: int | None,
+    bad: BadRows,
+    convert: Callable[[Any, FormatSpec, str], T],
+    detect: Callable[[Any], FormatSpec | None] = detect_format,
+) -> Iterator[T]:
+    """The examples of one dataset, lazily, in file order, each row made one by ``convert`` (a conversation,
+    a raw-text document, …); ``max_samples`` counts rows (bad ones too). A file whose entry does not say its
+    format gets the one ``detect`` sees in its first row."""
     taken = 0
     for path in source.files:
         if max_samples is not None and taken >= max_samples:
@@ -375,7 +397,7 @@ def iter_conversations(
             taken += 1
             rows += 1
             if problem is None and spec is None:
-                spec = detect_format(row)
+                spec = detect(row)
                 if spec is None:
                     keys = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
                     raise DataError(
@@ -385,16 +407,31 @@ def iter_conversations(
                     )
             if problem is None:
                 try:
-                    conv = row_to_conversation(row, spec, where)  # type: ignore[arg-type]
+                    example = convert(row, spec, where)  # type: ignore[arg-type]
                 except RowError as err:
                     problem = str(err)
             if problem is not None:
                 bad(where, problem)
                 continue
-            yield fill_placeholders(conv, placeholders)
+            yield example
         if not rows:
             named = "" if source.name == str(path) else f" (dataset {source.name})"
             raise DataError(f"{path}{named} holds no rows; add rows to it or take it out of dataset")
+
+
+def iter_conversations(
+    source: DatasetSource, max_samples: int | None, placeholders: dict[str, str], bad: BadRows
+) -> Iterator[Conversation]:
+    """The conversations of one dataset, lazily, in file order; ``max_samples`` counts rows (bad ones too)."""
+    for path in source.files:
+        if path.suffix.lower() == ".txt":
+            conversation_suffixes = " / ".join(suffix for suffix in SUFFIXES if suffix != ".txt")
+            raise DataError(
+                f"dataset {source.name}: {path} is not a {conversation_suffixes} file; convert it to one of those "
+                "(a .txt file is raw text, which only stage: pt reads)"
+            )
+    for conv in iter_examples(source, max_samples, bad, row_to_conversation):
+        yield fill_placeholders(conv, placeholders)
 
 
 def resolve_sources(data: DataArgs) -> list[DatasetSource]:
@@ -413,31 +450,43 @@ def read_conversations(cfg: Config, bad: BadRows) -> Iterator[Conversation]:
     """The conversations of ``cfg.dataset``, lazily (one pass, nothing held but the current rows), at most
     ``max_samples`` rows of each dataset, mixed by ``mix_strategy`` (see :mod:`tunesmith.data.mix`; seeded by
     ``seed``). Bad rows go to ``bad``; each dataset's count is logged when its first reading ends."""
+
+    def reader(source: DatasetSource, rows_bad: BadRows) -> Iterator[Conversation]:
+        return iter_conversations(source, cfg.max_samples, cfg.placeholders, rows_bad)
+
+    return read_mixed(cfg, bad, reader, "conversations")
+
+
+def read_mixed(
+    cfg: Config, bad: BadRows, reader: Callable[[DatasetSource, BadRows], Iterator[T]], what: str
+) -> Iterator[T]:
+    """The examples ``reader`` makes of each dataset of ``cfg.dataset``, mixed by ``mix_strategy``."""
     sources = resolve_sources(cfg)
 
-    def first_reading(source: DatasetSource) -> Iterator[Conversation]:
+    def first_reading(source: DatasetSource) -> Iterator[T]:
         count, bad_before = 0, bad.count
-        for conv in iter_conversations(source, cfg.max_samples, cfg.placeholders, bad):
+        for conv in reader(source, bad):
             count += 1
             yield conv
         logger.info(
-            "dataset %s: %d conversations from %s%s",
+            "dataset %s: %d %s from %s%s",
             source.name,
             count,
+            what,
             ", ".join(str(f) for f in source.files),
             f" ({bad.count - bad_before} bad rows skipped)" if bad.count > bad_before else "",
         )
 
-    def opener(source: DatasetSource) -> Callable[[], Iterator[Conversation]]:
+    def opener(source: DatasetSource) -> Callable[[], Iterator[T]]:
         readings = 0
 
-        def open_reading() -> Iterator[Conversation]:
+        def open_reading() -> Iterator[T]:
             nonlocal readings
             readings += 1
             if readings == 1:
                 return first_reading(source)
             # interleave_over starts a shorter dataset again: the same rows, their problems already reported
-            return iter_conversations(source, cfg.max_samples, cfg.placeholders, BadRows(True, quiet=True))
+            return reader(source, BadRows(True, quiet=True))
 
         return open_reading
 
@@ -447,7 +496,7 @@ def read_conversations(cfg: Config, bad: BadRows) -> Iterator[Conversation]:
         mixed += 1
         yield conv
     if strategy != "concat" and len(sources) > 1:
-        logger.info("data: %s of %d datasets → %d conversations (seed %d)", strategy, len(sources), mixed, cfg.seed)
+        logger.info("data: %s of %d datasets → %d %s (seed %d)", strategy, len(sources), mixed, what, cfg.seed)
 
 
 def load_conversations(cfg: Config) -> tuple[list[Conversation], int]:

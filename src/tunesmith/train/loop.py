@@ -18,6 +18,7 @@ import time
 import zlib
 from array import array
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from tunesmith.config import Config
-from tunesmith.data.loader import Batch, Collator, EncodedLike, EpochLoader, Loader
+from tunesmith.data.loader import Batch, Collator, DataPosition, EncodedLike, EpochLoader, Loader, prefetch
 from tunesmith.data.stream import StreamingData, StreamLoader
 from tunesmith.errors import DataError
 from tunesmith.logging import get_logger
@@ -249,24 +250,30 @@ def loop(run: Run, callbacks: Sequence[StepCallback] = ()) -> None:
     due = periodic_actions(run)
     state, accumulation = run.state, run.cfg.gradient_accumulation_steps
     while state.global_step < run.total:
-        for position, window in run.loader.windows_from(state.position(), accumulation):
-            lr = run.scheduler.get_last_lr()[0]
-            result = train_step(run.engine, run.objective, window)
-            run.scheduler.step()
-            state.advance(position, run.per_round, result.loss)
-            run.interval_tokens += result.tokens
-            for name, value in result.metrics.items():
-                run.interval_metrics[name] = run.interval_metrics.get(name, 0.0) + value
-            run.observer.step()
-            outcome = StepOutcome(result, lr)
-            for every, action in due:
-                if state.global_step % every == 0 or state.global_step == run.total:
-                    action(run, outcome)
-            for callback in callbacks:
-                callback(state)
-            if state.global_step >= run.total:
-                break
+        upcoming = run.loader.windows_from(state.position(), accumulation)
+        with closing(prefetch(upcoming, run.cfg.dataloader_num_workers)) as windows:  # closing: stop the thread
+            for position, window in windows:
+                step(run, position, window, due)
+                for callback in callbacks:
+                    callback(state)
+                if state.global_step >= run.total:
+                    break
 
+
+def step(run: Run, position: DataPosition, window: Sequence[Batch], due: list[tuple[int, Action]]) -> None:
+    """One optimizer step on ``window``, the schedule, the state, and whatever is due after it."""
+    state, lr = run.state, run.scheduler.get_last_lr()[0]
+    result = train_step(run.engine, run.objective, window)
+    run.scheduler.step()
+    state.advance(position, run.per_round, result.loss)
+    run.interval_tokens += result.tokens
+    for name, value in result.metrics.items():
+        run.interval_metrics[name] = run.interval_metrics.get(name, 0.0) + value
+    run.observer.step()
+    outcome = StepOutcome(result, lr)
+    for every, action in due:
+        if state.global_step % every == 0 or state.global_step == run.total:
+            action(run, outcome)
 
 def finish(run: Run) -> TrainResult:
     """The final checkpoint (unless the loop just wrote it), the final model at the root of output_dir, the

@@ -61,7 +61,7 @@ PATH_KEYS = (
     "resume_from_checkpoint",
     "export_dir",
 )
-DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,22 @@ from collections.abc import Callable
 
 from tunesmith.config import Config
 from tunesmith.train.objectives.base import LossParts, ModelCall, Objective
+from tunesmith.train.objectives.pt import PretrainObjective
 from tunesmith.train.objectives.sft import SFTObjective, token_loss_sum
 
-__all__ = ["LossParts", "ModelCall", "Objective", "SFTObjective", "create_objective", "token_loss_sum"]
+__all__ = [
+    "LossParts",
+    "ModelCall",
+    "Objective",
+    "PretrainObjective",
+    "SFTObjective",
+    "create_objective",
+    "token_loss_sum",
+]
 
 _OBJECTIVES: dict[str, Callable[[Config], Objective]] = {
     "sft": lambda cfg: SFTObjective(varlen=cfg.flash_attn == "fa2"),
+    "pt": lambda cfg: PretrainObjective(varlen=cfg.flash_attn == "fa2"),
 }
 
 
