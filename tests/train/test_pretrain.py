@@ -3,11 +3,8 @@ LLaMA-Factory's own qwen3_lora_pretrain.yaml runs unchanged (model, dataset_dir,
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
-from train_helpers import make_cfg
+from train_helpers import make_cfg, run_lf_example
 
 from tunesmith.train.observe import read_log
 from tunesmith.train.pipeline import train
@@ -38,13 +35,8 @@ def test_continued_pretraining_on_a_raw_text_file_lowers_held_out_perplexity(tmp
 
 @pytest.mark.slow
 def test_llama_factory_pretrain_example_runs_unchanged(tmp_path, tiny_model_dir, shared_dir):
-    example = shared_dir / "lf" / "examples" / "train_lora" / "qwen3_lora_pretrain.yaml"
     out = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "tunesmith.cli", "train", str(example), f"model_name_or_path={tiny_model_dir}",
-         f"dataset_dir={shared_dir / 'lf' / 'data'}", f"output_dir={out}", "max_steps=2"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
-    )
+    result = run_lf_example(shared_dir, "train_lora/qwen3_lora_pretrain.yaml", tiny_model_dir, out)
     assert result.returncode == 0, result.stderr[-3000:]
     losses = [entry["loss"] for entry in read_log(out) if "loss" in entry]
     assert losses and all(loss == loss for loss in losses)

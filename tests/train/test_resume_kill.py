@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from test_pipeline import write_run_config
+from train_helpers import kill_when
 
 from tunesmith.config import load_config
 from tunesmith.train import train
@@ -57,17 +57,7 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path, tiny_model_di
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 120
-    marker = killed_dir / "checkpoint-4" / "checkpoint_complete"
-    while not marker.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"training exited early: {proc.stderr.read()[-2000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("checkpoint-4 never appeared")
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=30)
+    kill_when(proc, killed_dir / "checkpoint-4" / "checkpoint_complete", "checkpoint-4", timeout=120)
     assert proc.returncode == -signal.SIGKILL
     assert not (killed_dir / "train_results.json").exists() and not (killed_dir / "checkpoint-12").exists()
 

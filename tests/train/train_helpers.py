@@ -80,3 +80,37 @@ def state_of(model) -> dict:
 def max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def run_lf_example(shared_dir: Path, example: str, model_dir: Path, out: Path, *extra: str):
+    """``tunesmith train`` on one of LLaMA-Factory's example configs, unchanged but for the model, its demo data,
+    the output folder and a short run (what a user switching from LLaMA-Factory would try first)."""
+    import subprocess
+    import sys
+
+    config = shared_dir / "lf" / "examples" / example
+    return subprocess.run(
+        [sys.executable, "-m", "tunesmith.cli", "train", str(config), f"model_name_or_path={model_dir}",
+         f"dataset_dir={shared_dir / 'lf' / 'data'}", f"output_dir={out}", "max_steps=2", *extra],
+        capture_output=True, text=True, timeout=600, cwd=out.parent,
+    )
+
+
+def kill_when(proc, marker: Path, what: str, timeout: float = 180) -> None:
+    """SIGKILL ``proc`` as soon as ``marker`` exists (failing the test if it exits or never gets there)."""
+    import os
+    import signal
+    import time
+
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"training exited early: {proc.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{what} never appeared")
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)

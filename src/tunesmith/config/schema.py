@@ -56,10 +56,24 @@ class ModelArgs(_Section):
 
 
 class MethodArgs(_Section):
-    stage: Literal["sft", "pt"] = Field(
+    stage: Literal["sft", "pt", "dpo"] = Field(
         "sft",
-        description="Training stage: `sft` (supervised fine-tuning on conversations: loss on the replies) or `pt` "
-        "(continued pre-training on raw text: loss on every token; see Continued pre-training in the README).",
+        description="Training stage: `sft` (supervised fine-tuning on conversations: loss on the replies), `pt` "
+        "(continued pre-training on raw text: loss on every token) or `dpo` (preference tuning on chosen / "
+        "rejected pairs, loss chosen by pref_loss); see the README's section on each.",
+    )
+    pref_loss: Literal["sigmoid", "ipo", "hinge", "orpo", "simpo"] = Field(
+        "sigmoid",
+        description="dpo: the preference loss: `sigmoid` (DPO), `ipo`, `hinge`, `orpo` or `simpo` (the last two "
+        "need no reference model).",
+    )
+    pref_beta: float = Field(0.1, gt=0.0, description="dpo: beta, the strength of the preference term.")
+    pref_ftx: float = Field(
+        0.0, ge=0.0, description="dpo: weight of an SFT term (mean log-likelihood loss of the chosen reply)."
+    )
+    simpo_gamma: float = Field(0.5, description="dpo with pref_loss simpo: the target reward margin gamma.")
+    dpo_label_smoothing: float = Field(
+        0.0, ge=0.0, le=0.5, description="dpo with pref_loss sigmoid: label smoothing (conservative DPO), 0 to 0.5."
     )
     do_train: bool | None = Field(
         None,
@@ -410,7 +424,8 @@ NOT_SUPPORTED_YET: frozenset[str] = frozenset(
     new_special_tokens resize_vocab shift_attn rope_scaling use_unsloth enable_liger_kernel
     do_eval optim neftune_noise_alpha use_galore use_badam
     use_apollo upcast_layernorm torch_compile export_quantization_bit export_hub_model_id push_to_hub
-    hub_model_id pref_beta pref_loss reward_model booster infer_backend vllm_maxlen ddp_find_unused_parameters
+    hub_model_id reward_model booster ref_model ref_model_adapters
+    precompute_ref_log_probs ld_alpha infer_backend vllm_maxlen ddp_find_unused_parameters
     freeze_vision_tower image_max_pixels video_max_pixels media_dir lr_scheduler_kwargs
     moe_aux_loss_coef disable_gradient_checkpointing max_source_length max_target_length
     """.split()
@@ -442,8 +457,10 @@ class Config(ModelArgs, MethodArgs, DataArgs, TrainArgs, EvalArgs, ExportArgs):
 
     @model_validator(mode="after")
     def _stage_supports(self) -> Config:
-        if self.stage == "pt" and self.streaming:
-            raise ValueError("streaming: true is not supported with stage: pt yet; set streaming: false")
+        if self.stage != "sft" and self.streaming:
+            raise ValueError(f"streaming: true is not supported with stage: {self.stage} yet; set streaming: false")
+        if self.stage == "dpo" and (self.packing or self.neat_packing):
+            raise ValueError("packing is not supported with stage: dpo (each pair is one sample); set packing: false")
         if self.save_only_model:
             raise ValueError(
                 "not supported yet: save_only_model: true (checkpoints keep the optimizer state that an exact "

@@ -18,6 +18,7 @@ from tunesmith.data.conversation import Conversation, Turn
 from tunesmith.data.documents import encode_documents, read_documents
 from tunesmith.data.encode import Encoded, EncodeReport, encode_conversation, encode_dataset, gc_paused
 from tunesmith.data.pack import PackedSample, pack_samples
+from tunesmith.data.pairs import encode_pairs, read_pairs
 from tunesmith.data.sources import BadRows, load_conversations, read_conversations
 from tunesmith.data.split import split_train_val
 from tunesmith.data.stream import StreamingData
@@ -66,7 +67,7 @@ def prepare_datasets(cfg: Config, tokenizer: Any) -> PreparedData:
 
 def _prepare_or_load(cfg: Config, tokenizer: Any, template: Template) -> PreparedData:
     key = cache_key(cfg, tokenizer, template)
-    location = cache_location(cfg, key)
+    location = cache_location(cfg, key) if cfg.stage != "dpo" else None  # the cache holds token rows, not pairs
     if location is not None and not cfg.overwrite_cache:
         cached = load_cached(location, key)
         if cached is not None:
@@ -98,6 +99,10 @@ def _prepare(cfg: Config, tokenizer: Any, template: Template) -> PreparedData:
     if cfg.stage == "pt":
         samples, report = encode_documents(read_documents(cfg, bad), tokenizer, cfg)
         report.bad_rows += bad.count
+    elif cfg.stage == "dpo":
+        samples, report = encode_pairs(read_pairs(cfg, bad), tokenizer, template, cfg)
+        report.bad_rows += bad.count
+        logger.info(report.format().replace("samples", "pairs", 1))
     else:
         samples, report = encode_dataset(read_conversations(cfg, bad), tokenizer, template, cfg)
         report.bad_rows += bad.count

@@ -27,7 +27,7 @@ from typing import Any
 from tunesmith.config import Config
 from tunesmith.config.schema import DataArgs
 from tunesmith.data.encode import Encoded, EncodeReport, TokenIds, percentiles
-from tunesmith.data.formats import FormatSpec, RowError, detect_format, kind_of
+from tunesmith.data.formats import FormatSpec, RowError, detect_format, require_object, require_string
 from tunesmith.data.sources import BadRows, DatasetSource, iter_examples, read_mixed
 from tunesmith.errors import DataError
 from tunesmith.logging import get_logger
@@ -49,24 +49,17 @@ def detect_document_format(row: Any) -> FormatSpec | None:
     return detect_format(row)
 
 
-def _string(value: Any, what: str) -> str:
-    if not isinstance(value, str):
-        raise RowError(f"{what} is {kind_of(value)}, expected a string")
-    return value
-
-
 def row_to_document(row: Any, spec: FormatSpec, source: str = "") -> Document:
     """One row's text; raises RowError when there is none."""
-    if not isinstance(row, dict):
-        raise RowError(f"the row is a {type(row).__name__}, expected an object")
+    row = require_object(row)
     if spec.formatting == "alpaca":
         column = spec.columns["prompt"]
         if row.get(column) is None:
             raise RowError(f"missing column '{column}'")
-        parts = [_string(row[column], f"column '{column}'")]
+        parts = [require_string(row[column], f"column '{column}'")]
         query = spec.columns.get("query")
         if query and row.get(query):
-            parts.append(_string(row[query], f"column '{query}'"))
+            parts.append(require_string(row[query], f"column '{query}'"))
         text = "\n".join(parts)
     else:
         column = spec.columns["messages"]
@@ -75,7 +68,7 @@ def row_to_document(row: Any, spec: FormatSpec, source: str = "") -> Document:
             raise RowError(f"column '{column}' must be a non-empty list of messages")
         content_key = spec.tags.get("content_tag", "content")
         first = messages[0]
-        text = _string(first.get(content_key, first.get("content")), "message 1 content")
+        text = require_string(first.get(content_key, first.get("content")), "message 1 content")
     if not text.strip():
         raise RowError("the text is empty")
     return Document(text, source)

@@ -147,7 +147,7 @@ def percentiles(lengths: list[int]) -> dict[str, int]:
     return {"p50": rank(0.5), "p90": rank(0.9), "p99": rank(0.99), "max": ordered[-1]}
 
 
-def _shorten(
+def shorten_exchange(
     prompt: list[int], reply: list[int], tail: int, cutoff: int
 ) -> tuple[list[int], list[int]] | None:
     """Fit one exchange into cutoff tokens (rule 2 of the module docstring); None when impossible."""
@@ -203,7 +203,7 @@ def assemble(
     kept[0] = (head + kept[0][0], *kept[0][1:])
     truncated = (first, end) != (0, n)
     if sum(len(p) + len(r) for p, r, _, _ in kept) > cutoff_len:  # one exchange alone is too long
-        fitted = _shorten(kept[0][0], kept[0][1], kept[0][2], cutoff_len)
+        fitted = shorten_exchange(kept[0][0], kept[0][1], kept[0][2], cutoff_len)
         if fitted is None:
             return None, True
         kept[0] = (*fitted, kept[0][2], kept[0][3])

@@ -73,14 +73,20 @@ class FormatSpec:
     columns: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     explicit_tags: bool = False  # tags came from dataset_info.json (no guessing role/content keys then)
+    ranking: bool = False  # preference pairs: chosen / rejected columns (stage: dpo)
 
     @classmethod
     def build(
-        cls, formatting: str, columns: dict[str, str] | None = None, tags: dict[str, str] | None = None
+        cls,
+        formatting: str,
+        columns: dict[str, str] | None = None,
+        tags: dict[str, str] | None = None,
+        ranking: bool = False,
     ) -> FormatSpec:
         merged_columns = {**DEFAULT_COLUMNS[formatting], **(columns or {})}
         base_tags = DEFAULT_TAGS.get(formatting, {})
-        return cls(formatting, merged_columns, {**base_tags, **(tags or {})}, explicit_tags=bool(tags))
+        return cls(formatting, merged_columns, {**base_tags, **(tags or {})}, explicit_tags=bool(tags),
+                   ranking=ranking)
 
 
 def detect_format(row: Any) -> FormatSpec | None:
@@ -198,10 +204,22 @@ def _chat(row: dict[str, Any], spec: FormatSpec) -> tuple[str | None, list[tuple
     return system, turns
 
 
-def row_to_conversation(row: Any, spec: FormatSpec, source: str = "") -> Conversation:
-    """Convert one row; raises RowError when it is not a valid user/assistant conversation."""
+def require_object(row: Any) -> dict[str, Any]:
+    """A row must be a JSON object (a dict) to have columns."""
     if not isinstance(row, dict):
         raise RowError(f"the row is a {type(row).__name__}, expected an object")
+    return row
+
+
+def require_string(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise RowError(f"{what} is {kind_of(value)}, expected a string")
+    return value
+
+
+def row_to_conversation(row: Any, spec: FormatSpec, source: str = "") -> Conversation:
+    """Convert one row; raises RowError when it is not a valid user/assistant conversation."""
+    row = require_object(row)
     system, pairs = _alpaca(row, spec) if spec.formatting == "alpaca" else _chat(row, spec)
     if not pairs:
         raise RowError("the conversation has no messages")

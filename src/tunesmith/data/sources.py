@@ -42,7 +42,7 @@ T = TypeVar("T")
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")  # .txt: one raw-text document per line (stage: pt)
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
-_COLUMN_KEYS = {"prompt", "query", "response", "history", "messages", "system", "tools"}
+_COLUMN_KEYS = {"prompt", "query", "response", "history", "messages", "system", "tools", "chosen", "rejected"}
 _TAG_KEYS = {
     "role_tag",
     "content_tag",
@@ -62,6 +62,12 @@ class DatasetSource:
     name: str
     files: list[Path]
     spec: FormatSpec | None  # None: detect the format of each file from its first row
+    described_in: Path | None = None  # the dataset_info.json whose entry this is
+
+    @property
+    def where(self) -> str:
+        """Where a problem of the whole dataset is: its dataset_info.json entry, or its path."""
+        return f"{self.described_in}: dataset {self.name}" if self.described_in else f"dataset {self.name}"
 
 
 def _offline_error(name: str, what: str) -> DataError:
@@ -101,10 +107,6 @@ def _files_of(path: Path, name: str) -> list[Path]:
 
 
 def _spec_from_entry(name: str, entry: dict[str, Any], where: Path) -> FormatSpec | None:
-    if entry.get("ranking"):
-        raise DataError(
-            f"{where}: dataset {name} has ranking: true (preference data); only sft is supported yet"
-        )
     columns = entry.get("columns") or {}
     tags = entry.get("tags") or {}
     for key, allowed, kind in ((columns, _COLUMN_KEYS, "columns"), (tags, _TAG_KEYS, "tags")):
@@ -122,10 +124,11 @@ def _spec_from_entry(name: str, entry: dict[str, Any], where: Path) -> FormatSpe
                     f"{where}: dataset {name}: {kind}.{field_name} is {value!r}; give the name as a non-empty string"
                 )
     formatting = entry.get("formatting")
+    ranking = bool(entry.get("ranking"))
     if formatting is None:
         if "messages" in columns or tags:
             formatting = "sharegpt"
-        elif columns:
+        elif columns or ranking:
             formatting = "alpaca"
         else:
             return None
@@ -134,7 +137,7 @@ def _spec_from_entry(name: str, entry: dict[str, Any], where: Path) -> FormatSpe
             f"{where}: dataset {name} has formatting {formatting!r}; use one of {', '.join(FORMATS)}"
         )
     columns = {k: v for k, v in columns.items() if k != "tools"}  # tool definitions are not used yet
-    return FormatSpec.build(formatting, columns, tags)
+    return FormatSpec.build(formatting, columns, tags, ranking=ranking)
 
 
 def _source_of_entry(name: str, entry: Any, dataset_dir: Path) -> DatasetSource:
@@ -166,7 +169,7 @@ def _source_of_entry(name: str, entry: Any, dataset_dir: Path) -> DatasetSource:
         raise DataError(
             f"{info_path}: dataset {name} points at {path}, which does not exist; fix file_name"
         )
-    return DatasetSource(name, _files_of(path, name), _spec_from_entry(name, entry, info_path))
+    return DatasetSource(name, _files_of(path, name), _spec_from_entry(name, entry, info_path), info_path)
 
 
 def resolve_source(name: str, dataset_dir: Path, info: dict[str, Any]) -> DatasetSource:
@@ -381,10 +384,11 @@ def iter_examples(
     bad: BadRows,
     convert: Callable[[Any, FormatSpec, str], T],
     detect: Callable[[Any], FormatSpec | None] = detect_format,
+    layouts: str = "use alpaca (instruction/input/output), sharegpt (conversations) or openai (messages) rows",
 ) -> Iterator[T]:
     """The examples of one dataset, lazily, in file order, each row made one by ``convert`` (a conversation,
     a raw-text document, …); ``max_samples`` counts rows (bad ones too). A file whose entry does not say its
-    format gets the one ``detect`` sees in its first row."""
+    format gets the one ``detect`` sees in its first row (``layouts``: what to use instead, when it sees none)."""
     taken = 0
     for path in source.files:
         if max_samples is not None and taken >= max_samples:
@@ -401,9 +405,8 @@ def iter_examples(
                 if spec is None:
                     keys = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
                     raise DataError(
-                        f"{where}: cannot tell the format of {path} (keys: {keys}); use alpaca "
-                        "(instruction/input/output), sharegpt (conversations) or openai (messages) rows, "
-                        "or describe the columns in dataset_info.json"
+                        f"{where}: cannot tell the format of {path} (keys: {keys}); {layouts}, or describe the "
+                        "columns in dataset_info.json"
                     )
             if problem is None:
                 try:
@@ -430,6 +433,11 @@ def iter_conversations(
                 f"dataset {source.name}: {path} is not a {conversation_suffixes} file; convert it to one of those "
                 "(a .txt file is raw text, which only stage: pt reads)"
             )
+    if source.spec is not None and source.spec.ranking:
+        raise DataError(
+            f"{source.where} has ranking: true (preference pairs), which stage: dpo trains on; set stage: dpo, "
+            "or give an SFT dataset"
+        )
     for conv in iter_examples(source, max_samples, bad, row_to_conversation):
         yield fill_placeholders(conv, placeholders)
 

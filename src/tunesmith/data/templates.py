@@ -371,6 +371,8 @@ TEMPLATES: dict[str, Template] = {
     "chatml": Template("chatml", **_CHATML),
     "qwen": Template("qwen", **_CHATML, default_system=QWEN_SYSTEM),
     "qwen3": Template("qwen3", **_CHATML, thought_words=("<think>\n", "\n</think>\n\n")),
+    # LLaMA-Factory's name for Qwen3 instruct models without thinking (Qwen3-*-Instruct-2507): plain ChatML
+    "qwen3_nothink": Template("qwen3_nothink", **_CHATML),
     "llama3": Template(
         "llama3",
         format_prefix=BOS,

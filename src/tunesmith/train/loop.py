@@ -35,7 +35,7 @@ from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import resume
 from tunesmith.train.distributed import Collectives
 from tunesmith.train.engines import Engine, create_engine
-from tunesmith.train.objectives import ModelCall, Objective, create_objective, token_loss_sum
+from tunesmith.train.objectives import Objective, create_objective, token_loss_sum
 from tunesmith.train.observe import RunObserver, plot_loss, write_run_info
 from tunesmith.train.optim import build_scheduler, total_steps
 from tunesmith.train.samples import log_sample_generations, sample_every
@@ -117,14 +117,18 @@ class WindowResult:
     grad_norm: float
 
 
-def model_call(engine: Engine) -> ModelCall:
-    """The engine's model as objectives call it: under its autocast, without a KV cache."""
+class EngineCall:
+    """The engine's model as objectives call it (:class:`~tunesmith.train.objectives.ModelCall`)."""
 
-    def call(**inputs: Any) -> Any:
-        with engine.autocast():
-            return engine.model(**inputs, use_cache=False)
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
 
-    return call
+    def __call__(self, **inputs: Any) -> Any:
+        return self.other(self.engine.model, **inputs)
+
+    def other(self, module: torch.nn.Module, **inputs: Any) -> Any:
+        with self.engine.autocast():
+            return module(**inputs, use_cache=False)
 
 
 def train_step(engine: Engine, objective: Objective, window: Sequence[Batch]) -> WindowResult:
@@ -140,7 +144,7 @@ def train_step(engine: Engine, objective: Objective, window: Sequence[Batch]) ->
     denominator = max(int(units), 1)
     window_loss = torch.zeros((), device=engine.device)
     metric_sums = dict.fromkeys(objective.metric_names, 0.0)
-    call = model_call(engine)
+    call = EngineCall(engine)
     for index, batch in enumerate(window):
         batch = batch.to(engine.device)
         with engine.accumulating(last=index == len(window) - 1):
@@ -163,7 +167,7 @@ def evaluate(engine: Engine, objective: Objective, loader: EpochLoader) -> dict[
     engine.model.eval()
     loss_sum, units = 0.0, 0
     metric_sums = dict.fromkeys(objective.metric_names, 0.0)
-    call = model_call(engine)
+    call = EngineCall(engine)
     with torch.no_grad():
         for _, window in loader.windows(epoch=0, start=0, accumulation=1):
             batch = window[0].to(engine.device)

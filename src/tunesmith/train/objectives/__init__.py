@@ -9,11 +9,13 @@ from collections.abc import Callable
 
 from tunesmith.config import Config
 from tunesmith.train.objectives.base import LossParts, ModelCall, Objective
+from tunesmith.train.objectives.dpo import DPOObjective
 from tunesmith.train.objectives.pt import PretrainObjective
 from tunesmith.train.objectives.sft import SFTObjective, token_loss_sum
 
 __all__ = [
     "LossParts",
+    "DPOObjective",
     "ModelCall",
     "Objective",
     "PretrainObjective",
@@ -25,6 +27,8 @@ __all__ = [
 _OBJECTIVES: dict[str, Callable[[Config], Objective]] = {
     "sft": lambda cfg: SFTObjective(varlen=cfg.flash_attn == "fa2"),
     "pt": lambda cfg: PretrainObjective(varlen=cfg.flash_attn == "fa2"),
+    "dpo": lambda cfg: DPOObjective(cfg.pref_loss, cfg.pref_beta, cfg.pref_ftx, cfg.simpo_gamma,
+                                    cfg.dpo_label_smoothing),
 }
 
 

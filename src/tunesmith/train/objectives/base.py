@@ -16,7 +16,6 @@ The loop knows stages only through :class:`Objective`, as it knows engines only 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -24,9 +23,16 @@ import torch
 
 from tunesmith.data.loader import Batch, Collator
 
-# The model as the objective calls it: keyword inputs in, the HF output (with .logits) out, under the engine's
-# autocast and without a KV cache.
-ModelCall = Callable[..., Any]
+
+class ModelCall(Protocol):
+    """The model as an objective calls it: keyword inputs in, the HF output (with .logits) out, under the
+    engine's autocast and without a KV cache."""
+
+    def __call__(self, **inputs: Any) -> Any:
+        """The policy, through the engine (its wrapper gathers what it shards)."""
+
+    def other(self, module: torch.nn.Module, **inputs: Any) -> Any:
+        """Another model (a frozen reference) under the same precision."""
 
 __all__ = ["LossParts", "ModelCall", "Objective"]
 

@@ -1,0 +1,136 @@
+"""Preference tuning (``stage: dpo``) with ``pref_loss`` sigmoid / ipo / hinge / orpo / simpo.
+
+A micro-batch holds B pairs as 2B rows, the chosen replies first, then the rejected ones (one forward for
+both). The unit is a pair: a step's loss is the mean over its pairs on all ranks. The reference log-probs
+(sigmoid, ipo, hinge) come from
+
+* the policy itself with its LoRA adapter switched off, when it is a PEFT model: no second copy of the weights,
+  and it goes through the engine like any forward (ddp, fsdp2 and ZeRO-3 gather what they shard);
+* otherwise (full / freeze) a frozen copy of the model as it was before training, taken before the engine
+  wraps it.
+
+Logged like TRL and LLaMA-Factory: ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
+``rewards/margins``, ``logps/chosen``, ``logps/rejected`` (means over the pairs).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from tunesmith.data.loader import IGNORE_INDEX, Batch, Collator
+from tunesmith.data.pairs import PairCollator
+from tunesmith.train.checkpoint import is_peft_model
+from tunesmith.train.objectives.base import LossParts, ModelCall
+from tunesmith.train.objectives.preference import AVERAGED, REFERENCE_FREE, preference_loss
+
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected")
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the summed log-probability of its target tokens (float32) and how many there are."""
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).to(logits.device)
+    if logits.dtype != torch.float32:
+        logits = logits.float()
+    per_token = -F.cross_entropy(logits.transpose(1, 2), shifted, ignore_index=IGNORE_INDEX, reduction="none")
+    return per_token.sum(dim=1), (shifted != IGNORE_INDEX).sum(dim=1)
+
+
+class DPOObjective:
+    """``stage: dpo``; see the module docstring."""
+
+    name: ClassVar[str] = "dpo"
+    metric_names: ClassVar[tuple[str, ...]] = METRICS
+
+    def __init__(self, loss_type: str = "sigmoid", beta: float = 0.1, ftx: float = 0.0, simpo_gamma: float = 0.5,
+                 label_smoothing: float = 0.0) -> None:
+        self.loss_type, self.beta, self.ftx = loss_type, beta, ftx
+        self.simpo_gamma, self.label_smoothing = simpo_gamma, label_smoothing
+        self.policy: torch.nn.Module | None = None  # a PEFT model: its adapter switched off is the reference
+        self.frozen: torch.nn.Module | None = None  # otherwise a frozen copy of the initial weights
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss_type not in REFERENCE_FREE
+
+    def collator(self, pad_token_id: int) -> Collator:
+        return PairCollator(pad_token_id)
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if not self.needs_reference:
+            return model
+        if is_peft_model(model):
+            self.policy = model
+        else:
+            self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
+        return model
+
+    def units(self, batch: Batch) -> int:
+        chosen_labels = batch.labels[: batch.labels.size(0) // 2, 1:]
+        return int(((chosen_labels != IGNORE_INDEX).sum(dim=1) > 0).sum())  # a masked filler pair counts 0
+
+    def tokens(self, batch: Batch) -> int:
+        return int(batch.attention_mask.sum())
+
+    def _reference_logps(self, model: ModelCall, batch: Batch, inputs: dict[str, Any]) -> torch.Tensor:
+        with torch.no_grad():
+            if self.policy is not None:
+                with self.policy.disable_adapter():  # type: ignore[operator]
+                    logits = model(**inputs).logits
+            else:
+                assert self.frozen is not None
+                device = batch.input_ids.device
+                if next(self.frozen.parameters()).device != device:
+                    self.frozen.to(device)
+                logits = model.other(self.frozen, **inputs).logits
+            return sequence_logps(logits, batch.labels)[0]
+
+    def loss(self, model: ModelCall, batch: Batch) -> LossParts:
+        inputs = batch.model_inputs()
+        reference = self._reference_logps(model, batch, inputs) if self.needs_reference else None
+        logps, counts = sequence_logps(model(**inputs).logits, batch.labels)
+        lengths = counts.clamp(min=1)
+        averaged = self.loss_type in AVERAGED
+        if averaged:
+            logps = logps / lengths
+            reference = reference / lengths if reference is not None else None
+        chosen, rejected = logps.chunk(2)
+        valid = counts.chunk(2)[0] > 0
+        # a masked filler pair has no targets (log-prob 0): give it a harmless value, then weight 0
+        chosen, rejected = torch.where(valid, chosen, -1.0), torch.where(valid, rejected, -1.0)
+        ref_chosen, ref_rejected = reference.chunk(2) if reference is not None else (None, None)
+        losses, chosen_rewards, rejected_rewards = preference_loss(
+            self.loss_type, self.beta, chosen, rejected, ref_chosen, ref_rejected,
+            label_smoothing=self.label_smoothing, simpo_gamma=self.simpo_gamma,
+        )
+        if self.ftx > 0:  # the SFT term: mean token NLL of the chosen reply
+            chosen_mean = chosen if averaged else chosen / lengths.chunk(2)[0]
+            losses = losses - self.ftx * chosen_mean
+        weights = valid.to(losses.dtype)
+        return LossParts((losses * weights).sum(), self._metrics(chosen, rejected, chosen_rewards,
+                                                                  rejected_rewards, valid))
+
+    @staticmethod
+    def _metrics(chosen: torch.Tensor, rejected: torch.Tensor, chosen_rewards: torch.Tensor,
+                 rejected_rewards: torch.Tensor, valid: torch.Tensor) -> dict[str, float]:
+        def total(values: torch.Tensor) -> float:
+            return float(values.detach().float()[valid].sum())
+
+        return {
+            "rewards/chosen": total(chosen_rewards),
+            "rewards/rejected": total(rejected_rewards),
+            "rewards/accuracies": total((chosen_rewards > rejected_rewards).float()),
+            "rewards/margins": total(chosen_rewards - rejected_rewards),
+            "logps/chosen": total(chosen),
+            "logps/rejected": total(rejected),
+        }
+
+    def eval_metrics(self, loss: float, metrics: dict[str, float]) -> dict[str, float]:
+        return {"eval_loss": loss, **{f"eval_{name}": value for name, value in metrics.items()}}
+
+
+__all__ = ["DPOObjective", "sequence_logps"]
