@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import make_cfg, run_lf_example, state_of, tiny_model
+from train_helpers import assert_lf_example_trains, make_cfg, state_of, tiny_model
 
 from tunesmith.data import prepare_datasets
 from tunesmith.train import fit
@@ -69,7 +69,7 @@ def test_a_lora_policy_is_its_own_reference_with_the_adapter_off(tmp_path, tiny_
     # a fresh adapter changes nothing: policy = reference, so every margin is 0 and the loss is log 2
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
-    assert objective.policy is model and objective.frozen is None  # no second copy of the weights
+    assert objective.reference.policy is model and objective.reference.frozen is None  # no second copy of the weights
     base = state_of(tiny_model(tiny_model_dir, make_cfg(tmp_path / "x", tiny_model_dir)))
     with model.disable_adapter():
         off = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
@@ -82,8 +82,8 @@ def test_full_dpo_keeps_a_frozen_copy_as_reference(tmp_path, tiny_model_dir, tin
     cfg = dpo_cfg(tmp_path, tiny_model_dir, finetuning_type="full", learning_rate=1e-3)
     initial = state_of(tiny_model(tiny_model_dir, cfg))
     model, objective, log = run_dpo(cfg, tiny_model_dir, tiny_tokenizer)
-    assert objective.frozen is not None and objective.policy is None
-    frozen, trained = state_of(objective.frozen), state_of(model)
+    assert objective.reference.frozen is not None and objective.reference.policy is None
+    frozen, trained = state_of(objective.reference.frozen), state_of(model)
     assert all(torch.equal(initial[k], frozen[k]) for k in initial)
     assert any(not torch.equal(initial[k], trained[k]) for k in initial)
     losses = [entry["loss"] for entry in log if "loss" in entry]
@@ -98,7 +98,7 @@ def test_every_pref_loss_lowers_its_loss(tmp_path, tiny_model_dir, tiny_tokenize
     losses = [entry["loss"] for entry in log if "loss" in entry]
     assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0], losses
     needs_reference = pref_loss not in ("orpo", "simpo")
-    assert (objective.policy is not None) == needs_reference
+    assert (objective.reference.policy is not None) == needs_reference
 
 
 def test_dpo_raises_held_out_reward_accuracy(tmp_path, tiny_model_dir, tiny_tokenizer, monkeypatch):
@@ -129,10 +129,5 @@ def test_a_masked_filler_pair_adds_nothing(tiny_model_dir, tiny_tokenizer, tmp_p
 
 @pytest.mark.slow
 def test_llama_factory_dpo_example_runs_unchanged(tmp_path, tiny_model_dir, shared_dir):
-    out = tmp_path / "run"
-    result = run_lf_example(shared_dir, "train_lora/qwen3_lora_dpo.yaml", tiny_model_dir, out)
-    assert result.returncode == 0, result.stderr[-3000:]
-    log = [entry for entry in read_log(out) if "loss" in entry]
-    assert log and {"rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"} <= log[0].keys()
-    assert "dpo_en_demo: 300 preference pairs" in result.stderr
-    assert (out / "adapter_model.safetensors").is_file()
+    assert_lf_example_trains(shared_dir, "train_lora/qwen3_lora_dpo.yaml", tiny_model_dir, tmp_path,
+                             {"rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"}, "dpo_en_demo: 300 preference pairs")

@@ -85,14 +85,16 @@ def max_diff(a: dict, b: dict) -> float:
 def run_lf_example(shared_dir: Path, example: str, model_dir: Path, out: Path, *extra: str):
     """``tunesmith train`` on one of LLaMA-Factory's example configs, unchanged but for the model, its demo data,
     the output folder and a short run (what a user switching from LLaMA-Factory would try first)."""
+    import os
     import subprocess
     import sys
 
     config = shared_dir / "lf" / "examples" / example
+    env = {**os.environ, "TUNESMITH_DATA_CACHE": "0"}  # each run reads the data, whatever earlier runs cached
     return subprocess.run(
         [sys.executable, "-m", "tunesmith.cli", "train", str(config), f"model_name_or_path={model_dir}",
          f"dataset_dir={shared_dir / 'lf' / 'data'}", f"output_dir={out}", "max_steps=2", *extra],
-        capture_output=True, text=True, timeout=600, cwd=out.parent,
+        capture_output=True, text=True, timeout=600, cwd=out.parent, env=env,
     )
 
 
@@ -114,3 +116,20 @@ def kill_when(proc, marker: Path, what: str, timeout: float = 180) -> None:
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=30)
+
+
+def assert_lf_example_trains(shared_dir: Path, example: str, model_dir: Path, tmp_path: Path,
+                             logged: set[str], said: str) -> Path:
+    """:func:`run_lf_example` exits 0, logs ``logged`` (at the last step at least: the examples log every 10),
+    says ``said`` and leaves an adapter."""
+    from tunesmith.train.observe import read_log
+
+    out = tmp_path / "run"
+    result = run_lf_example(shared_dir, example, model_dir, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [entry for entry in read_log(out) if "loss" in entry]
+    assert steps and steps[-1]["step"] == 2 and all(logged <= entry.keys() for entry in steps)
+    assert all(entry["loss"] == entry["loss"] for entry in steps)  # no NaN
+    assert said in result.stderr
+    assert (out / "adapter_model.safetensors").is_file()
+    return out

@@ -56,21 +56,24 @@ class ModelArgs(_Section):
 
 
 class MethodArgs(_Section):
-    stage: Literal["sft", "pt", "dpo"] = Field(
+    stage: Literal["sft", "pt", "dpo", "kto"] = Field(
         "sft",
         description="Training stage: `sft` (supervised fine-tuning on conversations: loss on the replies), `pt` "
-        "(continued pre-training on raw text: loss on every token) or `dpo` (preference tuning on chosen / "
-        "rejected pairs, loss chosen by pref_loss); see the README's section on each.",
+        "(continued pre-training on raw text: loss on every token), `dpo` (preference tuning on chosen / "
+        "rejected pairs, loss chosen by pref_loss) or `kto` (unpaired feedback: replies tagged desirable or not); "
+        "see the README's section on each.",
     )
     pref_loss: Literal["sigmoid", "ipo", "hinge", "orpo", "simpo"] = Field(
         "sigmoid",
         description="dpo: the preference loss: `sigmoid` (DPO), `ipo`, `hinge`, `orpo` or `simpo` (the last two "
         "need no reference model).",
     )
-    pref_beta: float = Field(0.1, gt=0.0, description="dpo: beta, the strength of the preference term.")
+    pref_beta: float = Field(0.1, gt=0.0, description="dpo / kto: beta, the strength of the preference term.")
     pref_ftx: float = Field(
-        0.0, ge=0.0, description="dpo: weight of an SFT term (mean log-likelihood loss of the chosen reply)."
+        0.0, ge=0.0, description="dpo / kto: weight of an SFT term (mean log-likelihood loss of the chosen reply)."
     )
+    kto_chosen_weight: float = Field(1.0, gt=0.0, description="kto: weight of the desirable examples' losses.")
+    kto_rejected_weight: float = Field(1.0, gt=0.0, description="kto: weight of the undesirable examples' losses.")
     simpo_gamma: float = Field(0.5, description="dpo with pref_loss simpo: the target reward margin gamma.")
     dpo_label_smoothing: float = Field(
         0.0, ge=0.0, le=0.5, description="dpo with pref_loss sigmoid: label smoothing (conservative DPO), 0 to 0.5."
@@ -459,8 +462,10 @@ class Config(ModelArgs, MethodArgs, DataArgs, TrainArgs, EvalArgs, ExportArgs):
     def _stage_supports(self) -> Config:
         if self.stage != "sft" and self.streaming:
             raise ValueError(f"streaming: true is not supported with stage: {self.stage} yet; set streaming: false")
-        if self.stage == "dpo" and (self.packing or self.neat_packing):
-            raise ValueError("packing is not supported with stage: dpo (each pair is one sample); set packing: false")
+        if self.stage in ("dpo", "kto") and (self.packing or self.neat_packing):
+            raise ValueError(
+                f"packing is not supported with stage: {self.stage} (each example is one sample); set packing: false"
+            )
         if self.save_only_model:
             raise ValueError(
                 "not supported yet: save_only_model: true (checkpoints keep the optimizer state that an exact "

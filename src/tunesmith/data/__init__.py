@@ -17,6 +17,7 @@ from tunesmith.data.cache import cache_key, cache_location, load_cached, save_ca
 from tunesmith.data.conversation import Conversation, Turn
 from tunesmith.data.documents import encode_documents, read_documents
 from tunesmith.data.encode import Encoded, EncodeReport, encode_conversation, encode_dataset, gc_paused
+from tunesmith.data.feedback import encode_feedback, read_feedback
 from tunesmith.data.pack import PackedSample, pack_samples
 from tunesmith.data.pairs import encode_pairs, read_pairs
 from tunesmith.data.sources import BadRows, load_conversations, read_conversations
@@ -67,7 +68,8 @@ def prepare_datasets(cfg: Config, tokenizer: Any) -> PreparedData:
 
 def _prepare_or_load(cfg: Config, tokenizer: Any, template: Template) -> PreparedData:
     key = cache_key(cfg, tokenizer, template)
-    location = cache_location(cfg, key) if cfg.stage != "dpo" else None  # the cache holds token rows, not pairs
+    # the cache holds token rows, not pairs or tagged examples
+    location = cache_location(cfg, key) if cfg.stage in ("sft", "pt") else None
     if location is not None and not cfg.overwrite_cache:
         cached = load_cached(location, key)
         if cached is not None:
@@ -99,6 +101,10 @@ def _prepare(cfg: Config, tokenizer: Any, template: Template) -> PreparedData:
     if cfg.stage == "pt":
         samples, report = encode_documents(read_documents(cfg, bad), tokenizer, cfg)
         report.bad_rows += bad.count
+    elif cfg.stage == "kto":
+        samples, report = encode_feedback(read_feedback(cfg, bad), tokenizer, template, cfg)
+        report.bad_rows += bad.count
+        logger.info(report.format().replace("samples", "feedback examples", 1))
     elif cfg.stage == "dpo":
         samples, report = encode_pairs(read_pairs(cfg, bad), tokenizer, template, cfg)
         report.bad_rows += bad.count

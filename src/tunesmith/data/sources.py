@@ -42,7 +42,7 @@ T = TypeVar("T")
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")  # .txt: one raw-text document per line (stage: pt)
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
-_COLUMN_KEYS = {"prompt", "query", "response", "history", "messages", "system", "tools", "chosen", "rejected"}
+_COLUMN_KEYS = {"prompt", "query", "response", "history", "messages", "system", "tools", "chosen", "rejected", "kto_tag"}
 _TAG_KEYS = {
     "role_tag",
     "content_tag",

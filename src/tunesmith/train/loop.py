@@ -156,8 +156,17 @@ def train_step(engine: Engine, objective: Objective, window: Sequence[Batch]) ->
             metric_sums[name] += value
     grad_norm = engine.step()
     totals = engine.comm.all_reduce_sum([float(window_loss), *metric_sums.values()])
-    metrics = {name: total / denominator for name, total in zip(metric_sums, totals[1:], strict=True)}
+    metrics = metric_means(objective, dict(zip(metric_sums, totals[1:], strict=True)), denominator)
     return WindowResult(totals[0], int(units), int(tokens), metrics, grad_norm)
+
+
+def metric_means(objective: Objective, sums: dict[str, float], units: int) -> dict[str, float]:
+    """Each metric's sum over units, or over the sum of the metric the objective names as its denominator."""
+    denominators = objective.metric_denominators
+    return {
+        name: total / max(sums[denominators[name]] if name in denominators else units, 1e-12)
+        for name, total in sums.items()
+    }
 
 
 def evaluate(engine: Engine, objective: Objective, loader: EpochLoader) -> dict[str, float]:
@@ -178,7 +187,7 @@ def evaluate(engine: Engine, objective: Objective, loader: EpochLoader) -> dict[
                 metric_sums[name] += value
     engine.model.train()
     loss_sum, units, *totals = engine.comm.all_reduce_sum([loss_sum, units, *metric_sums.values()])
-    means = {name: total / max(units, 1) for name, total in zip(metric_sums, totals, strict=True)}
+    means = metric_means(objective, dict(zip(metric_sums, totals, strict=True)), max(int(units), 1))
     return objective.eval_metrics(loss_sum / max(units, 1), means)
 
 

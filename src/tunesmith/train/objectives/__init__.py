@@ -10,12 +10,14 @@ from collections.abc import Callable
 from tunesmith.config import Config
 from tunesmith.train.objectives.base import LossParts, ModelCall, Objective
 from tunesmith.train.objectives.dpo import DPOObjective
+from tunesmith.train.objectives.kto import KTOObjective
 from tunesmith.train.objectives.pt import PretrainObjective
 from tunesmith.train.objectives.sft import SFTObjective, token_loss_sum
 
 __all__ = [
     "LossParts",
     "DPOObjective",
+    "KTOObjective",
     "ModelCall",
     "Objective",
     "PretrainObjective",
@@ -29,6 +31,7 @@ _OBJECTIVES: dict[str, Callable[[Config], Objective]] = {
     "pt": lambda cfg: PretrainObjective(varlen=cfg.flash_attn == "fa2"),
     "dpo": lambda cfg: DPOObjective(cfg.pref_loss, cfg.pref_beta, cfg.pref_ftx, cfg.simpo_gamma,
                                     cfg.dpo_label_smoothing),
+    "kto": lambda cfg: KTOObjective(cfg.pref_beta, cfg.kto_chosen_weight, cfg.kto_rejected_weight, cfg.pref_ftx),
 }
 
 

@@ -50,8 +50,10 @@ class Objective(Protocol):
     """One training stage's objective; see the module docstring."""
 
     name: ClassVar[str]
-    # metrics besides the loss, in the order they are logged (each a mean over the units of a step)
+    # metrics besides the loss, in the order they are logged: each a mean over the units of a step, or, when
+    # metric_denominators names another metric for it, its sum divided by that metric's sum (a mean over a subset)
     metric_names: ClassVar[tuple[str, ...]]
+    metric_denominators: ClassVar[dict[str, str]]
 
     def collator(self, pad_token_id: int) -> Collator:
         """How samples become this objective's micro-batches."""

@@ -4,10 +4,7 @@ A micro-batch holds B pairs as 2B rows, the chosen replies first, then the rejec
 both). The unit is a pair: a step's loss is the mean over its pairs on all ranks. The reference log-probs
 (sigmoid, ipo, hinge) come from
 
-* the policy itself with its LoRA adapter switched off, when it is a PEFT model: no second copy of the weights,
-  and it goes through the engine like any forward (ddp, fsdp2 and ZeRO-3 gather what they shard);
-* otherwise (full / freeze) a frozen copy of the model as it was before training, taken before the engine
-  wraps it.
+the policy with its LoRA adapter switched off, or a frozen copy (:mod:`.reference`).
 
 Logged like TRL and LLaMA-Factory: ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
 ``rewards/margins``, ``logps/chosen``, ``logps/rejected`` (means over the pairs).
@@ -15,29 +12,18 @@ Logged like TRL and LLaMA-Factory: ``rewards/chosen``, ``rewards/rejected``, ``r
 
 from __future__ import annotations
 
-import copy
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from tunesmith.data.loader import IGNORE_INDEX, Batch, Collator
 from tunesmith.data.pairs import PairCollator
-from tunesmith.train.checkpoint import is_peft_model
 from tunesmith.train.objectives.base import LossParts, ModelCall
 from tunesmith.train.objectives.preference import AVERAGED, REFERENCE_FREE, preference_loss
+from tunesmith.train.objectives.reference import Reference, sequence_logps
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
-
-
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: the summed log-probability of its target tokens (float32) and how many there are."""
-    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).to(logits.device)
-    if logits.dtype != torch.float32:
-        logits = logits.float()
-    per_token = -F.cross_entropy(logits.transpose(1, 2), shifted, ignore_index=IGNORE_INDEX, reduction="none")
-    return per_token.sum(dim=1), (shifted != IGNORE_INDEX).sum(dim=1)
 
 
 class DPOObjective:
@@ -45,13 +31,13 @@ class DPOObjective:
 
     name: ClassVar[str] = "dpo"
     metric_names: ClassVar[tuple[str, ...]] = METRICS
+    metric_denominators: ClassVar[dict[str, str]] = {}
 
     def __init__(self, loss_type: str = "sigmoid", beta: float = 0.1, ftx: float = 0.0, simpo_gamma: float = 0.5,
                  label_smoothing: float = 0.0) -> None:
         self.loss_type, self.beta, self.ftx = loss_type, beta, ftx
         self.simpo_gamma, self.label_smoothing = simpo_gamma, label_smoothing
-        self.policy: torch.nn.Module | None = None  # a PEFT model: its adapter switched off is the reference
-        self.frozen: torch.nn.Module | None = None  # otherwise a frozen copy of the initial weights
+        self.reference = Reference()
 
     @property
     def needs_reference(self) -> bool:
@@ -61,12 +47,8 @@ class DPOObjective:
         return PairCollator(pad_token_id)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        if not self.needs_reference:
-            return model
-        if is_peft_model(model):
-            self.policy = model
-        else:
-            self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
+        if self.needs_reference:
+            self.reference.attach(model)
         return model
 
     def units(self, batch: Batch) -> int:
@@ -76,22 +58,9 @@ class DPOObjective:
     def tokens(self, batch: Batch) -> int:
         return int(batch.attention_mask.sum())
 
-    def _reference_logps(self, model: ModelCall, batch: Batch, inputs: dict[str, Any]) -> torch.Tensor:
-        with torch.no_grad():
-            if self.policy is not None:
-                with self.policy.disable_adapter():  # type: ignore[operator]
-                    logits = model(**inputs).logits
-            else:
-                assert self.frozen is not None
-                device = batch.input_ids.device
-                if next(self.frozen.parameters()).device != device:
-                    self.frozen.to(device)
-                logits = model.other(self.frozen, **inputs).logits
-            return sequence_logps(logits, batch.labels)[0]
-
     def loss(self, model: ModelCall, batch: Batch) -> LossParts:
         inputs = batch.model_inputs()
-        reference = self._reference_logps(model, batch, inputs) if self.needs_reference else None
+        reference = self.reference.logps(model, batch, inputs) if self.needs_reference else None
         logps, counts = sequence_logps(model(**inputs).logits, batch.labels)
         lengths = counts.clamp(min=1)
         averaged = self.loss_type in AVERAGED

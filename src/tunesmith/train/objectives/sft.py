@@ -35,6 +35,7 @@ class SFTObjective:
 
     name: ClassVar[str] = "sft"
     metric_names: ClassVar[tuple[str, ...]] = ()
+    metric_denominators: ClassVar[dict[str, str]] = {}
 
     def __init__(self, varlen: bool = False) -> None:
         self.varlen = varlen

@@ -1,0 +1,56 @@
+"""The reference model of preference objectives: what the policy's log-ratios are measured against.
+
+* A PEFT (LoRA / QLoRA / DoRA) policy is its own reference with the adapter switched off: no second copy of the
+  weights, and the forward goes through the engine like any other (ddp, fsdp2 and ZeRO-3 gather what they shard).
+* Otherwise (full / freeze) a frozen copy of the model as it was before training, taken before the engine wraps
+  it; on resume it is again the starting weights, since it is taken before the checkpoint is loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tunesmith.data.loader import IGNORE_INDEX, Batch
+from tunesmith.train.checkpoint import is_peft_model
+from tunesmith.train.objectives.base import ModelCall
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the summed log-probability of its target tokens (float32) and how many there are."""
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).to(logits.device)
+    if logits.dtype != torch.float32:
+        logits = logits.float()
+    per_token = -F.cross_entropy(logits.transpose(1, 2), shifted, ignore_index=IGNORE_INDEX, reduction="none")
+    return per_token.sum(dim=1), (shifted != IGNORE_INDEX).sum(dim=1)
+
+
+class Reference:
+    """The reference of one run; :meth:`attach` it to the policy before the engine wraps it."""
+
+    def __init__(self) -> None:
+        self.policy: torch.nn.Module | None = None  # a PEFT model: its adapter switched off is the reference
+        self.frozen: torch.nn.Module | None = None  # otherwise a frozen copy of the initial weights
+
+    def attach(self, model: torch.nn.Module) -> None:
+        if is_peft_model(model):
+            self.policy = model
+        else:
+            self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def logps(self, model: ModelCall, batch: Batch, inputs: dict[str, Any]) -> torch.Tensor:
+        """The reference's summed log-probability of each row's targets (no gradient)."""
+        with torch.no_grad():
+            if self.policy is not None:
+                with self.policy.disable_adapter():  # type: ignore[operator]
+                    logits = model(**inputs).logits
+            else:
+                assert self.frozen is not None, "attach the reference to the policy first"
+                device = batch.input_ids.device
+                if next(self.frozen.parameters()).device != device:
+                    self.frozen.to(device)
+                logits = model.other(self.frozen, **inputs).logits
+            return sequence_logps(logits, batch.labels)[0]
