@@ -126,5 +126,5 @@ def test_sft_refuses_pairs_and_dpo_refuses_sft_data_in_one_sentence(data_dir, ti
     monkeypatch.setenv("TUNESMITH_DATA_CACHE", "0")
     with pytest.raises(DataError, match=r"dataset_info\.json: dataset prefs has ranking: true .* set stage: dpo"):
         prepare_datasets(Config(dataset="prefs", dataset_dir=str(data_dir), template="qwen"), tiny_tokenizer)
-    with pytest.raises(DataError, match=r"sft\.json:row 1: cannot tell .*stage: dpo needs preference pairs"):
+    with pytest.raises(DataError, match=r"sft\.json:row 1: cannot tell .*stage: dpo and rm need preference pairs"):
         prepare_datasets(_cfg(data_dir, "sft"), tiny_tokenizer)

@@ -56,10 +56,11 @@ class ModelArgs(_Section):
 
 
 class MethodArgs(_Section):
-    stage: Literal["sft", "pt", "dpo", "kto"] = Field(
+    stage: Literal["sft", "pt", "rm", "dpo", "kto"] = Field(
         "sft",
         description="Training stage: `sft` (supervised fine-tuning on conversations: loss on the replies), `pt` "
-        "(continued pre-training on raw text: loss on every token), `dpo` (preference tuning on chosen / "
+        "(continued pre-training on raw text: loss on every token), `rm` (a reward model on chosen / rejected pairs: a "
+        "scalar head, pairwise loss), `dpo` (preference tuning on chosen / "
         "rejected pairs, loss chosen by pref_loss) or `kto` (unpaired feedback: replies tagged desirable or not); "
         "see the README's section on each.",
     )
@@ -462,7 +463,9 @@ class Config(ModelArgs, MethodArgs, DataArgs, TrainArgs, EvalArgs, ExportArgs):
     def _stage_supports(self) -> Config:
         if self.stage != "sft" and self.streaming:
             raise ValueError(f"streaming: true is not supported with stage: {self.stage} yet; set streaming: false")
-        if self.stage in ("dpo", "kto") and (self.packing or self.neat_packing):
+        if self.stage == "rm" and self.evaluation_inputs:
+            raise ValueError("evaluation_inputs needs a model that generates; a reward model (stage: rm) does not")
+        if self.stage in ("rm", "dpo", "kto") and (self.packing or self.neat_packing):
             raise ValueError(
                 f"packing is not supported with stage: {self.stage} (each example is one sample); set packing: false"
             )

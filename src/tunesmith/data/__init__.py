@@ -105,7 +105,7 @@ def _prepare(cfg: Config, tokenizer: Any, template: Template) -> PreparedData:
         samples, report = encode_feedback(read_feedback(cfg, bad), tokenizer, template, cfg)
         report.bad_rows += bad.count
         logger.info(report.format().replace("samples", "feedback examples", 1))
-    elif cfg.stage == "dpo":
+    elif cfg.stage in ("dpo", "rm"):
         samples, report = encode_pairs(read_pairs(cfg, bad), tokenizer, template, cfg)
         report.bad_rows += bad.count
         logger.info(report.format().replace("samples", "pairs", 1))

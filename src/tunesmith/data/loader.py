@@ -109,6 +109,12 @@ class Batch:
         )
 
 
+def pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's pad token, else its eos token (models without a pad token), else 0."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pad_id if pad_id is not None else 0
+
+
 def count_targets(labels: torch.Tensor) -> int:
     """Tokens that are predicted by the causal-LM loss: labels shifted left by one, minus the ignored ones."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())

@@ -43,7 +43,7 @@ from tunesmith.logging import get_logger
 
 logger = get_logger("data")
 _PAIR_LAYOUTS = (
-    "stage: dpo needs preference pairs: rows with chosen and rejected columns and the prompt as instruction / "
+    "stage: dpo and rm need preference pairs: rows with chosen and rejected columns and the prompt as instruction / "
     "input or as conversations / messages"
 )
 
@@ -130,7 +130,7 @@ def read_pairs(cfg: Config, bad: BadRows) -> Iterator[PreferencePair]:
     def reader(source: DatasetSource, rows_bad: BadRows) -> Iterator[PreferencePair]:
         if source.spec is not None and not source.spec.ranking:
             raise DataError(
-                f"{source.where} is not preference data; stage: dpo needs pairs (ranking: true in "
+                f"{source.where} is not preference data; stage: {cfg.stage} needs pairs (ranking: true in "
                 "dataset_info.json, with chosen and rejected columns)"
             )
         pairs = iter_examples(source, cfg.max_samples, rows_bad, row_to_pair, detect_pair_format, _PAIR_LAYOUTS)
@@ -209,3 +209,9 @@ class PairCollator:
     def masked(self, sample: PairSample) -> Batch:
         batch = self.collate([sample])
         return Batch(batch.input_ids, torch.full_like(batch.labels, IGNORE_INDEX), batch.attention_mask)
+
+
+def pairs_with_targets(batch: Batch) -> torch.Tensor:
+    """Per pair of a collated batch (chosen rows first): whether it has targets (a masked filler pair has none)."""
+    chosen_labels = batch.labels[: batch.labels.size(0) // 2, 1:]
+    return (chosen_labels != IGNORE_INDEX).any(dim=1)

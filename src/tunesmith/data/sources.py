@@ -435,8 +435,8 @@ def iter_conversations(
             )
     if source.spec is not None and source.spec.ranking:
         raise DataError(
-            f"{source.where} has ranking: true (preference pairs), which stage: dpo trains on; set stage: dpo, "
-            "or give an SFT dataset"
+            f"{source.where} has ranking: true (preference pairs), which stage: dpo and rm train on; set stage: "
+            "dpo (or rm), or give an SFT dataset"
         )
     for conv in iter_examples(source, max_samples, bad, row_to_conversation):
         yield fill_placeholders(conv, placeholders)

@@ -39,6 +39,8 @@ def apply_finetuning(model: Any, cfg: Config) -> Any:
         model.requires_grad_(True)
     elif cfg.finetuning_type == "freeze":
         _apply_freeze(model, cfg.freeze_trainable_layers, cfg.freeze_trainable_modules)
+        if is_reward_model(model):
+            model.score.requires_grad_(True)  # the new head always trains
     elif isinstance(model, PeftModel):
         # load_model_and_tokenizer already attached the adapter (frozen, for inference): continue training it.
         model.set_requires_grad(model.active_adapter, True)
@@ -50,6 +52,11 @@ def apply_finetuning(model: Any, cfg: Config) -> Any:
     model.train()
     logger.info("%s fine-tuning, %s", cfg.finetuning_type, trainable_summary(model))
     return model
+
+
+def is_reward_model(model: nn.Module) -> bool:
+    """An HF …ForSequenceClassification with its scalar ``score`` head (stage: rm)."""
+    return type(model).__name__.endswith("ForSequenceClassification") and hasattr(model, "score")
 
 
 def trainable_summary(model: nn.Module) -> str:
@@ -141,8 +148,10 @@ def _wrap_lora(model: nn.Module, method: MethodArgs) -> Any:
         ", rsLoRA" if method.use_rslora else "",
         ", DoRA" if method.use_dora else "",
     )
+    reward_model = is_reward_model(model)
     config = LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
+        # SEQ_CLS: PEFT trains a reward model's new scalar head in full and saves it with the adapter
+        task_type=TaskType.SEQ_CLS if reward_model else TaskType.CAUSAL_LM,
         r=method.lora_rank,
         lora_alpha=alpha,
         lora_dropout=method.lora_dropout,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -403,13 +405,15 @@ def load_model(
     device: str | torch.device = "cpu",
     quantization: Quantization | None = None,
     attn_implementation: str | None = None,
+    reward_head: RewardHead | None = None,
 ) -> PreTrainedModel:
-    """A causal LM from a local folder / .gguf / alias, on `device` (`auto` picks CUDA, NPU, then CPU).
+    """A causal LM from a local folder / .gguf / alias, on `device` (`auto` picks CUDA, NPU, then CPU); with
+    ``reward_head`` the same backbone as an HF ``…ForSequenceClassification`` with one output (a reward model).
 
     With `quantization` (QLoRA) the linear layers are quantized by bitsandbytes while loading, straight onto
     `device`, where the model stays (quantized weights cannot be moved back to full precision); everything is
     frozen, ready for `apply_finetuning` to add the trainable adapters."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve_model_path(name_or_path, cache_dir)
     config = check_model_config(path, trust_remote_code)
@@ -428,19 +432,25 @@ def load_model(
                 "quantization_bit, or point model_name_or_path at the full-precision model."
             )
         extra.update(quantization_config=quantization.bnb_config(), device_map={"": str(target)})
+    if reward_head is not None:
+        extra.update(num_labels=1, pad_token_id=reward_head.pad_token_id)
+    auto_class = AutoModelForSequenceClassification if reward_head is not None else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            dtype=torch_dtype,
-            trust_remote_code=trust_remote_code,
-            use_safetensors=use_safetensors,
-            local_files_only=True,
-            **extra,
-        )
+        with transformers_logging_quiet(reward_head is not None):  # "score.weight newly initialized": on purpose
+            model = auto_class.from_pretrained(
+                path,
+                dtype=torch_dtype,
+                trust_remote_code=trust_remote_code,
+                use_safetensors=use_safetensors,
+                local_files_only=True,
+                **extra,
+            )
     except (OSError, ValueError, StrictDataclassError) as err:
         raise ModelError(
             f"cannot load the model in {path} ({_one_line(err)}); {_remote_code_hint(err)}"
         ) from err
+    if reward_head is not None:
+        reward_head.initialise(model)
     if quantization is not None:
         _prepare_quantized(model, quantization.compute_dtype)
         logger.info("loaded %s quantized %s on %s from %s", type(model).__name__, quantization.describe(),
@@ -450,6 +460,47 @@ def load_model(
         model.to(target)
     logger.info("loaded %s (%s, %s) from %s", type(model).__name__, torch_dtype, target, path)
     return model
+
+
+@dataclass(frozen=True)
+class RewardHead:
+    """A reward model's scalar head: ``pad_token_id`` finds each row's last real token (HF's rule: the rightmost
+    token that is not padding), and the head starts from a seeded draw, the same on every rank and every run
+    whatever the global RNG did before, so a resumed or re-sharded run starts from the same weights."""
+
+    pad_token_id: int
+    seed: int = 42
+
+    def initialise(self, model: Any) -> None:
+        head = getattr(model, "score", None)
+        if not isinstance(head, torch.nn.Linear):
+            raise ModelError(
+                f"{type(model).__name__} has no `score` layer, the scalar head tunesmith trains for stage: rm; "
+                "use a model family with a …ForSequenceClassification class that has one (Qwen2/3, Llama, …)"
+            )
+        generator = torch.Generator().manual_seed(self.seed)
+        std = getattr(model.config, "initializer_range", 0.02)
+        with torch.no_grad():
+            weight = torch.randn(head.weight.shape, generator=generator, dtype=torch.float32) * std
+            head.weight.copy_(weight.to(head.weight.dtype))
+            if getattr(head, "bias", None) is not None:
+                head.bias.zero_()
+
+
+@contextmanager
+def transformers_logging_quiet(quiet: bool) -> Iterator[None]:
+    """Silence transformers' load report while ``quiet`` (an expected "newly initialized" head)."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def load_model_and_tokenizer(cfg: Config) -> tuple[Any, PreTrainedTokenizerBase]:

@@ -27,7 +27,16 @@ import numpy as np
 import torch
 
 from tunesmith.config import Config
-from tunesmith.data.loader import Batch, Collator, DataPosition, EncodedLike, EpochLoader, Loader, prefetch
+from tunesmith.data.loader import (
+    Batch,
+    Collator,
+    DataPosition,
+    EncodedLike,
+    EpochLoader,
+    Loader,
+    pad_token_id,
+    prefetch,
+)
 from tunesmith.data.stream import StreamingData, StreamLoader
 from tunesmith.errors import DataError
 from tunesmith.logging import get_logger
@@ -363,12 +372,6 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
-
-
-def pad_token_id(tokenizer: Any) -> int:
-    """The tokenizer's pad token, else its eos token (models without a pad token), else 0."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return pad_id if pad_id is not None else 0
 
 
 def _setup_loaders(

@@ -9,8 +9,10 @@ from typing import Any
 import torch
 
 from tunesmith.config import Config
+from tunesmith.data.loader import pad_token_id
 from tunesmith.model.adapt import apply_finetuning
 from tunesmith.model.load import (
+    RewardHead,
     attention_implementation,
     load_model,
     load_tokenizer,
@@ -41,8 +43,10 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> TrainResult:
     seed_everything(cfg.seed)
     tokenizer = _load_tokenizer(cfg)
     data = prepare_datasets_once(cfg, tokenizer)
-    model = apply_finetuning(_load_model(cfg, engine, attention), cfg)
-    return fit(cfg, model, tokenizer, data.train, data.val, engine=engine, objective=create_objective(cfg),
+    objective = create_objective(cfg)
+    head = RewardHead(pad_token_id(tokenizer), cfg.seed) if objective.model_head == "reward" else None
+    model = apply_finetuning(_load_model(cfg, engine, attention, head), cfg)
+    return fit(cfg, model, tokenizer, data.train, data.val, engine=engine, objective=objective,
                resume_from=resume_from, callbacks=callbacks)
 
 
@@ -51,7 +55,7 @@ def _load_tokenizer(cfg: Config) -> Any:
         return load_tokenizer(cfg.model_name_or_path, cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code)
 
 
-def _load_model(cfg: Config, engine: Engine, attention: str | None) -> torch.nn.Module:
+def _load_model(cfg: Config, engine: Engine, attention: str | None, head: RewardHead | None) -> torch.nn.Module:
     quantization = quantization_from_config(cfg, engine.precision)
     with main_process_first("loading the model"):
         return load_model(
@@ -63,4 +67,5 @@ def _load_model(cfg: Config, engine: Engine, attention: str | None) -> torch.nn.
             device=engine.load_device(quantized=quantization is not None),
             quantization=quantization,
             attn_implementation=attention,
+            reward_head=head,
         )

@@ -12,6 +12,7 @@ from tunesmith.train.objectives.base import LossParts, ModelCall, Objective
 from tunesmith.train.objectives.dpo import DPOObjective
 from tunesmith.train.objectives.kto import KTOObjective
 from tunesmith.train.objectives.pt import PretrainObjective
+from tunesmith.train.objectives.rm import RewardObjective
 from tunesmith.train.objectives.sft import SFTObjective, token_loss_sum
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "ModelCall",
     "Objective",
     "PretrainObjective",
+    "RewardObjective",
     "SFTObjective",
     "create_objective",
     "token_loss_sum",
@@ -31,6 +33,7 @@ _OBJECTIVES: dict[str, Callable[[Config], Objective]] = {
     "pt": lambda cfg: PretrainObjective(varlen=cfg.flash_attn == "fa2"),
     "dpo": lambda cfg: DPOObjective(cfg.pref_loss, cfg.pref_beta, cfg.pref_ftx, cfg.simpo_gamma,
                                     cfg.dpo_label_smoothing),
+    "rm": lambda cfg: RewardObjective(),
     "kto": lambda cfg: KTOObjective(cfg.pref_beta, cfg.kto_chosen_weight, cfg.kto_rejected_weight, cfg.pref_ftx),
 }
 

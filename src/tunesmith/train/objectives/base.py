@@ -54,6 +54,8 @@ class Objective(Protocol):
     # metric_denominators names another metric for it, its sum divided by that metric's sum (a mean over a subset)
     metric_names: ClassVar[tuple[str, ...]]
     metric_denominators: ClassVar[dict[str, str]]
+    # the model it trains: "causal_lm" (the LM head), or "reward" (an HF …ForSequenceClassification, one output)
+    model_head: ClassVar[str]
 
     def collator(self, pad_token_id: int) -> Collator:
         """How samples become this objective's micro-batches."""

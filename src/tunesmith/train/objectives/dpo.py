@@ -16,9 +16,9 @@ from typing import ClassVar
 
 import torch
 
-from tunesmith.data.loader import IGNORE_INDEX, Batch, Collator
-from tunesmith.data.pairs import PairCollator
+from tunesmith.data.loader import Batch
 from tunesmith.train.objectives.base import LossParts, ModelCall
+from tunesmith.train.objectives.pairwise import PairwiseBatches
 from tunesmith.train.objectives.preference import AVERAGED, REFERENCE_FREE, preference_loss
 from tunesmith.train.objectives.reference import Reference, sequence_logps
 
@@ -26,12 +26,13 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/
            "logps/rejected")
 
 
-class DPOObjective:
+class DPOObjective(PairwiseBatches):
     """``stage: dpo``; see the module docstring."""
 
     name: ClassVar[str] = "dpo"
     metric_names: ClassVar[tuple[str, ...]] = METRICS
     metric_denominators: ClassVar[dict[str, str]] = {}
+    model_head: ClassVar[str] = "causal_lm"
 
     def __init__(self, loss_type: str = "sigmoid", beta: float = 0.1, ftx: float = 0.0, simpo_gamma: float = 0.5,
                  label_smoothing: float = 0.0) -> None:
@@ -43,20 +44,10 @@ class DPOObjective:
     def needs_reference(self) -> bool:
         return self.loss_type not in REFERENCE_FREE
 
-    def collator(self, pad_token_id: int) -> Collator:
-        return PairCollator(pad_token_id)
-
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.needs_reference:
             self.reference.attach(model)
         return model
-
-    def units(self, batch: Batch) -> int:
-        chosen_labels = batch.labels[: batch.labels.size(0) // 2, 1:]
-        return int(((chosen_labels != IGNORE_INDEX).sum(dim=1) > 0).sum())  # a masked filler pair counts 0
-
-    def tokens(self, batch: Batch) -> int:
-        return int(batch.attention_mask.sum())
 
     def loss(self, model: ModelCall, batch: Batch) -> LossParts:
         inputs = batch.model_inputs()

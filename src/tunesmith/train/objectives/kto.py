@@ -34,6 +34,8 @@ class KTOObjective:
         "rewards/rejected": "count/rejected", "logps/rejected": "count/rejected",
     }
 
+    model_head: ClassVar[str] = "causal_lm"
+
     def __init__(self, beta: float = 0.1, chosen_weight: float = 1.0, rejected_weight: float = 1.0,
                  ftx: float = 0.0) -> None:
         self.beta, self.chosen_weight, self.rejected_weight, self.ftx = beta, chosen_weight, rejected_weight, ftx

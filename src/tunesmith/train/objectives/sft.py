@@ -36,6 +36,7 @@ class SFTObjective:
     name: ClassVar[str] = "sft"
     metric_names: ClassVar[tuple[str, ...]] = ()
     metric_denominators: ClassVar[dict[str, str]] = {}
+    model_head: ClassVar[str] = "causal_lm"
 
     def __init__(self, varlen: bool = False) -> None:
         self.varlen = varlen
