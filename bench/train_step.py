@@ -1,6 +1,7 @@
 """Training throughput and memory: tunesmith's loop vs a plain ``transformers.Trainer`` on the demo workload.
 
     python bench/train_step.py [--steps 20] [--batch-size 8] [--json] [--threads N] [--hf-optim adamw_torch]
+    python bench/train_step.py --stage dpo [...]   (tunesmith's DPO vs TRL's DPOTrainer: bench/dpo_step.py)
 
 Workload (both sides): the demo's model (alias ``smollm2-135m-instruct``, fp32, CPU), the demo's LoRA config
 (``demo.yaml``: all linear layers, r=16, alpha=32), the packaged identity dataset encoded by
@@ -348,6 +349,18 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--stage" in argv:  # another stage's comparison lives in its own script
+        at = argv.index("--stage")
+        stage, rest = argv[at + 1] if at + 1 < len(argv) else "", argv[:at] + argv[at + 2:]
+        if stage == "dpo":
+            sys.path.insert(0, str(Path(__file__).parent))
+            from dpo_step import main as dpo_main
+
+            return dpo_main(rest)
+        if stage != "sft":
+            raise SystemExit(f"--stage {stage!r}: sft (this script) or dpo (bench/dpo_step.py)")
+        argv = rest
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per side (step 1 is not timed)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the demo config's")

@@ -131,3 +131,20 @@ def test_a_masked_filler_pair_adds_nothing(tiny_model_dir, tiny_tokenizer, tmp_p
 def test_llama_factory_dpo_example_runs_unchanged(tmp_path, tiny_model_dir, shared_dir):
     assert_lf_example_trains(shared_dir, "train_lora/qwen3_lora_dpo.yaml", tiny_model_dir, tmp_path,
                              {"rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"}, "dpo_en_demo: 300 preference pairs")
+
+
+def test_skipping_the_prompts_logits_changes_no_log_probability(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """target_inputs asks the model for logits from the first position that predicts a reply token only: the
+    sequence log-probabilities are those of the full logits."""
+    from tunesmith.data.pairs import PairCollator, PairSample
+    from tunesmith.train.objectives.reference import sequence_logps, supports_logits_to_keep, target_inputs
+
+    model = tiny_model(tiny_model_dir, make_cfg(tmp_path, tiny_model_dir))
+    assert supports_logits_to_keep(model)
+    samples = [PairSample(list(range(5, 5 + n)), [40, 41, 42], [50, 51]) for n in (4, 9)]
+    batch = PairCollator(0).collate(samples)
+    full = sequence_logps(model(**batch.model_inputs()).logits, batch.labels)[0]
+    inputs, labels = target_inputs(batch, trim=True)
+    assert inputs["logits_to_keep"] == batch.labels.size(1) - 3  # from the shorter prompt's last token (position 3)
+    trimmed = sequence_logps(model(**inputs).logits, labels)[0]
+    assert torch.allclose(trimmed, full, atol=1e-5)

@@ -34,6 +34,7 @@ def _trl_loss_and_grads(weights, tokenizer, loss_type: str, tmp_path):
 def _our_loss_and_grads(weights, inputs, loss_type: str):
     policy, reference = (copy.deepcopy(m) for m in weights)
     objective = DPOObjective(loss_type, beta=0.1)
+    objective.trim = True  # as in training: logits only from the first position that predicts a reply token
     objective.reference.frozen = reference.eval().requires_grad_(False)  # TRL's ref_model
     labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
     batch = Batch(inputs["input_ids"], labels, inputs["attention_mask"])

@@ -44,6 +44,7 @@ def _ours(weights, inputs, pad: int):
 
     policy, reference = (copy.deepcopy(m) for m in weights)
     objective = KTOObjective(beta=0.1, chosen_weight=1.0, rejected_weight=1.5)
+    objective.trim = True  # as in training: logits only from the first position that predicts a reply token
     objective.reference.frozen = reference.eval().requires_grad_(False)
     width = max(inputs["input_ids"].size(1), inputs["KL_input_ids"].size(1))
     main = _rows(inputs["input_ids"], inputs["completion_mask"], inputs["attention_mask"], width, pad)

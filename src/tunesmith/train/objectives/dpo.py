@@ -20,7 +20,12 @@ from tunesmith.data.loader import Batch
 from tunesmith.train.objectives.base import LossParts, ModelCall
 from tunesmith.train.objectives.pairwise import PairwiseBatches
 from tunesmith.train.objectives.preference import AVERAGED, REFERENCE_FREE, preference_loss
-from tunesmith.train.objectives.reference import Reference, sequence_logps
+from tunesmith.train.objectives.reference import (
+    Reference,
+    sequence_logps,
+    supports_logits_to_keep,
+    target_inputs,
+)
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
@@ -39,20 +44,22 @@ class DPOObjective(PairwiseBatches):
         self.loss_type, self.beta, self.ftx = loss_type, beta, ftx
         self.simpo_gamma, self.label_smoothing = simpo_gamma, label_smoothing
         self.reference = Reference()
+        self.trim = False  # whether the model can skip the prompt's logits (see target_inputs)
 
     @property
     def needs_reference(self) -> bool:
         return self.loss_type not in REFERENCE_FREE
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        self.trim = supports_logits_to_keep(model)
         if self.needs_reference:
             self.reference.attach(model)
         return model
 
     def loss(self, model: ModelCall, batch: Batch) -> LossParts:
-        inputs = batch.model_inputs()
-        reference = self.reference.logps(model, batch, inputs) if self.needs_reference else None
-        logps, counts = sequence_logps(model(**inputs).logits, batch.labels)
+        inputs, labels = target_inputs(batch, self.trim)
+        reference = self.reference.logps(model, batch, inputs, labels) if self.needs_reference else None
+        logps, counts = sequence_logps(model(**inputs).logits, labels)
         lengths = counts.clamp(min=1)
         averaged = self.loss_type in AVERAGED
         if averaged:

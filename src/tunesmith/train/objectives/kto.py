@@ -18,7 +18,12 @@ import torch
 from tunesmith.data.feedback import FeedbackCollator, TaggedBatch
 from tunesmith.data.loader import IGNORE_INDEX, Collator
 from tunesmith.train.objectives.base import LossParts, ModelCall
-from tunesmith.train.objectives.reference import Reference, sequence_logps
+from tunesmith.train.objectives.reference import (
+    Reference,
+    sequence_logps,
+    supports_logits_to_keep,
+    target_inputs,
+)
 
 
 class KTOObjective:
@@ -40,11 +45,13 @@ class KTOObjective:
                  ftx: float = 0.0) -> None:
         self.beta, self.chosen_weight, self.rejected_weight, self.ftx = beta, chosen_weight, rejected_weight, ftx
         self.reference = Reference()
+        self.trim = False  # whether the model can skip the prompt's logits (see target_inputs)
 
     def collator(self, pad_token_id: int) -> Collator:
         return FeedbackCollator(pad_token_id)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        self.trim = supports_logits_to_keep(model)
         self.reference.attach(model)
         return model
 
@@ -56,9 +63,9 @@ class KTOObjective:
         return int(batch.attention_mask[: batch.attention_mask.size(0) // 2].sum())
 
     def loss(self, model: ModelCall, batch: TaggedBatch) -> LossParts:  # type: ignore[override]
-        inputs = batch.model_inputs()
-        reference = self.reference.logps(model, batch, inputs)
-        logps, counts = sequence_logps(model(**inputs).logits, batch.labels)
+        inputs, labels = target_inputs(batch, self.trim)
+        reference = self.reference.logps(model, batch, inputs, labels)
+        logps, counts = sequence_logps(model(**inputs).logits, labels)
         half = logps.size(0) // 2
         ratios = logps[:half] - reference[:half]
         valid = counts[:half] > 0

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 import torch
@@ -28,6 +29,24 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return per_token.sum(dim=1), (shifted != IGNORE_INDEX).sum(dim=1)
 
 
+def supports_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the HF model (inside any PEFT wrapper) can compute only its last positions' logits."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def target_inputs(batch: Batch, trim: bool) -> tuple[dict[str, Any], torch.Tensor]:
+    """The model inputs and the labels the logits line up with. With ``trim``, the model computes logits only from
+    the first position that predicts a target in any row (prompts are never targets here): the vocabulary
+    projection and the log-softmax over the shared prompt prefix are skipped, in memory and in time."""
+    inputs = batch.model_inputs()
+    predicts = (batch.labels[:, 1:] != IGNORE_INDEX).any(dim=0)
+    if not trim or not bool(predicts.any()):
+        return inputs, batch.labels
+    first = int(predicts.nonzero()[0])
+    return {**inputs, "logits_to_keep": batch.labels.size(1) - first}, batch.labels[:, first:]
+
+
 class Reference:
     """The reference of one run; :meth:`attach` it to the policy before the engine wraps it."""
 
@@ -41,8 +60,9 @@ class Reference:
         else:
             self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
 
-    def logps(self, model: ModelCall, batch: Batch, inputs: dict[str, Any]) -> torch.Tensor:
-        """The reference's summed log-probability of each row's targets (no gradient)."""
+    def logps(self, model: ModelCall, batch: Batch, inputs: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
+        """The reference's summed log-probability of each row's targets (no gradient); ``inputs`` and ``labels``
+        from :func:`target_inputs`."""
         with torch.no_grad():
             if self.policy is not None:
                 with self.policy.disable_adapter():  # type: ignore[operator]
@@ -53,4 +73,4 @@ class Reference:
                 if next(self.frozen.parameters()).device != device:
                     self.frozen.to(device)
                 logits = model.other(self.frozen, **inputs).logits
-            return sequence_logps(logits, batch.labels)[0]
+            return sequence_logps(logits, labels)[0]
