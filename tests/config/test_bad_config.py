@@ -151,7 +151,7 @@ WRONG_TYPES = [
     ("lora_alpha", "x"),
     ("lora_dropout", "1.5"),
     ("finetuning_type", "qlora"),
-    ("stage", "dpo"),
+    ("stage", "ppo"),  # dpo was the example until stage: dpo landed; ppo is not a stage (yet)
     ("template", "[qwen]"),
     ("template", "3"),
     ("dataset", "3"),
