@@ -98,21 +98,10 @@ def _prepare_or_load(cfg: Config, tokenizer: Any, template: Template) -> Prepare
 def _prepare(cfg: Config, tokenizer: Any, template: Template) -> PreparedData:
     bad = BadRows(cfg.skip_bad_rows)
     # read while encoding: only the batch being encoded is held as text, never every conversation at once
-    if cfg.stage == "pt":
-        samples, report = encode_documents(read_documents(cfg, bad), tokenizer, cfg)
-        report.bad_rows += bad.count
-    elif cfg.stage == "kto":
-        samples, report = encode_feedback(read_feedback(cfg, bad), tokenizer, template, cfg)
-        report.bad_rows += bad.count
-        logger.info(report.format().replace("samples", "feedback examples", 1))
-    elif cfg.stage in ("dpo", "rm"):
-        samples, report = encode_pairs(read_pairs(cfg, bad), tokenizer, template, cfg)
-        report.bad_rows += bad.count
-        logger.info(report.format().replace("samples", "pairs", 1))
-    else:
-        samples, report = encode_dataset(read_conversations(cfg, bad), tokenizer, template, cfg)
-        report.bad_rows += bad.count
-        logger.info(report.format())
+    samples, report, noun = _encode_stage(cfg, tokenizer, template, bad)
+    report.bad_rows += bad.count
+    if noun is not None:  # pt logs its own line (documents → blocks)
+        logger.info(report.format().replace("samples", noun, 1))
     if not samples:
         raise DataError(
             f"no training samples left from dataset={','.join(cfg.dataset)} ({report.dropped} too long for "
@@ -126,6 +115,17 @@ def _prepare(cfg: Config, tokenizer: Any, template: Template) -> PreparedData:
         train, stats = pack_samples(train, cfg.cutoff_len)
         logger.info(stats.format())
     return PreparedData(train=train, val=val, report=report, template=template)
+
+
+def _encode_stage(cfg: Config, tokenizer: Any, template: Template, bad: BadRows) -> tuple[list, EncodeReport, str | None]:
+    """The stage's examples read and encoded (bad rows go to ``bad``), and what its report counts."""
+    if cfg.stage == "pt":
+        return (*encode_documents(read_documents(cfg, bad), tokenizer, cfg), None)
+    if cfg.stage == "kto":
+        return (*encode_feedback(read_feedback(cfg, bad), tokenizer, template, cfg), "feedback examples")
+    if cfg.stage in ("dpo", "rm"):
+        return (*encode_pairs(read_pairs(cfg, bad), tokenizer, template, cfg), "pairs")
+    return (*encode_dataset(read_conversations(cfg, bad), tokenizer, template, cfg), "samples")
 
 
 def _prepare_stream(cfg: Config, tokenizer: Any, template: Template) -> PreparedData:

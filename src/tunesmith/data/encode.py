@@ -170,6 +170,13 @@ def shorten_exchange(
     return prompt, reply[:new_tgt]
 
 
+def prompt_and_last_reply(turns: EncodedTurns) -> tuple[list[int], list[int]]:
+    """A rendered conversation as (everything before its last reply, the last reply): the split of the stages
+    whose only target is one final reply (dpo, rm, kto)."""
+    prompt = [t for p, r in turns.pairs[:-1] for t in (*p, *r)] + list(turns.pairs[-1][0])
+    return prompt, list(turns.pairs[-1][1])
+
+
 def assemble(
     turns: EncodedTurns, cutoff_len: int, train_on_prompt: bool = False, mask_history: bool = False
 ) -> tuple[Encoded | None, bool]:

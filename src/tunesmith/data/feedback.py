@@ -23,7 +23,15 @@ import torch
 from tunesmith.config import Config
 from tunesmith.config.schema import DataArgs
 from tunesmith.data.conversation import Conversation
-from tunesmith.data.encode import IGNORE_INDEX, Encoded, EncodeReport, TokenIds, percentiles, shorten_exchange
+from tunesmith.data.encode import (
+    IGNORE_INDEX,
+    Encoded,
+    EncodeReport,
+    TokenIds,
+    percentiles,
+    prompt_and_last_reply,
+    shorten_exchange,
+)
 from tunesmith.data.formats import (
     FormatSpec,
     RowError,
@@ -113,15 +121,14 @@ def encode_feedback(
                     raise turns
                 bad += 1
                 continue
-            prompt = [t for p, r in turns.pairs[:-1] for t in (*p, *r)] + list(turns.pairs[-1][0])
-            completion = list(turns.pairs[-1][1])
+            prompt, completion = prompt_and_last_reply(turns)
             if len(prompt) + len(completion) > data.cutoff_len:
                 tail = turns.tail_lens[-1] if turns.tail_lens else 0
                 fitted = shorten_exchange(prompt, completion, tail, data.cutoff_len)
-                truncated += 1
                 if fitted is None:
                     dropped += 1
                     continue
+                truncated += 1
                 prompt, completion = fitted
             kept.append((prompt, completion, item.desirable))
     samples = [
@@ -129,7 +136,7 @@ def encode_feedback(
                        TokenIds(kept[i - 1][1][: max(data.cutoff_len - len(prompt), 1)]), desirable)
         for i, (prompt, completion, desirable) in enumerate(kept)
     ]
-    report = EncodeReport(kept=len(samples), dropped=dropped, truncated=truncated - dropped, bad_rows=bad,
+    report = EncodeReport(kept=len(samples), dropped=dropped, truncated=truncated, bad_rows=bad,
                           length_percentiles=percentiles([len(p) + len(c) for p, c, _ in kept]),
                           cutoff_len=data.cutoff_len)
     return samples, report

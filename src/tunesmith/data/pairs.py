@@ -23,7 +23,15 @@ import torch
 from tunesmith.config import Config
 from tunesmith.config.schema import DataArgs
 from tunesmith.data.conversation import Conversation
-from tunesmith.data.encode import IGNORE_INDEX, Encoded, EncodeReport, TokenIds, percentiles, shorten_exchange
+from tunesmith.data.encode import (
+    IGNORE_INDEX,
+    Encoded,
+    EncodeReport,
+    TokenIds,
+    percentiles,
+    prompt_and_last_reply,
+    shorten_exchange,
+)
 from tunesmith.data.formats import (
     FormatSpec,
     RowError,
@@ -141,17 +149,12 @@ def read_pairs(cfg: Config, bad: BadRows) -> Iterator[PreferencePair]:
     return read_mixed(cfg, bad, reader, "preference pairs")
 
 
-def _prompt_and_reply(turns: EncodedTurns) -> tuple[list[int], list[int]]:
-    prompt = [t for p, r in turns.pairs[:-1] for t in (*p, *r)] + list(turns.pairs[-1][0])
-    return prompt, list(turns.pairs[-1][1])
-
-
 def fit_pair(
     turns_chosen: EncodedTurns, turns_rejected: EncodedTurns, cutoff_len: int
 ) -> tuple[PairSample | None, bool]:
     """One pair within cutoff_len (see the module docstring): (sample or None when dropped, truncated)."""
-    prompt, chosen = _prompt_and_reply(turns_chosen)
-    prompt_rejected, rejected = _prompt_and_reply(turns_rejected)
+    prompt, chosen = prompt_and_last_reply(turns_chosen)
+    prompt_rejected, rejected = prompt_and_last_reply(turns_rejected)
     if prompt != prompt_rejected:  # the template rendered the shared history differently: never expected
         raise DataError("the chosen and rejected replies of a pair got different prompts from the template")
     longer = max(len(chosen), len(rejected))
