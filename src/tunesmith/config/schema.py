@@ -271,6 +271,9 @@ class TrainArgs(_Section):
         None, ge=1, description="Validation loss every N steps when val_size > 0 (default: logging_steps)."
     )
     eval_strategy: Literal["steps", "no"] = Field("steps", description="`no`: never compute validation loss.")
+    eval_on_start: bool = Field(
+        False, description="Validate (and answer evaluation_inputs) once before the first step, logged as step 0."
+    )
     resume_from_checkpoint: str | None = Field(
         None,
         description="A checkpoint folder to resume from. Unset: resume from the newest checkpoint in output_dir.",
@@ -381,8 +384,9 @@ class EvalArgs(_Section):
     )
     eval_dataset: list[str] | None = Field(
         None,
-        description="Datasets to predict on (same forms as `dataset`). Unset: the validation split of `dataset` "
-        "when val_size > 0, else all of `dataset`.",
+        description="A separate validation set (same forms as `dataset`): the validation loss and metrics while "
+        "training (instead of val_size), and the rows to predict on. Unset: the validation split of `dataset` "
+        "when val_size > 0 (prediction: else all of `dataset`).",
     )
     max_new_tokens: int = Field(512, ge=1, description="Most tokens generated per answer (prediction).")
     do_sample: bool = Field(
@@ -473,6 +477,16 @@ class Config(ModelArgs, MethodArgs, DataArgs, TrainArgs, EvalArgs, ExportArgs):
             raise ValueError(
                 "not supported yet: save_only_model: true (checkpoints keep the optimizer state that an exact "
                 "resume needs); set save_only_model: false"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _one_validation_set(self) -> Config:
+        training = self.do_train if self.do_train is not None else not self.do_predict
+        if training and self.eval_dataset and self.val_size > 0:
+            raise ValueError(
+                "val_size and eval_dataset are both set; validate on a split of dataset (val_size) or on "
+                "eval_dataset, not both: remove one"
             )
         return self
 

@@ -107,7 +107,10 @@ def _prepare(cfg: Config, tokenizer: Any, template: Template) -> PreparedData:
             f"no training samples left from dataset={','.join(cfg.dataset)} ({report.dropped} too long for "
             f"cutoff_len={cfg.cutoff_len}, {report.bad_rows} bad rows); raise cutoff_len or fix the data"
         )
-    train, val = split_train_val(samples, cfg.val_size, cfg.seed)
+    if cfg.eval_dataset:
+        train, val = samples, _encode_eval_dataset(cfg, tokenizer, template)
+    else:
+        train, val = split_train_val(samples, cfg.val_size, cfg.seed)
     if val:
         logger.info("data: %d training and %d validation samples (seed %d)", len(train), len(val), cfg.seed)
     if cfg.packing or cfg.neat_packing:
@@ -128,11 +131,28 @@ def _encode_stage(cfg: Config, tokenizer: Any, template: Template, bad: BadRows)
     return (*encode_dataset(read_conversations(cfg, bad), tokenizer, template, cfg), "samples")
 
 
+def _encode_eval_dataset(cfg: Config, tokenizer: Any, template: Template) -> list:
+    """eval_dataset, read whole and in order (the training mix and its probabilities are not its own) and
+    encoded like the training data of the stage."""
+    only_eval = {"dataset": cfg.eval_dataset, "mix_strategy": "concat", "interleave_probs": None, "streaming": False}
+    bad = BadRows(cfg.skip_bad_rows)
+    samples, report, _ = _encode_stage(cfg.model_copy(update=only_eval), tokenizer, template, bad)
+    if not samples:
+        raise DataError(
+            f"no validation samples left from eval_dataset={','.join(cfg.eval_dataset or [])} ({report.dropped} too "
+            f"long for cutoff_len={cfg.cutoff_len}, {bad.count} bad rows); raise cutoff_len or fix the data"
+        )
+    return samples
+
+
 def _prepare_stream(cfg: Config, tokenizer: Any, template: Template) -> PreparedData:
     stream = StreamingData(cfg, tokenizer, template)
     val: list[Encoded] = []
     report = stream.report
-    if stream.val_rows:
+    if cfg.eval_dataset:
+        val = _encode_eval_dataset(cfg, tokenizer, template)
+        logger.info("data: %d validation samples from eval_dataset=%s", len(val), ",".join(cfg.eval_dataset))
+    elif stream.val_rows:
         val, report = encode_dataset(stream.val_conversations(), tokenizer, template, cfg)
         logger.info(
             "data: streaming; the first %d rows of the stream are the validation set (%d samples)",

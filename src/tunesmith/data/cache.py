@@ -39,7 +39,6 @@ import numpy as np
 from tunesmith import __version__
 from tunesmith.config import Config
 from tunesmith.config.load import check_output_folder
-from tunesmith.config.schema import DataArgs
 from tunesmith.data.encode import Encoded, EncodeReport, TokenIds
 from tunesmith.data.pack import PackedSample
 from tunesmith.data.sources import read_dataset_info, resolve_source
@@ -53,6 +52,7 @@ META = "meta.json"
 CONFIG_KEYS = (
     "stage",
     "dataset",
+    "eval_dataset",
     "template",
     "cutoff_len",
     "packing",
@@ -87,11 +87,12 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def data_files(data: DataArgs) -> list[Path]:
-    """Every file the config's datasets read (dataset_info.json included when present)."""
-    dataset_dir = Path(data.dataset_dir).expanduser()
+def data_files(cfg: Config) -> list[Path]:
+    """Every file the config's datasets (eval_dataset too) read, dataset_info.json included when present."""
+    dataset_dir = Path(cfg.dataset_dir).expanduser()
     info = read_dataset_info(dataset_dir)
-    files = [f for name in data.dataset or [] for f in resolve_source(name, dataset_dir, info).files]
+    names = [*(cfg.dataset or []), *(cfg.eval_dataset or [])]
+    files = [f for name in names for f in resolve_source(name, dataset_dir, info).files]
     if (dataset_dir / "dataset_info.json").is_file():
         files.append(dataset_dir / "dataset_info.json")
     return files

@@ -271,6 +271,8 @@ def loop(run: Run, callbacks: Sequence[StepCallback] = ()) -> None:
     """Optimizer steps until ``run.total``: one epoch (a pass over a stream) per round of the outer loop."""
     due = periodic_actions(run)
     state, accumulation = run.state, run.cfg.gradient_accumulation_steps
+    if run.cfg.eval_on_start and state.global_step == 0:
+        evaluate_on_start(run)
     while state.global_step < run.total:
         upcoming = run.loader.windows_from(state.position(), accumulation)
         with closing(prefetch(upcoming, run.cfg.dataloader_num_workers)) as windows:  # closing: stop the thread
@@ -476,16 +478,33 @@ Action = Callable[[Run, StepOutcome], None]
 def periodic_actions(run: Run) -> list[tuple[int, Action]]:
     """What runs every N steps (and at the last step), in this order: log, validation loss, answers to
     evaluation_inputs, checkpoint."""
-    cfg, engine = run.cfg, run.engine
+    cfg = run.cfg
     due: list[tuple[int, Action]] = [(cfg.logging_steps, log_step)]
-    if run.val_loader is not None and cfg.eval_strategy == "steps":
+    if _validates(run):
         due.append((cfg.eval_steps or cfg.logging_steps, log_eval))
-    # rank 0 alone generates, so not under fsdp2 or ZeRO-3, where every rank must join each forward
-    if cfg.evaluation_inputs and engine.comm.is_main and engine.whole_model_on_each_rank:
+    if _answers_questions(run):
         due.append((sample_every(cfg), log_samples))
     if cfg.save_strategy == "steps":
         due.append((cfg.save_steps, lambda run, _: save(run)))
     return due
+
+
+def _validates(run: Run) -> bool:
+    return run.val_loader is not None and run.cfg.eval_strategy == "steps"
+
+
+def _answers_questions(run: Run) -> bool:
+    # rank 0 alone generates, so not under fsdp2 or ZeRO-3, where every rank must join each forward
+    return bool(run.cfg.evaluation_inputs) and run.engine.comm.is_main and run.engine.whole_model_on_each_rank
+
+
+def evaluate_on_start(run: Run) -> None:
+    """eval_on_start: the validation metrics and the answers to evaluation_inputs of the untrained model, logged
+    as step 0, so every later entry has a baseline to compare with."""
+    if _validates(run):
+        log_eval(run, None)
+    if _answers_questions(run):
+        log_samples(run, None)
 
 
 def log_step(run: Run, outcome: StepOutcome) -> None:
@@ -507,7 +526,7 @@ def log_step(run: Run, outcome: StepOutcome) -> None:
     run.interval_started, run.interval_tokens, run.interval_metrics = now, 0, {}
 
 
-def log_eval(run: Run, outcome: StepOutcome) -> None:
+def log_eval(run: Run, outcome: StepOutcome | None) -> None:
     assert run.val_loader is not None
     state = run.state
     report = evaluate(run.engine, run.objective, run.val_loader)
@@ -524,7 +543,7 @@ def log_eval(run: Run, outcome: StepOutcome) -> None:
     run.observer.log(entry)
 
 
-def log_samples(run: Run, outcome: StepOutcome) -> None:
+def log_samples(run: Run, outcome: StepOutcome | None) -> None:
     """Answers to fixed questions (evaluation_inputs); uses no global RNG, so exact resume still holds."""
     cfg = run.cfg
     log_sample_generations(run.engine.unwrapped(), run.tokenizer, cfg.template, cfg.evaluation_inputs or [],
