@@ -70,16 +70,16 @@ def convert_file(src: Path, to: str, out: Path) -> tuple[int, int]:
         raise DataError(f"--out {out} is a folder; give the file to write, such as {out / ('rows' + out.suffix)}")
     if not out.is_file():  # an earlier output may be replaced; anything else must be creatable
         check_output_folder("--out", out, DataError)
-    (report,) = inspect_source(DatasetSource(src.name, [src], None))
+    (report,) = inspect_source(DatasetSource(src.name, [src], None), "sft")
     if report.problems:
         listed = "\n".join(f"  {where}: {problem}" for where, problem in report.problems)
         raise DataError(f"{src}: {len(report.problems)} malformed rows, nothing converted:\n{listed}")
-    if not report.conversations:
+    if not report.examples:
         raise DataError(f"{src} holds no rows")
     extra = sum(
         1 for _, row, _ in _read_rows(src) if isinstance(row, dict) and set(row) - _CONVERSATION_COLUMNS
     )
-    rows = [WRITERS[to](conv) for conv in report.conversations]
+    rows = [WRITERS[to](conv) for conv in report.examples]
     if out.suffix.lower() == ".jsonl":
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     else:

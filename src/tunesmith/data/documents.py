@@ -98,7 +98,7 @@ def _special(tokenizer: Any) -> tuple[list[int], list[int]]:
     return bos, [tokenizer.eos_token_id]
 
 
-def _documents_tokens(docs: Iterable[Document], tokenizer: Any, batch: int) -> Iterator[list[int]]:
+def tokenize_documents(docs: Iterable[Document], tokenizer: Any, batch: int) -> Iterator[list[int]]:
     bos, eos = _special(tokenizer)
     it = iter(docs)
     while chunk := list(islice(it, batch)):
@@ -136,7 +136,7 @@ def encode_documents(docs: Iterable[Document], tokenizer: Any, data: DataArgs) -
             lengths.append(len(ids))
             yield ids
 
-    tokens = counted(_documents_tokens(docs, tokenizer, data.preprocessing_batch_size or _BATCH))
+    tokens = counted(tokenize_documents(docs, tokenizer, data.preprocessing_batch_size or _BATCH))
     cut = _pieces if data.packing or data.neat_packing else _blocks
     samples = [Encoded(TokenIds(ids), TokenIds(ids)) for ids in cut(tokens, data.cutoff_len)]
     split = sum(1 for n in lengths if n > data.cutoff_len)

@@ -42,6 +42,7 @@ from tunesmith.data.formats import (
     row_to_conversation,
 )
 from tunesmith.data.loader import Batch, collate
+from tunesmith.data.segments import EncodedTurns
 from tunesmith.data.sources import BadRows, DatasetSource, iter_examples, read_mixed
 from tunesmith.data.templates import Template
 from tunesmith.errors import DataError
@@ -106,6 +107,16 @@ def read_feedback(cfg: Config, bad: BadRows) -> Iterator[Feedback]:
     return read_mixed(cfg, bad, reader, "feedback examples")
 
 
+def fit_feedback(turns: EncodedTurns, cutoff_len: int) -> tuple[tuple[list[int], list[int]] | None, bool]:
+    """(prompt, completion) within cutoff_len, fitted as one SFT exchange is (None when the prompt alone leaves
+    no room for a completion token), and whether it was truncated."""
+    prompt, completion = prompt_and_last_reply(turns)
+    if len(prompt) + len(completion) <= cutoff_len:
+        return (prompt, completion), False
+    tail = turns.tail_lens[-1] if turns.tail_lens else 0
+    return shorten_exchange(prompt, completion, tail, cutoff_len), True
+
+
 def encode_feedback(
     items: Iterable[Feedback], tokenizer: Any, template: Template, data: DataArgs
 ) -> tuple[list[FeedbackSample], EncodeReport]:
@@ -121,16 +132,12 @@ def encode_feedback(
                     raise turns
                 bad += 1
                 continue
-            prompt, completion = prompt_and_last_reply(turns)
-            if len(prompt) + len(completion) > data.cutoff_len:
-                tail = turns.tail_lens[-1] if turns.tail_lens else 0
-                fitted = shorten_exchange(prompt, completion, tail, data.cutoff_len)
-                if fitted is None:
-                    dropped += 1
-                    continue
-                truncated += 1
-                prompt, completion = fitted
-            kept.append((prompt, completion, item.desirable))
+            fitted, was_truncated = fit_feedback(turns, data.cutoff_len)
+            if fitted is None:
+                dropped += 1
+                continue
+            truncated += was_truncated
+            kept.append((*fitted, item.desirable))
     samples = [
         FeedbackSample(TokenIds(prompt), TokenIds(completion),
                        TokenIds(kept[i - 1][1][: max(data.cutoff_len - len(prompt), 1)]), desirable)

@@ -1,6 +1,7 @@
 """`tunesmith data inspect CONFIG|FILE`: what is in a dataset before any training is spent on it.
 
-Per file: rows, the detected format, and *every* malformed row with its location (``file:line N`` for JSON lines
+Per file: rows (read as the config stage's examples: conversations, preference pairs, feedback or raw-text
+documents, see :mod:`.inspect_stages`), the detected format, and *every* malformed row with its location (``file:line N`` for JSON lines
 and pretty-printed JSON lists, ``row N`` for CSV / parquet) — preprocessing stops at the first one, inspect lists
 them all. With a tokenizer (the config's model, or ``--model`` for a bare file): token-length percentiles of the
 untruncated samples, a histogram PNG, how many samples ``cutoff_len`` truncates or drops, and the packing
@@ -19,7 +20,15 @@ from tunesmith.config import Config
 from tunesmith.config.load import check_output_folder
 from tunesmith.config.schema import DataArgs
 from tunesmith.data.conversation import Conversation
-from tunesmith.data.formats import FormatSpec, RowError, detect_format, row_to_conversation
+from tunesmith.data.formats import FormatSpec, RowError
+from tunesmith.data.inspect_stages import (
+    CONVERSATIONS,
+    DOCUMENTS,
+    RowKind,
+    length_lines,
+    row_kind,
+    stage_lengths,
+)
 from tunesmith.data.sources import DatasetSource, _read_rows, _read_text, read_dataset_info, resolve_source
 from tunesmith.errors import DataError
 
@@ -32,7 +41,8 @@ class FileReport:
     rows: int = 0
     formatting: str | None = None
     problems: list[tuple[str, str]] = field(default_factory=list)  # (location, problem)
-    conversations: list[Conversation] = field(default_factory=list)
+    examples: list[Any] = field(default_factory=list)  # conversations, pairs, feedback or documents
+    kind: RowKind = CONVERSATIONS
 
 
 def json_list_lines(text: str) -> list[int]:
@@ -52,30 +62,39 @@ def json_list_lines(text: str) -> list[int]:
         _, at = decoder.raw_decode(text, at)
 
 
-def inspect_source(source: DatasetSource) -> list[FileReport]:
+def _json_list_lines_of(path: Path) -> list[int] | None:
+    """Where each row of a pretty-printed .json list starts, or None (another file type, or not parseable)."""
+    if path.suffix.lower() != ".json":
+        return None
+    text = _read_text(path)  # not UTF-8, unreadable: one DataError naming the file
+    if not text.lstrip().startswith("["):
+        return None
+    try:
+        return json_list_lines(text)
+    except (ValueError, RecursionError):
+        return None  # _read_rows reports the syntax error with its line
+
+
+def inspect_source(source: DatasetSource, stage: str | None = None) -> list[FileReport]:
+    """Every row of the source's files read as the stage's examples (see :func:`row_kind`)."""
     reports = []
     for path in source.files:
-        report = FileReport(path)
+        report = FileReport(path, kind=row_kind(stage, source.spec))
         spec: FormatSpec | None = source.spec
-        lines: list[int] | None = None
-        if path.suffix.lower() == ".json":
-            text = _read_text(path)  # not UTF-8, unreadable: one DataError naming the file
-            if text.lstrip().startswith("["):
-                try:
-                    lines = json_list_lines(text)
-                except (ValueError, RecursionError):
-                    lines = None  # _read_rows reports the syntax error with its line
+        lines = _json_list_lines_of(path)
         for index, (where, row, problem) in enumerate(_read_rows(path)):
             report.rows += 1
             if lines is not None and index < len(lines):
                 where = f"{path}:line {lines[index]} (row {index + 1})"
             if problem is None and spec is None:
-                spec = detect_format(row)
+                if stage is None:  # a bare file: its first row says what it holds
+                    report.kind = row_kind(None, None, row)
+                spec = report.kind.detect(row)
                 if spec is None:
-                    problem = "cannot tell the format (alpaca, sharegpt or openai) from this row's keys"
+                    problem = f"cannot tell the format of these {report.kind.noun} from this row's keys"
             if problem is None and spec is not None:
                 try:
-                    report.conversations.append(row_to_conversation(row, spec, where))
+                    report.examples.append(report.kind.convert(row, spec, where))
                 except RowError as err:
                     problem = str(err)
             if problem is not None:
@@ -164,28 +183,41 @@ def plot_histogram(lengths: list[int], cutoff_len: int, out: Path) -> Path:
 def inspect(target: str, cfg: Config | None, tokenizer: Any | None, plot: Path | None) -> tuple[str, int]:
     """The printed report and the number of malformed rows found."""
     out: list[str] = []
-    convs: list[Conversation] = []
+    examples: list[Any] = []
+    kind = CONVERSATIONS
     bad = 0
+    stage = cfg.stage if cfg is not None and Path(target).suffix.lower() in (".yaml", ".yml") else None
     for source in sources_for(target, cfg):
-        for report in inspect_source(source):
-            convs += report.conversations
+        for report in inspect_source(source, stage):
+            examples += report.examples
+            kind = report.kind
             bad += len(report.problems)
+            holds = "" if report.kind is CONVERSATIONS else f" ({report.kind.noun})"
+            formatting = report.formatting or "unknown"
+            if report.kind is DOCUMENTS and formatting == "alpaca":
+                formatting = "raw text"  # a text column, or the lines of a .txt file
             out.append(
-                f"{report.path}: {report.rows} rows, format {report.formatting or 'unknown'}, "
+                f"{report.path}: {report.rows} rows, format {formatting}{holds}, "
                 f"{len(report.problems)} malformed"
             )
             out += [f"  {where}: {problem}" for where, problem in report.problems]
     if tokenizer is None or cfg is None:
         out.append("token stats skipped: give a config, or --model for a bare file, to count tokens")
         return "\n".join(out), bad
-    if not convs:
-        out.append("no valid conversations: nothing to count")
+    if not examples:
+        out.append(f"no valid {kind.noun}: nothing to count")
         return "\n".join(out), bad
     if plot is not None and plot.is_dir():  # checked before counting: where the histogram goes must work
         raise DataError(f"--plot {plot} is a folder; give the PNG file to write, such as {plot / 'token_lengths.png'}")
     if plot is not None and not plot.is_file():  # an earlier histogram may be replaced
         check_output_folder("--plot", plot, DataError)
-    stats = token_stats(convs, tokenizer, cfg)
+    if kind is not CONVERSATIONS:
+        lengths = stage_lengths(kind, examples, tokenizer, cfg)
+        out += length_lines(kind, lengths, cfg)
+        if plot is not None:
+            out.append(f"histogram: {plot_histogram(lengths.lengths, cfg.cutoff_len, plot)}")
+        return "\n".join(out), bad + len(lengths.long_prompts)
+    stats = token_stats(examples, tokenizer, cfg)
     p = stats["percentiles"]
     out.append(
         f"tokens per sample (template {cfg.template}, before truncation): p50={p['p50']} p90={p['p90']} "

@@ -42,9 +42,29 @@ def preview(cfg: Config, tokenizer: Any, show: int = 2, color: bool | None = Non
         print(prepared.report.format())
     print(f"train samples: {count}, validation samples: {len(prepared.val)}, template: {prepared.template.name}")
     for index, sample in enumerate(train):
-        targets = sum(label != -100 for label in sample.labels)
-        print(
-            f"\n--- sample {index}: {len(sample.input_ids)} tokens, {targets} targets ([[...]] are trained) ---"
-        )
-        print(render_sample(tokenizer, sample.input_ids, sample.labels, color=color))
+        print(render_example(tokenizer, index, sample, color))
     return 0
+
+
+def render_example(tokenizer: Any, index: int, sample: Any, color: bool) -> str:
+    """A header and the decoded sample; a preference pair shows its prompt once and both replies, a feedback
+    example its tag."""
+    from tunesmith.data.feedback import FeedbackSample
+    from tunesmith.data.pairs import PairSample
+
+    if isinstance(sample, PairSample):
+        (chosen_ids, chosen_labels), (rejected_ids, rejected_labels) = sample.rows()
+        cut = len(sample.prompt)
+        return "\n".join([
+            f"\n--- pair {index}: prompt {cut} tokens, chosen {len(sample.chosen)}, rejected "
+            f"{len(sample.rejected)} ([[...]] are trained) ---",
+            tokenizer.decode(list(sample.prompt), skip_special_tokens=False),
+            "chosen:   " + render_sample(tokenizer, chosen_ids[cut:], chosen_labels[cut:], color=color),
+            "rejected: " + render_sample(tokenizer, rejected_ids[cut:], rejected_labels[cut:], color=color),
+        ])
+    targets = sum(label != -100 for label in sample.labels)
+    tag = ""
+    if isinstance(sample, FeedbackSample):
+        tag = f", kto_tag {'true (desirable)' if sample.desirable else 'false (undesirable)'}"
+    header = f"\n--- sample {index}: {len(sample.input_ids)} tokens, {targets} targets{tag} ([[...]] are trained) ---"
+    return header + "\n" + render_sample(tokenizer, list(sample.input_ids), list(sample.labels), color=color)
