@@ -121,3 +121,23 @@ def test_4bit_weights_carry_their_quantization_constants():
     assert single.quant_constants == pytest.approx(q * 4 / 64)  # one fp32 absmax per 64 weights
     assert double.quant_constants == pytest.approx(q / 64 + q * 4 / (64 * 256))  # 8-bit absmax + fp32 per 256
     assert single.weights - double.weights == pytest.approx(single.quant_constants - double.quant_constants)
+
+
+@pytest.mark.parametrize("stage, finetuning_type, pref_loss, rows, copy", [
+    ("sft", "full", "sigmoid", 1, False), ("dpo", "lora", "sigmoid", 2, False), ("dpo", "full", "sigmoid", 2, True),
+    ("dpo", "full", "simpo", 2, False), ("kto", "freeze", "sigmoid", 2, True), ("rm", "full", "sigmoid", 2, False),
+])
+def test_preference_stages_plan_two_rows_per_example_and_the_reference_copy_they_keep(
+    stage, finetuning_type, pref_loss, rows, copy
+):
+    from tunesmith.config import Config
+    from tunesmith.plan.planner import setup_from_config
+
+    arch = lookup_builtin("Qwen/Qwen2.5-1.5B-Instruct")
+    cfg = Config(model_name_or_path="x", stage=stage, finetuning_type=finetuning_type, pref_loss=pref_loss)
+    setup = setup_from_config(cfg, arch, 1, 1, "cuda")
+    assert (setup.rows_per_example, setup.reference_copy) == (rows, copy)
+    alone = estimate(setup.with_changes(rows_per_example=1, reference_copy=False))
+    planned = estimate(setup)
+    assert planned.activations == pytest.approx(rows * alone.activations)
+    assert planned.weights - alone.weights == pytest.approx(4.0 * arch.total_params if copy else 0.0)

@@ -32,7 +32,15 @@ SEED_MODELS = {
     "internlm2_20b_qlora_zero2": "internlm/internlm2-chat-20b",
     "qwen2_5_1_5b_lora_identity": "Qwen/Qwen2.5-1.5B-Instruct",  # guide 004
 }
-CPU_RECIPES = ("smollm2_lora_identity_cpu", "smollm2_full_alpaca_cpu", "smollm2_qlora_alpaca_cpu")
+# The other stages, sized for the seed guides' models (and trained on the packaged identity pairs / feedback)
+STAGE_VARIANTS = {
+    "qwen2_5_1_5b_lora_dpo": "Qwen/Qwen2.5-1.5B-Instruct",
+    "qwen2_5_1_5b_lora_kto": "Qwen/Qwen2.5-1.5B-Instruct",
+    "qwen2_5_1_5b_lora_reward": "Qwen/Qwen2.5-1.5B-Instruct",
+    "qwen7b_chat_lora_dpo": "Qwen/Qwen-7B-Chat",
+}
+CPU_RECIPES = ("smollm2_lora_identity_cpu", "smollm2_full_alpaca_cpu", "smollm2_qlora_alpaca_cpu",
+               "smollm2_lora_dpo_identity_cpu", "smollm2_lora_pretrain_cpu")
 
 # What each guide (or the config file it uses) states, as tunesmith values. A recipe edit that drifts from its
 # guide fails here.
@@ -90,7 +98,8 @@ def _config(name: str, overrides: list[str] | None = None):
 
 
 def test_the_catalog_holds_every_seed_setup_and_the_cpu_recipes():
-    assert set(SEED_MODELS) | set(CPU_RECIPES) == set(NAMES)
+    assert set(SEED_MODELS) | set(STAGE_VARIANTS) | set(CPU_RECIPES) == set(NAMES)
+    assert {get_recipe(name).values.get("stage", "sft") for name in NAMES} == {"sft", "pt", "dpo", "kto", "rm"}
     guides = {get_recipe(name).guide_number for name in SEED_MODELS}
     assert guides == {"000", "001", "002", "003", "004"}
 
@@ -110,8 +119,8 @@ def test_recipe_header_names_guide_hardware_launch_and_what_to_edit(name):
     assert recipe.title and recipe.edit
     assert isinstance(recipe.hardware, Hardware)
     assert f"{name}.yaml" in recipe.launch and recipe.launch.startswith("tunesmith ")
-    if name in SEED_MODELS:
-        assert recipe.values["model_name_or_path"] == SEED_MODELS[name]
+    if name in SEED_MODELS or name in STAGE_VARIANTS:
+        assert recipe.values["model_name_or_path"] == {**SEED_MODELS, **STAGE_VARIANTS}[name]
         assert "never downloads" in recipe.text.split("###")[0]  # said in the header comment
         assert "model_name_or_path" in recipe.edit
     else:

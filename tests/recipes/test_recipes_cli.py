@@ -159,3 +159,25 @@ def test_smollm2_lora_cpu_recipe_trains(tmp_path):
     assert (out / "adapter_model.safetensors").is_file() and (out / "checkpoint-2").is_dir()
     resolved = (out / "config.yaml").read_text()
     assert str(packaged_identity_dir()) in resolved and "Tuney" in resolved
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, logged", [
+    ("smollm2_lora_dpo_identity_cpu", "rewards/accuracies"),
+    ("smollm2_lora_pretrain_cpu", "eval_perplexity"),
+])
+def test_smollm2_stage_recipes_train_on_the_packaged_data(tmp_path, name, logged):
+    copy = tmp_path / "recipe.yaml"
+    cli = [sys.executable, "-m", "tunesmith.cli"]
+    subprocess.run([*cli, "recipes", "copy", name, str(copy)], check=True, timeout=120)
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [*cli, "train", str(copy), "max_steps=2", "per_device_train_batch_size=2", "save_steps=2", "eval_steps=2",
+         "logging_steps=1", "plot_loss=false", f"output_dir={out}"],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert any(logged in entry for entry in log), log
+    assert all(math.isfinite(entry["loss"]) for entry in log if "loss" in entry)
+    assert (out / "adapter_model.safetensors").is_file()

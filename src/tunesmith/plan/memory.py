@@ -78,6 +78,8 @@ class Setup:
     overlap_comm: bool = False
     max_live_params: float = 1e9  # ZeRO-3: stage3_max_live_parameters
     micro_batch: int = 1
+    rows_per_example: int = 1  # dpo / rm / kto: a pair (or an example and its KL completion) is two rows
+    reference_copy: bool = False  # dpo / kto without LoRA: a frozen copy of the initial weights
     seq_len: int = 2048
     accumulation: int = 1
     grad_ckpt: bool = False
@@ -200,6 +202,9 @@ def estimate(s: Setup) -> Breakdown:
         _deepspeed_states(s, b, b.trainable, half, max(s.world_size, 1))
     else:
         _torch_states(s, b, half)
+    if s.reference_copy:  # copied before the engine wraps the policy: whole on every rank, float32
+        b.weights += s.arch.total_params * 4.0
+        b.notes.append("the reference model is a frozen float32 copy of the weights (LoRA would need none)")
     _activations(s, b)
     cpu_runtime = CPU_RUNTIME_BASE + CPU_RUNTIME_PER_VOCAB * s.arch.vocab_size
     if s.deepspeed:
@@ -243,7 +248,7 @@ def _torch_states(s: Setup, b: Breakdown, half: int) -> None:
 
 def _activations(s: Setup, b: Breakdown) -> None:
     """Activations of a micro-batch, the logits and their loss, and the gradients alive at that peak."""
-    a, tokens = s.arch, s.micro_batch * s.seq_len
+    a, tokens = s.arch, s.micro_batch * s.rows_per_example * s.seq_len
     full_layer = per_layer_activation_bytes(s) * tokens
     if s.grad_ckpt:
         residual = 2 if (s.deepspeed and s.mixed) else 4

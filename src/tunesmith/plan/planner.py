@@ -85,6 +85,8 @@ def setup_from_config(cfg: Config, arch: ArchFacts, world_size: int, ranks_per_n
         freeze_layers=cfg.freeze_trainable_layers,
         engine=engine,
         micro_batch=cfg.per_device_train_batch_size,
+        rows_per_example=2 if cfg.stage in ("dpo", "rm", "kto") else 1,
+        reference_copy=_keeps_reference_copy(cfg),
         seq_len=cfg.cutoff_len,
         accumulation=cfg.gradient_accumulation_steps,
         grad_ckpt=cfg.gradient_checkpointing,
@@ -94,6 +96,12 @@ def setup_from_config(cfg: Config, arch: ArchFacts, world_size: int, ranks_per_n
         ranks_per_node=ranks_per_node,
         **extra,
     )
+
+
+def _keeps_reference_copy(cfg: Config) -> bool:
+    """DPO and KTO compare with the initial model: a LoRA policy with its adapter off, else a frozen copy."""
+    needs_reference = cfg.stage == "kto" or (cfg.stage == "dpo" and cfg.pref_loss not in ("orpo", "simpo"))
+    return needs_reference and cfg.finetuning_type != "lora"
 
 
 # ------------------------------------------------------------------------------------------- suggestions

@@ -127,7 +127,9 @@ class Recipe:
         values = self.values
         kind = values.get("finetuning_type", "lora")
         bits = values.get("quantization_bit")
-        return f"qlora {bits}-bit" if bits else kind
+        method = f"qlora {bits}-bit" if bits else kind
+        stage = values.get("stage", "sft")
+        return method if stage == "sft" else f"{method} {stage}"
 
     @property
     def engine(self) -> str:
