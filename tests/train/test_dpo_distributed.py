@@ -1,6 +1,7 @@
 """stage: dpo across ranks and restarts, with real torchrun processes on CPU (gloo) and the tiny model: 2 ranks give
 the losses of 1 rank with the same global batch on ddp, fsdp2 and DeepSpeed ZeRO-2 / ZeRO-3 (the LoRA reference,
-the adapter switched off, runs through each engine's forward), and a DPO run killed with SIGKILL and re-run ends
+the adapter switched off, runs through each engine's forward; precomputed once before training, it is spread over
+the ranks and gathered), and a DPO run killed with SIGKILL and re-run ends
 as an uninterrupted one. Tolerances as in test_distributed.py."""
 
 from __future__ import annotations
@@ -52,11 +53,14 @@ def _one_rank(root: Path, config: str, method: str) -> Path:
 @pytest.mark.parametrize("engine, method", [
     (["engine=ddp"], "lora"), (["engine=ddp"], "full"), (["engine=fsdp2"], "lora"),
     (["deepspeed=ds_z2"], "lora"), (["deepspeed=ds_z3"], "lora"),
-], ids=["ddp-lora", "ddp-full", "fsdp2-lora", "zero2-lora", "zero3-lora"])
+    (["engine=fsdp2", "precompute_ref_log_probs=true"], "lora"),
+    (["engine=ddp", "precompute_ref_log_probs=true"], "full"),
+], ids=["ddp-lora", "ddp-full", "fsdp2-lora", "zero2-lora", "zero3-lora", "fsdp2-lora-precomputed",
+        "ddp-full-precomputed"])
 def test_two_ranks_match_one_rank_for_dpo(workdir, engine, method):
     root, config = workdir
     reference = _one_rank(root, config, method)
-    out = root / f"two-{engine[0].split('=')[1]}-{method}"
+    out = root / f"two-{'-'.join(arg.split('=')[1] for arg in engine)}-{method}"
     result = tunesmith_train(config, "--nproc-per-node", "2", *engine, f"output_dir={out}", *METHODS[method],
                              cwd=root, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -76,6 +76,20 @@ class MethodArgs(_Section):
     kto_chosen_weight: float = Field(1.0, gt=0.0, description="kto: weight of the desirable examples' losses.")
     kto_rejected_weight: float = Field(1.0, gt=0.0, description="kto: weight of the undesirable examples' losses.")
     simpo_gamma: float = Field(0.5, description="dpo with pref_loss simpo: the target reward margin gamma.")
+    ref_model: str | None = Field(
+        None,
+        description="dpo / kto: the reference model (a folder, .gguf or alias). Unset: the policy with its LoRA "
+        "adapter switched off, or a frozen copy of the initial weights for full / freeze.",
+    )
+    precompute_ref_log_probs: bool = Field(
+        False,
+        description="dpo / kto: compute the reference log-probs of every example once before the first step; "
+        "then no step runs the reference, and a frozen reference copy (full / freeze) is freed.",
+    )
+    ref_model_adapters: str | None = Field(
+        None, description="dpo / kto: a LoRA adapter merged into ref_model (or into the base model when ref_model "
+        "is unset), such as the SFT adapter the policy starts from."
+    )
     dpo_label_smoothing: float = Field(
         0.0, ge=0.0, le=0.5, description="dpo with pref_loss sigmoid: label smoothing (conservative DPO), 0 to 0.5."
     )
@@ -432,8 +446,8 @@ NOT_SUPPORTED_YET: frozenset[str] = frozenset(
     new_special_tokens resize_vocab shift_attn rope_scaling use_unsloth enable_liger_kernel
     do_eval optim neftune_noise_alpha use_galore use_badam
     use_apollo upcast_layernorm torch_compile export_quantization_bit export_hub_model_id push_to_hub
-    hub_model_id reward_model booster ref_model ref_model_adapters
-    precompute_ref_log_probs ld_alpha infer_backend vllm_maxlen ddp_find_unused_parameters
+    hub_model_id reward_model booster
+    ld_alpha infer_backend vllm_maxlen ddp_find_unused_parameters
     freeze_vision_tower image_max_pixels video_max_pixels media_dir lr_scheduler_kwargs
     moe_aux_loss_coef disable_gradient_checkpointing max_source_length max_target_length
     """.split()
@@ -473,6 +487,12 @@ class Config(ModelArgs, MethodArgs, DataArgs, TrainArgs, EvalArgs, ExportArgs):
             raise ValueError(
                 f"packing is not supported with stage: {self.stage} (each example is one sample); set packing: false"
             )
+        if self.ref_model or self.ref_model_adapters:
+            key = "ref_model" if self.ref_model else "ref_model_adapters"
+            if self.stage not in ("dpo", "kto"):
+                raise ValueError(f"{key} is for stage: dpo and kto, which compare with a reference model; remove it")
+            if self.stage == "dpo" and self.pref_loss in ("orpo", "simpo"):
+                raise ValueError(f"{key} is set but pref_loss: {self.pref_loss} needs no reference model; remove it")
         if self.save_only_model:
             raise ValueError(
                 "not supported yet: save_only_model: true (checkpoints keep the optimizer state that an exact "

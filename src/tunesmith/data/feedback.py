@@ -42,6 +42,7 @@ from tunesmith.data.formats import (
     row_to_conversation,
 )
 from tunesmith.data.loader import Batch, collate
+from tunesmith.data.pairs import stacked_reference
 from tunesmith.data.segments import EncodedTurns
 from tunesmith.data.sources import BadRows, DatasetSource, iter_examples, read_mixed
 from tunesmith.data.templates import Template
@@ -67,6 +68,8 @@ class FeedbackSample:
     completion: TokenIds
     kl_completion: TokenIds
     desirable: bool
+    # the reference's log-probs of completion and kl_completion, when precomputed (precompute_ref_log_probs)
+    reference: tuple[float, float] | None = None
 
     @property
     def input_ids(self) -> TokenIds:
@@ -158,7 +161,8 @@ class TaggedBatch(Batch):
     def to(self, device: torch.device | str) -> TaggedBatch:
         moved = super().to(device)
         tags = None if self.desirable is None else self.desirable.to(device)
-        return TaggedBatch(moved.input_ids, moved.labels, moved.attention_mask, moved.position_ids, tags)
+        return TaggedBatch(moved.input_ids, moved.labels, moved.attention_mask, moved.position_ids,
+                           moved.reference_logps, tags)
 
 
 @dataclass(frozen=True)
@@ -170,7 +174,8 @@ class FeedbackCollator:
         batch = collate([Encoded(TokenIds([*p, *c]), TokenIds([IGNORE_INDEX] * len(p) + [*c])) for p, c in rows],
                         self.pad_token_id)
         tags = torch.tensor([s.desirable for s in samples], dtype=torch.bool)
-        return TaggedBatch(batch.input_ids, batch.labels, batch.attention_mask, None, tags)
+        return TaggedBatch(batch.input_ids, batch.labels, batch.attention_mask, None,
+                           stacked_reference(samples), tags)
 
     def masked(self, sample: FeedbackSample) -> TaggedBatch:
         batch = self.collate([sample])

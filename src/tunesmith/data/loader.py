@@ -80,6 +80,9 @@ class Batch:
     labels: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor | None = None
+    # per row, the reference model's summed log-prob of its targets, when computed before training
+    # (precompute_ref_log_probs); None: the objective asks the reference model
+    reference_logps: torch.Tensor | None = None
 
     @property
     def num_targets(self) -> int:
@@ -105,7 +108,8 @@ class Batch:
             return None if t is None else t.to(device, non_blocking=True)
 
         return Batch(
-            move(self.input_ids), move(self.labels), move(self.attention_mask), move(self.position_ids)
+            move(self.input_ids), move(self.labels), move(self.attention_mask), move(self.position_ids),
+            move(self.reference_logps),
         )
 
 

@@ -69,6 +69,8 @@ class PairSample:
     prompt: TokenIds
     chosen: TokenIds
     rejected: TokenIds
+    # the reference's log-probs of chosen and rejected, when precomputed (precompute_ref_log_probs)
+    reference: tuple[float, float] | None = None
 
     @property
     def input_ids(self) -> TokenIds:
@@ -207,11 +209,22 @@ class PairCollator:
 
     def collate(self, samples: Sequence[PairSample]) -> Batch:
         rows = [sample.rows()[side] for side in (0, 1) for sample in samples]
-        return collate([Encoded(ids, labels) for ids, labels in rows], self.pad_token_id)
+        batch = collate([Encoded(ids, labels) for ids, labels in rows], self.pad_token_id)
+        batch.reference_logps = stacked_reference(samples)
+        return batch
 
     def masked(self, sample: PairSample) -> Batch:
         batch = self.collate([sample])
-        return Batch(batch.input_ids, torch.full_like(batch.labels, IGNORE_INDEX), batch.attention_mask)
+        return Batch(batch.input_ids, torch.full_like(batch.labels, IGNORE_INDEX), batch.attention_mask,
+                     reference_logps=batch.reference_logps)
+
+
+def stacked_reference(samples: Sequence[PairSample] | Sequence[Any]) -> torch.Tensor | None:
+    """The precomputed reference log-probs of B two-row samples in row order (every first row, then every
+    second), or None unless every sample has them."""
+    if not samples or any(sample.reference is None for sample in samples):
+        return None
+    return torch.tensor([sample.reference[side] for side in (0, 1) for sample in samples], dtype=torch.float32)
 
 
 def pairs_with_targets(batch: Batch) -> torch.Tensor:

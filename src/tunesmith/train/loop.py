@@ -47,6 +47,7 @@ from tunesmith.train.engines import Engine, create_engine
 from tunesmith.train.objectives import Objective, create_objective, token_loss_sum
 from tunesmith.train.observe import RunObserver, plot_loss, write_run_info
 from tunesmith.train.optim import build_scheduler, total_steps
+from tunesmith.train.precompute import precompute
 from tunesmith.train.samples import log_sample_generations, sample_every
 from tunesmith.train.state import TrainState, run_signature
 
@@ -248,11 +249,14 @@ def setup(
     resume_path = _setup_inputs(cfg, train_data, val_data, engine.comm, resume_from)
     model = objective.prepare_model(model)
     _setup_model(model, cfg.gradient_checkpointing)
-    loader, val_loader = _setup_loaders(cfg, objective.collator(pad_token_id(tokenizer)), train_data, val_data,
-                                        engine.comm)
+    collator = objective.collator(pad_token_id(tokenizer))
+    loader, val_loader = _setup_loaders(cfg, collator, train_data, val_data, engine.comm)
     total = total_steps(cfg, loader.rounds_per_epoch)
     engine.setup(model, cfg, total)
     engine.model.train()
+    if objective.precomputes:  # with the initial weights: before a checkpoint is loaded
+        precompute(engine, EngineCall(engine), objective, [*train_data, *val_data], collator,
+                   cfg.per_device_eval_batch_size)
     scheduler = build_scheduler(engine.optimizer, cfg, total)
     state = _setup_state(cfg, engine, loader, scheduler, resume_path, total)
     tensorboard_dir = Path(cfg.logging_dir or Path(cfg.output_dir) / "runs") if cfg.use_tensorboard else None

@@ -10,7 +10,7 @@ import torch
 
 from tunesmith.config import Config
 from tunesmith.data.loader import pad_token_id
-from tunesmith.model.adapt import apply_finetuning
+from tunesmith.model.adapt import apply_finetuning, load_adapter
 from tunesmith.model.load import (
     RewardHead,
     attention_implementation,
@@ -43,11 +43,28 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> TrainResult:
     seed_everything(cfg.seed)
     tokenizer = _load_tokenizer(cfg)
     data = prepare_datasets_once(cfg, tokenizer)
-    objective = create_objective(cfg)
+    objective = create_objective(cfg, lambda: _load_reference(cfg, engine, attention))
     head = RewardHead(pad_token_id(tokenizer), cfg.seed) if objective.model_head == "reward" else None
     model = apply_finetuning(_load_model(cfg, engine, attention, head), cfg)
     return fit(cfg, model, tokenizer, data.train, data.val, engine=engine, objective=objective,
                resume_from=resume_from, callbacks=callbacks)
+
+
+def _load_reference(cfg: Config, engine: Engine, attention: str | None) -> torch.nn.Module:
+    """ref_model (default: the base model), with ref_model_adapters merged into it; never quantized."""
+    with main_process_first("loading the reference model"):
+        model = load_model(
+            cfg.ref_model or cfg.model_name_or_path,
+            dtype=engine.load_dtype(cfg),
+            cache_dir=cfg.cache_dir,
+            trust_remote_code=cfg.trust_remote_code,
+            allow_pickle=cfg.allow_pickle,
+            device=engine.load_device(quantized=False),
+            attn_implementation=attention,
+        )
+    if cfg.ref_model_adapters:
+        model = load_adapter(model, cfg.ref_model_adapters, allow_pickle=cfg.allow_pickle).merge_and_unload()
+    return model
 
 
 def _load_tokenizer(cfg: Config) -> Any:

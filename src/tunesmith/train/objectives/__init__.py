@@ -7,11 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+
 from tunesmith.config import Config
 from tunesmith.train.objectives.base import LossParts, ModelCall, Objective
 from tunesmith.train.objectives.dpo import DPOObjective
 from tunesmith.train.objectives.kto import KTOObjective
 from tunesmith.train.objectives.pt import PretrainObjective
+from tunesmith.train.objectives.reference import Reference
 from tunesmith.train.objectives.rm import RewardObjective
 from tunesmith.train.objectives.sft import SFTObjective, token_loss_sum
 
@@ -28,16 +31,21 @@ __all__ = [
     "token_loss_sum",
 ]
 
-_OBJECTIVES: dict[str, Callable[[Config], Objective]] = {
-    "sft": lambda cfg: SFTObjective(varlen=cfg.flash_attn == "fa2"),
-    "pt": lambda cfg: PretrainObjective(varlen=cfg.flash_attn == "fa2"),
-    "dpo": lambda cfg: DPOObjective(cfg.pref_loss, cfg.pref_beta, cfg.pref_ftx, cfg.simpo_gamma,
-                                    cfg.dpo_label_smoothing),
-    "rm": lambda cfg: RewardObjective(),
-    "kto": lambda cfg: KTOObjective(cfg.pref_beta, cfg.kto_chosen_weight, cfg.kto_rejected_weight, cfg.pref_ftx),
+Loader = Callable[[], torch.nn.Module]
+
+_OBJECTIVES: dict[str, Callable[[Config, Reference], Objective]] = {
+    "sft": lambda cfg, _: SFTObjective(varlen=cfg.flash_attn == "fa2"),
+    "pt": lambda cfg, _: PretrainObjective(varlen=cfg.flash_attn == "fa2"),
+    "dpo": lambda cfg, reference: DPOObjective(cfg.pref_loss, cfg.pref_beta, cfg.pref_ftx, cfg.simpo_gamma,
+                                               cfg.dpo_label_smoothing, reference, cfg.precompute_ref_log_probs),
+    "rm": lambda cfg, _: RewardObjective(),
+    "kto": lambda cfg, reference: KTOObjective(cfg.pref_beta, cfg.kto_chosen_weight, cfg.kto_rejected_weight,
+                                               cfg.pref_ftx, reference, cfg.precompute_ref_log_probs),
 }
 
 
-def create_objective(cfg: Config) -> Objective:
-    """The objective of ``cfg.stage``."""
-    return _OBJECTIVES[cfg.stage](cfg)
+def create_objective(cfg: Config, load_reference: Loader | None = None) -> Objective:
+    """The objective of ``cfg.stage``; ``load_reference`` loads ref_model / ref_model_adapters when they are set
+    (otherwise the reference is the policy itself, see :mod:`.reference`)."""
+    wanted = cfg.ref_model or cfg.ref_model_adapters
+    return _OBJECTIVES[cfg.stage](cfg, Reference(load_reference if wanted else None))

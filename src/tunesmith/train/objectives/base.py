@@ -11,11 +11,14 @@ The loop knows stages only through :class:`Objective`, as it knows engines only 
   gradient is that of one big batch however the units are spread over micro-batches and ranks;
 * the metrics it logs (summed over units like the loss, reported as means);
 * what it needs besides the policy (``prepare_model``: a value head, a reference) and how it reports
-  evaluation (``eval_metrics``).
+  evaluation (``eval_metrics``);
+* what it computes once per sample before training (``precompute`` / ``store_precomputed``, when
+  ``precomputes``: the reference log-probs of precompute_ref_log_probs); the loop spreads that over the ranks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -34,7 +37,7 @@ class ModelCall(Protocol):
     def other(self, module: torch.nn.Module, **inputs: Any) -> Any:
         """Another model (a frozen reference) under the same precision."""
 
-__all__ = ["LossParts", "ModelCall", "Objective"]
+__all__ = ["LossParts", "ModelCall", "NothingPrecomputed", "Objective"]
 
 
 @dataclass
@@ -75,4 +78,27 @@ class Objective(Protocol):
     def eval_metrics(self, loss: float, metrics: dict[str, float]) -> dict[str, float]:
         """What evaluation reports, from the mean loss and metric means over the validation set (always
         ``eval_loss`` first)."""
+
+    @property
+    def precomputes(self) -> bool:
+        """Whether :meth:`precompute` has something to compute before the first step."""
+
+    def precompute(self, model: ModelCall, batch: Batch) -> torch.Tensor:
+        """Per sample of ``batch`` (on the model's device, no gradient), the values kept for training: a
+        [samples, k] tensor."""
+
+    def store_precomputed(self, samples: Sequence[Any], values: Sequence[Sequence[float]]) -> None:
+        """Keep :meth:`precompute`'s values with their samples (the collator puts them in the batches)."""
+
+
+class NothingPrecomputed:
+    """For objectives that compute nothing before training."""
+
+    precomputes = False
+
+    def precompute(self, model: ModelCall, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} precomputes nothing")
+
+    def store_precomputed(self, samples: Sequence[Any], values: Sequence[Sequence[float]]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} precomputes nothing")
 

@@ -21,6 +21,7 @@ from tunesmith.train.objectives.base import LossParts, ModelCall
 from tunesmith.train.objectives.pairwise import PairwiseBatches
 from tunesmith.train.objectives.preference import AVERAGED, REFERENCE_FREE, preference_loss
 from tunesmith.train.objectives.reference import (
+    PrecomputedReference,
     Reference,
     sequence_logps,
     supports_logits_to_keep,
@@ -31,7 +32,7 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/
            "logps/rejected")
 
 
-class DPOObjective(PairwiseBatches):
+class DPOObjective(PrecomputedReference, PairwiseBatches):
     """``stage: dpo``; see the module docstring."""
 
     name: ClassVar[str] = "dpo"
@@ -40,10 +41,12 @@ class DPOObjective(PairwiseBatches):
     model_head: ClassVar[str] = "causal_lm"
 
     def __init__(self, loss_type: str = "sigmoid", beta: float = 0.1, ftx: float = 0.0, simpo_gamma: float = 0.5,
-                 label_smoothing: float = 0.0) -> None:
+                 label_smoothing: float = 0.0, reference: Reference | None = None,
+                 precompute_reference: bool = False) -> None:
         self.loss_type, self.beta, self.ftx = loss_type, beta, ftx
         self.simpo_gamma, self.label_smoothing = simpo_gamma, label_smoothing
-        self.reference = Reference()
+        self.reference = reference or Reference()
+        self.precompute_reference = precompute_reference
         self.trim = False  # whether the model can skip the prompt's logits (see target_inputs)
 
     @property

@@ -19,6 +19,7 @@ from tunesmith.data.feedback import FeedbackCollator, TaggedBatch
 from tunesmith.data.loader import IGNORE_INDEX, Collator
 from tunesmith.train.objectives.base import LossParts, ModelCall
 from tunesmith.train.objectives.reference import (
+    PrecomputedReference,
     Reference,
     sequence_logps,
     supports_logits_to_keep,
@@ -26,7 +27,7 @@ from tunesmith.train.objectives.reference import (
 )
 
 
-class KTOObjective:
+class KTOObjective(PrecomputedReference):
     """``stage: kto``; see the module docstring."""
 
     name: ClassVar[str] = "kto"
@@ -42,9 +43,10 @@ class KTOObjective:
     model_head: ClassVar[str] = "causal_lm"
 
     def __init__(self, beta: float = 0.1, chosen_weight: float = 1.0, rejected_weight: float = 1.0,
-                 ftx: float = 0.0) -> None:
+                 ftx: float = 0.0, reference: Reference | None = None, precompute_reference: bool = False) -> None:
         self.beta, self.chosen_weight, self.rejected_weight, self.ftx = beta, chosen_weight, rejected_weight, ftx
-        self.reference = Reference()
+        self.reference = reference or Reference()
+        self.precompute_reference = precompute_reference
         self.trim = False  # whether the model can skip the prompt's logits (see target_inputs)
 
     def collator(self, pad_token_id: int) -> Collator:

@@ -4,12 +4,15 @@
   weights, and the forward goes through the engine like any other (ddp, fsdp2 and ZeRO-3 gather what they shard).
 * Otherwise (full / freeze) a frozen copy of the model as it was before training, taken before the engine wraps
   it; on resume it is again the starting weights, since it is taken before the checkpoint is loaded.
+* With ``ref_model`` / ``ref_model_adapters``, the model the pipeline loads for it (``load``), frozen, whatever
+  the method.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -50,19 +53,24 @@ def target_inputs(batch: Batch, trim: bool) -> tuple[dict[str, Any], torch.Tenso
 class Reference:
     """The reference of one run; :meth:`attach` it to the policy before the engine wraps it."""
 
-    def __init__(self) -> None:
+    def __init__(self, load: Callable[[], torch.nn.Module] | None = None) -> None:
+        self.load = load  # ref_model / ref_model_adapters: the pipeline's loader of that model
         self.policy: torch.nn.Module | None = None  # a PEFT model: its adapter switched off is the reference
         self.frozen: torch.nn.Module | None = None  # otherwise a frozen copy of the initial weights
 
     def attach(self, model: torch.nn.Module) -> None:
-        if is_peft_model(model):
+        if self.load is not None:
+            self.frozen = self.load().eval().requires_grad_(False)
+        elif is_peft_model(model):
             self.policy = model
         else:
             self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
 
     def logps(self, model: ModelCall, batch: Batch, inputs: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
         """The reference's summed log-probability of each row's targets (no gradient); ``inputs`` and ``labels``
-        from :func:`target_inputs`."""
+        from :func:`target_inputs`. Precomputed values (``batch.reference_logps``) are used as they are."""
+        if batch.reference_logps is not None:
+            return batch.reference_logps
         with torch.no_grad():
             if self.policy is not None:
                 with self.policy.disable_adapter():  # type: ignore[operator]
@@ -74,3 +82,31 @@ class Reference:
                     self.frozen.to(device)
                 logits = model.other(self.frozen, **inputs).logits
             return sequence_logps(logits, labels)[0]
+
+
+class PrecomputedReference:
+    """precompute_ref_log_probs for objectives with a :class:`Reference` on two-row samples (a pair, or an example
+    and its mismatched completion): the reference log-probs of every sample, computed once before the first step
+    with the initial reference, go with the samples into every batch; afterwards a frozen copy is dropped (the
+    memory of a second model is the point) and no step runs the reference forward."""
+
+    reference: Reference
+    trim: bool
+    precompute_reference: bool = False
+
+    @property
+    def needs_reference(self) -> bool:
+        return True
+
+    @property
+    def precomputes(self) -> bool:
+        return self.precompute_reference and self.needs_reference
+
+    def precompute(self, model: ModelCall, batch: Batch) -> torch.Tensor:
+        inputs, labels = target_inputs(batch, self.trim)
+        return torch.stack(self.reference.logps(model, batch, inputs, labels).chunk(2), dim=1)
+
+    def store_precomputed(self, samples: Sequence[Any], values: Sequence[Sequence[float]]) -> None:
+        for sample, (first, second) in zip(samples, values, strict=True):
+            sample.reference = (float(first), float(second))
+        self.reference.frozen = None
