@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 
-EVAL_HELP = "generate answers for a dataset and score them (BLEU-4, ROUGE-1/2/L)"
+EVAL_HELP = "generate answers for a dataset and score them (BLEU-4, ROUGE-1/2/L), or score pairs with a reward model"
 EVAL_DESCRIPTION = """\
 Answer the prompts of eval_dataset (or of the validation split of dataset when val_size > 0, else of all of
 dataset) with the config's model (+ adapter_name_or_path), then write output_dir/generated_predictions.jsonl
 (prompt, predict, label) and output_dir/predict_results.json (BLEU-4, ROUGE-1/2/L, runtime).
-Generation keys: max_new_tokens, do_sample, temperature, top_p. Chinese is segmented into words (jieba)."""
+Generation keys: max_new_tokens, do_sample, temperature, top_p. Chinese is segmented into words (jieba).
+With stage: rm the model is a reward model: it scores the preference pairs instead (chosen and rejected score per
+pair in generated_predictions.jsonl; accuracy, mean scores and margin in predict_results.json)."""
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -34,6 +36,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_predict_config(cfg)
     from tunesmith.evaluate.predict import run_predict  # heavy (torch): once the config is known to be valid
 
-    results = run_predict(cfg)
+    if cfg.stage == "rm":
+        from tunesmith.evaluate.rewards import run_reward_eval
+
+        results = run_reward_eval(cfg)
+    else:
+        results = run_predict(cfg)
     print(json.dumps(results, indent=1))
     return 0

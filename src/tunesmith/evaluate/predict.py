@@ -134,6 +134,10 @@ def predict_after_training(cfg: Config) -> dict[str, float] | None:
         trained = cfg.model_copy(update={"adapter_name_or_path": str(cfg.output_dir)})
     else:
         trained = cfg.model_copy(update={"model_name_or_path": str(cfg.output_dir), "adapter_name_or_path": None})
+    if cfg.stage == "rm":
+        from tunesmith.evaluate.rewards import run_reward_eval
+
+        return run_reward_eval(trained)
     return run_predict(trained)
 
 

@@ -41,17 +41,22 @@ def export_model(
     cache_dir: str | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    reward_model: bool = False,
 ) -> Path:
     """Write base (+ merged LoRA adapter) to `out_dir`; returns it.
+
+    `reward_model` (stage: rm): the model is a …ForSequenceClassification with one output, and the adapter
+    carries the trained head; the export loads with AutoModelForSequenceClassification.
 
     `export_size_gb` is the largest shard in GB; a string with a unit ("500MB") is passed to transformers as is.
     `default_system` (the training config's) becomes the exported chat template's default system prompt, so chat
     on the merged model sees the same prompt the model was trained with.
     """
+    from tunesmith.data.loader import pad_token_id
     from tunesmith.data.templates import Template
     from tunesmith.model.adapt import load_adapter
     from tunesmith.model.generate import get_chat_template
-    from tunesmith.model.load import load_model, load_tokenizer, resolve_dtype
+    from tunesmith.model.load import RewardHead, load_model, load_tokenizer, resolve_dtype
     from tunesmith.model.resolve import resolve_model_path
 
     out = Path(out_dir).expanduser()
@@ -68,12 +73,15 @@ def export_model(
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
         device=device,
+        reward_head=RewardHead(pad_token_id(tokenizer)) if reward_model else None,
     )
     if adapter:
         model = load_adapter(model, adapter, trainable=False, allow_pickle=allow_pickle).merge_and_unload()
         logger.info("merged adapter %s into %s", adapter, base_dir)
 
-    if (template and template != "auto") or tokenizer.chat_template:
+    if reward_model:
+        stop_ids: list[int] = []  # a scorer: no generation settings
+    elif (template and template != "auto") or tokenizer.chat_template:
         chat_template = get_chat_template(template, tokenizer)
         if default_system is not None:
             if type(chat_template) is Template:  # a registry template; AutoTemplate wraps the tokenizer's jinja
@@ -86,8 +94,9 @@ def export_model(
     else:
         logger.warning("the tokenizer of %s has no chat template; the export will have none either", base_dir)
         stop_ids = [tokenizer.eos_token_id]
-    model.generation_config.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else stop_ids
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if stop_ids:
+        model.generation_config.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else stop_ids
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written beside out_dir and renamed in at the end: a crash never leaves a half export that looks whole.
@@ -133,6 +142,7 @@ def export_from_config(cfg: Config) -> Path:
         cache_dir=cfg.cache_dir,
         trust_remote_code=cfg.trust_remote_code,
         allow_pickle=cfg.allow_pickle,
+        reward_model=cfg.stage == "rm",
     )
 
 

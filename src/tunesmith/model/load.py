@@ -449,7 +449,7 @@ def load_model(
         raise ModelError(
             f"cannot load the model in {path} ({_one_line(err)}); {_remote_code_hint(err)}"
         ) from err
-    if reward_head is not None:
+    if reward_head is not None and not _has_reward_head(config):  # a trained reward model keeps its own head
         reward_head.initialise(model)
     if quantization is not None:
         _prepare_quantized(model, quantization.compute_dtype)
@@ -460,6 +460,11 @@ def load_model(
         model.to(target)
     logger.info("loaded %s (%s, %s) from %s", type(model).__name__, torch_dtype, target, path)
     return model
+
+
+def _has_reward_head(config: dict[str, Any]) -> bool:
+    """Whether the checkpoint is already a sequence classifier (a trained reward model), head included."""
+    return any(str(name).endswith("ForSequenceClassification") for name in config.get("architectures") or [])
 
 
 @dataclass(frozen=True)
