@@ -27,6 +27,7 @@ class PlainCall:
 
     def __init__(self, policy: torch.nn.Module) -> None:
         self.policy = policy
+        self.device = next(policy.parameters()).device
 
     def __call__(self, **inputs):
         return self.policy(**inputs, use_cache=False)

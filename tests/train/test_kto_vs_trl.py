@@ -9,6 +9,7 @@ from preference_helpers import PlainCall, max_grad_diff, policy_and_reference, t
 
 from tunesmith.data.feedback import TaggedBatch
 from tunesmith.data.loader import IGNORE_INDEX
+from tunesmith.train.distributed import Collectives
 from tunesmith.train.objectives import KTOObjective
 
 trl = pytest.importorskip("trl")
@@ -53,7 +54,9 @@ def _ours(weights, inputs, pad: int):
                         desirable=torch.as_tensor(inputs["label"], dtype=torch.bool))
 
     policy.train()
-    parts = objective.loss(PlainCall(policy), batch)
+    call = PlainCall(policy)
+    objective.prepare_window(call, [batch], Collectives())  # the KL estimate: this one batch, as TRL's
+    parts = objective.loss(call, batch)
     loss = parts.loss / objective.units(batch)
     loss.backward()
     return float(loss), parts.metrics, {n: p.grad for n, p in policy.named_parameters() if p.grad is not None}

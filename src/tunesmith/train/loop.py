@@ -132,6 +132,7 @@ class EngineCall:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.device = engine.device
 
     def __call__(self, **inputs: Any) -> Any:
         return self.other(self.engine.model, **inputs)
@@ -155,6 +156,7 @@ def train_step(engine: Engine, objective: Objective, window: Sequence[Batch]) ->
     window_loss = torch.zeros((), device=engine.device)
     metric_sums = dict.fromkeys(objective.metric_names, 0.0)
     call = EngineCall(engine)
+    objective.prepare_window(call, window, engine.comm)
     for index, batch in enumerate(window):
         batch = batch.to(engine.device)
         with engine.accumulating(last=index == len(window) - 1):
@@ -188,8 +190,10 @@ def evaluate(engine: Engine, objective: Objective, loader: EpochLoader) -> dict[
     metric_sums = dict.fromkeys(objective.metric_names, 0.0)
     call = EngineCall(engine)
     with torch.no_grad():
-        for _, window in loader.windows(epoch=0, start=0, accumulation=1):
-            batch = window[0].to(engine.device)
+        batches = [window[0] for _, window in loader.windows(epoch=0, start=0, accumulation=1)]
+        objective.prepare_window(call, batches, engine.comm)
+        for batch in batches:
+            batch = batch.to(engine.device)
             parts = objective.loss(call, batch)
             loss_sum += float(parts.loss)
             units += objective.units(batch)

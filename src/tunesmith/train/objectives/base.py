@@ -12,6 +12,8 @@ The loop knows stages only through :class:`Objective`, as it knows engines only 
 * the metrics it logs (summed over units like the loss, reported as means);
 * what it needs besides the policy (``prepare_model``: a value head, a reference) and how it reports
   evaluation (``eval_metrics``);
+* statistics of a whole step taken before its losses (``prepare_window``: KTO's KL estimate over every
+  micro-batch of the step on every rank, so the loss does not depend on how the step is split);
 * what it computes once per sample before training (``precompute`` / ``store_precomputed``, when
   ``precomputes``: the reference log-probs of precompute_ref_log_probs); the loop spreads that over the ranks.
 """
@@ -25,11 +27,14 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from tunesmith.data.loader import Batch, Collator
+from tunesmith.train.distributed import Collectives
 
 
 class ModelCall(Protocol):
     """The model as an objective calls it: keyword inputs in, the HF output (with .logits) out, under the
     engine's autocast and without a KV cache."""
+
+    device: torch.device  # where its inputs go
 
     def __call__(self, **inputs: Any) -> Any:
         """The policy, through the engine (its wrapper gathers what it shards)."""
@@ -37,7 +42,7 @@ class ModelCall(Protocol):
     def other(self, module: torch.nn.Module, **inputs: Any) -> Any:
         """Another model (a frozen reference) under the same precision."""
 
-__all__ = ["LossParts", "ModelCall", "NothingPrecomputed", "Objective"]
+__all__ = ["LossParts", "ModelCall", "Objective", "ObjectiveDefaults"]
 
 
 @dataclass
@@ -79,6 +84,11 @@ class Objective(Protocol):
         """What evaluation reports, from the mean loss and metric means over the validation set (always
         ``eval_loss`` first)."""
 
+    def prepare_window(self, model: ModelCall, window: Sequence[Batch], comm: Collectives) -> None:
+        """Before the losses of ``window`` (a step's micro-batches, or a whole validation set; CPU batches, for
+        ``model.device``): what they share across micro-batches and ranks. Every rank calls it with as many
+        batches (fillers included)."""
+
     @property
     def precomputes(self) -> bool:
         """Whether :meth:`precompute` has something to compute before the first step."""
@@ -91,10 +101,13 @@ class Objective(Protocol):
         """Keep :meth:`precompute`'s values with their samples (the collator puts them in the batches)."""
 
 
-class NothingPrecomputed:
-    """For objectives that compute nothing before training."""
+class ObjectiveDefaults:
+    """For objectives that share nothing across a step and compute nothing before training."""
 
     precomputes = False
+
+    def prepare_window(self, model: ModelCall, window: Sequence[Batch], comm: Collectives) -> None:
+        return None
 
     def precompute(self, model: ModelCall, batch: Batch) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} precomputes nothing")

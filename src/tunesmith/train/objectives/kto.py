@@ -5,18 +5,25 @@ A micro-batch of B examples is 2B rows: prompt + completion, then prompt + anoth
 mismatched pairs of :mod:`tunesmith.data.feedback`). With r = log π(y|x) − log π_ref(y|x) per example and the KL
 estimate z = max(0, mean over the mismatched rows of the same log-ratio) (detached, as in TRL), the loss is
 ``kto_chosen_weight · (1 − σ(β(r − z)))`` for a desirable example and ``kto_rejected_weight · (1 − σ(β(z − r)))``
-for an undesirable one, a mean over the examples of a step. The KL estimate is taken per micro-batch, as TRL takes
-it per device batch. The reference: :mod:`.reference`.
+for an undesirable one, a mean over the examples of a step.
+
+z is the mean over every mismatched row of the step, on every rank (:meth:`KTOObjective.prepare_window`, a forward
+of those rows without gradient before the step's losses): TRL averages per-device-batch estimates over the
+processes, which is the same for one batch, and this way a step's loss does not depend on how it is split into
+micro-batches and ranks, so a run resumes exactly on another world size. Validation takes z over the whole
+validation set. The reference: :mod:`.reference`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 
 from tunesmith.data.feedback import FeedbackCollator, TaggedBatch
-from tunesmith.data.loader import IGNORE_INDEX, Collator
+from tunesmith.data.loader import IGNORE_INDEX, Batch, Collator
+from tunesmith.train.distributed import Collectives
 from tunesmith.train.objectives.base import LossParts, ModelCall
 from tunesmith.train.objectives.reference import (
     PrecomputedReference,
@@ -47,6 +54,7 @@ class KTOObjective(PrecomputedReference):
         self.beta, self.chosen_weight, self.rejected_weight, self.ftx = beta, chosen_weight, rejected_weight, ftx
         self.reference = reference or Reference()
         self.precompute_reference = precompute_reference
+        self.kl = 0.0  # the KL estimate of the current step (prepare_window)
         self.trim = False  # whether the model can skip the prompt's logits (see target_inputs)
 
     def collator(self, pad_token_id: int) -> Collator:
@@ -64,16 +72,35 @@ class KTOObjective(PrecomputedReference):
     def tokens(self, batch: TaggedBatch) -> int:  # type: ignore[override]
         return int(batch.attention_mask[: batch.attention_mask.size(0) // 2].sum())
 
-    def loss(self, model: ModelCall, batch: TaggedBatch) -> LossParts:  # type: ignore[override]
+    def prepare_window(self, model: ModelCall, window: Sequence[Batch], comm: Collectives) -> None:
+        """The KL estimate z of the step: the mean log-ratio over every mismatched row of ``window`` on all
+        ranks (no gradient)."""
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for batch in window:
+                kl_rows = half_rows(batch.to(model.device), second=True)
+                ratios, counts = self._log_ratios(model, kl_rows)
+                valid = counts > 0
+                total += float(ratios[valid].sum())
+                count += int(valid.sum())
+        total, count = comm.all_reduce_sum([total, count])
+        self.kl = max(total / count, 0.0) if count else 0.0
+
+    def _log_ratios(self, model: ModelCall, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row: policy minus reference summed log-prob of its targets, and how many targets it has."""
         inputs, labels = target_inputs(batch, self.trim)
         reference = self.reference.logps(model, batch, inputs, labels)
         logps, counts = sequence_logps(model(**inputs).logits, labels)
-        half = logps.size(0) // 2
-        ratios = logps[:half] - reference[:half]
-        valid = counts[:half] > 0
-        kl_valid = counts[half:] > 0
-        kl_ratios = (logps[half:] - reference[half:]).detach()
-        kl = kl_ratios[kl_valid].mean().clamp(min=0) if kl_valid.any() else torch.zeros((), device=logps.device)
+        return logps - reference, counts
+
+    def loss(self, model: ModelCall, batch: TaggedBatch) -> LossParts:  # type: ignore[override]
+        main = half_rows(batch, second=False)
+        inputs, labels = target_inputs(main, self.trim)
+        reference = self.reference.logps(model, main, inputs, labels)
+        logps, counts = sequence_logps(model(**inputs).logits, labels)
+        ratios = logps - reference
+        valid = counts > 0
+        kl = torch.tensor(self.kl, device=logps.device)
         assert batch.desirable is not None
         desirable = batch.desirable & valid
         undesirable = ~batch.desirable & valid
@@ -83,13 +110,13 @@ class KTOObjective(PrecomputedReference):
             self.rejected_weight * (1 - torch.sigmoid(self.beta * (kl - ratios))),
         )
         if self.ftx > 0:  # the SFT term on desirable replies: their mean token NLL
-            losses = losses - self.ftx * torch.where(batch.desirable, logps[:half] / counts[:half].clamp(min=1), 0.0)
+            losses = losses - self.ftx * torch.where(batch.desirable, logps / counts.clamp(min=1), 0.0)
         rewards = self.beta * ratios.detach()
         metrics = {
             "rewards/chosen": float(rewards[desirable].sum()),
             "rewards/rejected": float(rewards[undesirable].sum()),
-            "logps/chosen": float(logps[:half].detach()[desirable].sum()),
-            "logps/rejected": float(logps[:half].detach()[undesirable].sum()),
+            "logps/chosen": float(logps.detach()[desirable].sum()),
+            "logps/rejected": float(logps.detach()[undesirable].sum()),
             "kl": float(kl) * int(valid.sum()),
             "count/chosen": float(desirable.sum()),
             "count/rejected": float(undesirable.sum()),
@@ -98,3 +125,12 @@ class KTOObjective(PrecomputedReference):
 
     def eval_metrics(self, loss: float, metrics: dict[str, float]) -> dict[str, float]:
         return {"eval_loss": loss, **{f"eval_{name}": value for name, value in metrics.items()}}
+
+
+def half_rows(batch: Batch, second: bool) -> Batch:
+    """The first B rows of a 2B-row feedback batch (prompt + completion) or the second (prompt + mismatched
+    completion), with their precomputed reference log-probs."""
+    half = batch.input_ids.size(0) // 2
+    rows = slice(half, None) if second else slice(None, half)
+    reference = None if batch.reference_logps is None else batch.reference_logps[rows]
+    return Batch(batch.input_ids[rows], batch.labels[rows], batch.attention_mask[rows], None, reference)

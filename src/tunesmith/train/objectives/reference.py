@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from tunesmith.data.loader import IGNORE_INDEX, Batch
 from tunesmith.train.checkpoint import is_peft_model
-from tunesmith.train.objectives.base import ModelCall
+from tunesmith.train.objectives.base import ModelCall, ObjectiveDefaults
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +84,7 @@ class Reference:
             return sequence_logps(logits, labels)[0]
 
 
-class PrecomputedReference:
+class PrecomputedReference(ObjectiveDefaults):
     """precompute_ref_log_probs for objectives with a :class:`Reference` on two-row samples (a pair, or an example
     and its mismatched completion): the reference log-probs of every sample, computed once before the first step
     with the initial reference, go with the samples into every batch; afterwards a frozen copy is dropped (the

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 
 from tunesmith.data.loader import Batch
 from tunesmith.data.pairs import pairs_with_targets
-from tunesmith.train.objectives.base import LossParts, ModelCall, NothingPrecomputed
+from tunesmith.train.objectives.base import LossParts, ModelCall, ObjectiveDefaults
 from tunesmith.train.objectives.pairwise import PairwiseBatches
 
 
-class RewardObjective(NothingPrecomputed, PairwiseBatches):
+class RewardObjective(ObjectiveDefaults, PairwiseBatches):
     """``stage: rm``; see the module docstring."""
 
     name: ClassVar[str] = "rm"

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.data.loader import IGNORE_INDEX, Batch, Collator, TokenCollator
-from tunesmith.train.objectives.base import LossParts, ModelCall, NothingPrecomputed
+from tunesmith.train.objectives.base import LossParts, ModelCall, ObjectiveDefaults
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -29,7 +29,7 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
-class SFTObjective(NothingPrecomputed):
+class SFTObjective(ObjectiveDefaults):
     """``stage: sft``. ``varlen`` (flash_attn: fa2): packed rows go to the model as position_ids without the
     4-D mask (see :meth:`~tunesmith.data.loader.Batch.model_inputs`)."""
 
