@@ -10,15 +10,12 @@ import json
 import pytest
 from stage_data import stage_values, write_stage_data
 from test_distributed import LOSS_TOL, losses, tunesmith_train
+from test_dpo_distributed import METHODS
 
 from tunesmith.config import load_config
 from tunesmith.train import train
 
 pytestmark = pytest.mark.slow
-
-METHODS = {"lora": ["finetuning_type=lora", "lora_rank=4", "learning_rate=2e-2"],
-           "full": ["finetuning_type=full", "learning_rate=1e-3"]}
-
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_model_dir):
