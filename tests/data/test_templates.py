@@ -128,7 +128,7 @@ def test_auto_on_qwen3_single_turn_equals_apply_chat_template(qwen_tokenizer):
 
 @pytest.fixture(scope="module")
 def rich_tokenizer(tiny_tokenizer):
-    """The tiny tokenizer plus llama3 / internlm2 special tokens (and a bos), for the other templates."""
+    """The tiny tokenizer plus every registered template's special tokens (and a bos), for the other templates."""
     tok = copy.deepcopy(tiny_tokenizer)
     tok.add_special_tokens(
         {
@@ -140,6 +140,7 @@ def rich_tokenizer(tiny_tokenizer):
                 "<|end_header_id|>",
                 "<|eot_id|>",
                 "<|eom_id|>",
+                *sorted({t for template in TEMPLATES.values() for t in template.special_tokens} - {"<|im_end|>"}),
             ],
         }
     )
@@ -178,8 +179,8 @@ def test_llama3_and_default_shapes(rich_tokenizer):
 def test_template_errors(qwen_tokenizer, tiny_tokenizer):
     with pytest.raises(DataError, match="template llama3 needs the token <|start_header_id|>.*template=auto"):
         get_template("llama3", qwen_tokenizer)
-    with pytest.raises(DataError, match="unknown template 'vicuna'.*qwen, "):
-        get_template("vicuna", qwen_tokenizer)
+    with pytest.raises(DataError, match="unknown template 'nonexistent'.*qwen, "):
+        get_template("nonexistent", qwen_tokenizer)
     bare = copy.deepcopy(tiny_tokenizer)
     bare.chat_template = None
     with pytest.raises(DataError, match="template=auto needs the tokenizer's chat template"):

@@ -161,8 +161,9 @@ class MethodArgs(_Section):
 class DataArgs(_Section):
     template: str = Field(
         "auto",
-        description="Chat template: qwen, chatml, qwen3, llama3, internlm2, default, or `auto` "
-        "(the tokenizer's own jinja chat template).",
+        description="Chat template: a registered one (qwen, chatml, qwen3, qwen3_nothink, llama3, internlm2, default, "
+        "and LLaMA-Factory's llama2, llama4, mistral, gemma, gemma3, glm4, chatglm3, deepseek3, deepseekr1, phi, "
+        "phi4, yi, baichuan2, intern2, internlm3, empty, alpaca, vicuna), or `auto` (the tokenizer's own jinja).",
     )
     dataset: list[str] | None = Field(
         None,

@@ -6,6 +6,9 @@ tokenizing the whole text, i.e. ``apply_chat_template`` with the equivalent jinj
 
 Format strings use ``{{content}}``, ``{{bos_token}}`` and ``{{eos_token}}``. A template's special tokens must be
 single tokens of the tokenizer (tunesmith does not add tokens), otherwise get_template fails early.
+``system_in_user`` puts the formatted system text at the start of the first user turn (Llama-2, Mistral, Gemma);
+``efficient_eos`` ends only the conversation's last reply with eos (GLM, Baichuan2: replies carry no end token).
+LLaMA-Factory's templates for text models are ported in template_registry.py (``LF_TEMPLATES``).
 
 qwen3: matches Qwen3's own jinja for conversations without tools, in non-thinking mode. That jinja writes an
 empty ``<think>\\n\\n</think>\\n\\n`` only before the LAST assistant reply (after the last user turn) and strips
@@ -17,14 +20,15 @@ prefix. A last reply that carries its own ``<think>...</think>`` is kept as thin
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tunesmith.data.conversation import Conversation, Turn
 from tunesmith.data.segments import EncodedTurns, Rendered, encode_rendered
+from tunesmith.data.template_registry import BOS, CHATML, CONTENT, EOS, LF_TEMPLATES
 from tunesmith.errors import DataError
 
-CONTENT, BOS, EOS = "{{content}}", "{{bos_token}}", "{{eos_token}}"
+__all__ = ["BOS", "CONTENT", "EOS", "TEMPLATES", "AutoTemplate", "Template", "get_template"]
 # A conversation longer than this is refused before tokenizing: a fast tokenizer holds ~200 bytes per character
 # of a text it encodes (a 100 MB row: 20+ GB and many minutes), while even a 128k-token cutoff_len keeps about
 # 500k characters of it. 4 Mi characters is 8 times that.
@@ -88,6 +92,8 @@ class Template:
     special_tokens: tuple[str, ...] = ()
     strip_content: bool = False  # llama3's jinja trims every message
     thought_words: tuple[str, str] | None = None  # qwen3: ("<think>\n", "\n</think>\n\n")
+    system_in_user: bool = False  # the formatted system text opens the first user turn (LF's Llama2Template)
+    efficient_eos: bool = False  # replies have no end token; eos closes the conversation's last reply
 
     # -- rendering ---------------------------------------------------------------------------------------------
     def _fill(self, fmt: str, tokenizer: Any, content: str = "") -> str:
@@ -101,14 +107,16 @@ class Template:
         clean = str.strip if self.strip_content else str
         system = system if system is not None else self.default_system
         head = self._fill(self.format_prefix, tokenizer)
-        if system is not None:
-            head += self._fill(self.format_system, tokenizer, clean(system))
+        system_text = "" if system is None else self._fill(self.format_system, tokenizer, clean(system))
+        if not self.system_in_user:  # else it opens the first user turn, and a dropped first exchange drops it
+            head, system_text = head + system_text, ""
         user_tail = self._fill(self.format_user.split(CONTENT, 1)[1], tokenizer)
         header = self._fill(self.assistant_header, tokenizer)
         prompts, responses, tails = [], [], []
         for i, user in enumerate(users):
             last = i == len(users) - 1
-            prompt = (head if i == 0 else "") + self._fill(self.format_user, tokenizer, clean(user)) + header
+            content = system_text + clean(user) if i == 0 else clean(user)
+            prompt = (head if i == 0 else "") + self._fill(self.format_user, tokenizer, content) + header
             tail = len(user_tail) + len(header)
             reply = replies[i] if i < len(replies) else None
             if self.thought_words is not None:
@@ -116,7 +124,8 @@ class Template:
             prompts.append(prompt)
             tails.append(tail)
             if reply is not None:
-                responses.append(self._fill(self.format_assistant, tokenizer, clean(reply)))
+                end = (tokenizer.eos_token or "") if self.efficient_eos and last else ""
+                responses.append(self._fill(self.format_assistant, tokenizer, clean(reply)) + end)
         return Rendered(prompts, responses, len(head), tails)
 
     def _thought(self, prompt: str, tail: int, reply: str | None, last: bool) -> tuple[str, int, str | None]:
@@ -183,7 +192,8 @@ class Template:
     def check_tokenizer(self, tokenizer: Any) -> None:
         """Fail early when the tokenizer lacks a token this template writes."""
         needed = list(self.special_tokens)
-        if EOS in self.format_assistant + self.format_user + self.format_system and not tokenizer.eos_token:
+        writes_eos = self.efficient_eos or EOS in self.format_assistant + self.format_user + self.format_system
+        if writes_eos and not tokenizer.eos_token:
             needed.append("an eos_token")
         for token in needed:
             if token.startswith("an ") or _single_token_id(tokenizer, token) is None:
@@ -229,40 +239,23 @@ def _declarative_jinja(t: Template) -> str:
     trim = " | trim" if t.strip_content else ""
     default = json.dumps(t.default_system, ensure_ascii=False) if t.default_system is not None else "none"
     header = _jinja_expr(t.assistant_header)
+    system = _jinja_expr(t.format_system, "(system_message" + trim + ")")
     lines = [
         "{%- if messages and messages[0]['role'] == 'system' %}",
         "{%- set system_message = messages[0]['content'] %}{%- set loop_messages = messages[1:] %}",
         f"{{%- else %}}{{%- set system_message = {default} %}}{{%- set loop_messages = messages %}}{{%- endif %}}",
         f"{{{{- {_jinja_expr(t.format_prefix)} }}}}",
-        "{%- if system_message is not none %}"
-        f"{{{{- {_jinja_expr(t.format_system, '(system_message' + trim + ')')} }}}}{{%- endif %}}",
+        "" if t.system_in_user else f"{{%- if system_message is not none %}}{{{{- {system} }}}}{{%- endif %}}",
         "{%- for message in loop_messages %}",
         "{%- if message['role'] == 'user' %}",
-        f"{{{{- {_jinja_expr(t.format_user, '(message.content' + trim + ')')} }}}}",
+        f"{{%- set content = message.content{trim} %}}",
+        f"{{%- if loop.first and system_message is not none %}}{{%- set content = {system} + content %}}{{%- endif %}}"
+        if t.system_in_user
+        else "",
+        f"{{{{- {_jinja_expr(t.format_user, 'content')} }}}}",
         "{%- elif message['role'] == 'assistant' %}",
-    ]
-    reply = _jinja_expr(t.format_assistant, "(content" + trim + ")")
-    if t.thought_words is None:
-        lines += ["{%- set content = message.content %}", f"{{{{- {header} + {reply} }}}}"]
-    else:
-        open_, close = (json.dumps(w) for w in t.thought_words)
-        empty_reply = _jinja_expr(t.format_assistant, "content.lstrip('\\n')")
-        think_reply = _jinja_expr(t.format_assistant, f"{open_} + reasoning.strip('\\n') + {close} + content")
-        lines += [
-            "{%- set content = message.content %}{%- set reasoning = none %}",
-            "{%- if '</think>' in content %}",
-            "{%- set reasoning = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}",
-            "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}",
-            "{%- endif %}",
-            "{%- if loop.last and reasoning is none %}",
-            f"{{{{- {header} + {open_} + {close} + {empty_reply} }}}}",
-            "{%- elif loop.last %}",
-            f"{{{{- {header} + {think_reply} }}}}",
-            "{%- else %}",
-            f"{{{{- {header} + {reply} }}}}",
-            "{%- endif %}",
-        ]
-    lines += [
+        *_assistant_jinja(t, header, trim),
+        "{%- if loop.last %}{{- (eos_token or '') }}{%- endif %}" if t.efficient_eos else "",
         "{%- else %}{{- raise_exception('only system, user and assistant messages are supported') }}",
         "{%- endif %}",
         "{%- endfor %}",
@@ -275,7 +268,31 @@ def _declarative_jinja(t: Template) -> str:
             "{%- endif %}"
         )
     lines.append("{%- endif %}")
-    return "\n".join(lines)
+    return "\n".join(line for line in lines if line)
+
+
+def _assistant_jinja(t: Template, header: str, trim: str) -> list[str]:
+    """The jinja of one assistant message (with thought_words: qwen3's think-block rules)."""
+    reply = _jinja_expr(t.format_assistant, "(content" + trim + ")")
+    if t.thought_words is None:
+        return ["{%- set content = message.content %}", f"{{{{- {header} + {reply} }}}}"]
+    open_, close = (json.dumps(w) for w in t.thought_words)
+    empty_reply = _jinja_expr(t.format_assistant, "content.lstrip('\\n')")
+    think_reply = _jinja_expr(t.format_assistant, f"{open_} + reasoning.strip('\\n') + {close} + content")
+    return [
+        "{%- set content = message.content %}{%- set reasoning = none %}",
+        "{%- if '</think>' in content %}",
+        "{%- set reasoning = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}",
+        "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}",
+        "{%- endif %}",
+        "{%- if loop.last and reasoning is none %}",
+        f"{{{{- {header} + {open_} + {close} + {empty_reply} }}}}",
+        "{%- elif loop.last %}",
+        f"{{{{- {header} + {think_reply} }}}}",
+        "{%- else %}",
+        f"{{{{- {header} + {reply} }}}}",
+        "{%- endif %}",
+    ]
 
 
 @dataclass(frozen=True)
@@ -358,21 +375,13 @@ class AutoTemplate(Template):
         return self.chat_template
 
 
-_CHATML = {
-    "format_user": "<|im_start|>user\n{{content}}<|im_end|>\n",
-    "assistant_header": "<|im_start|>assistant\n",
-    "format_assistant": "{{content}}<|im_end|>\n",
-    "format_system": "<|im_start|>system\n{{content}}<|im_end|>\n",
-    "stop_words": ("<|im_end|>",),
-    "special_tokens": ("<|im_start|>", "<|im_end|>"),
-}
-
 TEMPLATES: dict[str, Template] = {
-    "chatml": Template("chatml", **_CHATML),
-    "qwen": Template("qwen", **_CHATML, default_system=QWEN_SYSTEM),
-    "qwen3": Template("qwen3", **_CHATML, thought_words=("<think>\n", "\n</think>\n\n")),
+    "chatml": Template("chatml", **CHATML),
+    "qwen": Template("qwen", **CHATML, default_system=QWEN_SYSTEM),
+    "qwen3": Template("qwen3", **CHATML, thought_words=("<think>\n", "\n</think>\n\n")),
     # LLaMA-Factory's name for Qwen3 instruct models without thinking (Qwen3-*-Instruct-2507): plain ChatML
-    "qwen3_nothink": Template("qwen3_nothink", **_CHATML),
+    "qwen3_nothink": Template("qwen3_nothink", **CHATML),
+    # llama3 trims every message as Meta's jinja does; LLaMA-Factory's llama3 keeps surrounding whitespace
     "llama3": Template(
         "llama3",
         format_prefix=BOS,
@@ -386,7 +395,7 @@ TEMPLATES: dict[str, Template] = {
     ),
     "internlm2": Template(
         "internlm2",
-        **{**_CHATML, "format_prefix": BOS},
+        **{**CHATML, "format_prefix": BOS},
         default_system=INTERNLM2_SYSTEM,
     ),
     # For models without a chat format of their own. The header ends with a newline so the reply starts a new
@@ -399,6 +408,11 @@ TEMPLATES: dict[str, Template] = {
         format_assistant="{{content}}{{eos_token}}\n",
     ),
 }
+
+TEMPLATES.update({name: Template(name, **spec) for name, spec in LF_TEMPLATES.items()})
+# LLaMA-Factory calls the InternLM2 / 2.5 / 3 format intern2 (its short-lived intern3 was merged into it)
+TEMPLATES["intern2"] = replace(TEMPLATES["internlm2"], name="intern2")
+TEMPLATES["internlm3"] = replace(TEMPLATES["internlm2"], name="internlm3")
 
 
 def _check_jinja(tokenizer: Any, chat_template: str) -> None:
