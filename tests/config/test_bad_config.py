@@ -297,8 +297,8 @@ def test_an_unknown_key_without_a_close_match_points_at_the_reference(tmp_path, 
 
 
 def test_a_known_but_unimplemented_key(tmp_path, capsys):
-    path = _file(tmp_path, "template: chatml\nuse_galore: true\n")
-    assert_refused(["train", path], capsys, f"{path}:2", "not supported yet: use_galore")
+    path = _file(tmp_path, "template: chatml\nuse_unsloth: true\n")
+    assert_refused(["train", path], capsys, f"{path}:2", "not supported yet: use_unsloth")
 
 
 # ------------------------------------------------------------------------------------ conflicting keys

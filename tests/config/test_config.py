@@ -59,8 +59,8 @@ def test_wrong_type_names_key_expected_type_and_value(tmp_path):
 
 
 def test_known_but_unimplemented_key_is_refused_not_ignored(tmp_path):
-    path = _yaml(tmp_path, "use_galore: true\n")
-    with pytest.raises(ConfigError, match="not supported yet: use_galore"):
+    path = _yaml(tmp_path, "use_unsloth: true\n")
+    with pytest.raises(ConfigError, match="not supported yet: use_unsloth"):
         load_config(path)
 
 

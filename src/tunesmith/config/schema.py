@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from tunesmith.config.lf_methods import LFMethodArgs
+from tunesmith.config.optimizer_args import OptimizerArgs
+from tunesmith.config.section import Section
 from tunesmith.errors import ConfigError
 
 
@@ -21,8 +24,7 @@ def _comma_list(value: Any) -> Any:
     return value
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+_Section = Section
 
 
 class ModelArgs(_Section):
@@ -98,8 +100,10 @@ class MethodArgs(_Section):
         description="Whether `tunesmith train` trains. Unset: it trains, unless do_predict is true — a LLaMA-Factory "
         "predict config, which only predicts (as `tunesmith eval` does). false with do_predict: false is refused.",
     )
-    finetuning_type: Literal["full", "freeze", "lora"] = Field(
-        "lora", description="full: all weights; freeze: only the last N layers; lora: low-rank adapters via PEFT."
+    finetuning_type: Literal["full", "freeze", "lora", "oft"] = Field(
+        "lora",
+        description="full: all weights; freeze: only the last N layers; lora: low-rank adapters via PEFT; oft: "
+        "orthogonal fine-tuning adapters via PEFT.",
     )
     freeze_trainable_layers: int = Field(
         2,
@@ -442,20 +446,19 @@ class EvalArgs(_Section):
 # sets one fails with "not supported yet: KEY" instead of being silently ignored.
 NOT_SUPPORTED_YET: frozenset[str] = frozenset(
     """
-    fsdp fsdp_config
-    pissa_init loraplus_lr_ratio additional_target lora_modules_to_save
+    fsdp_config
+    additional_target lora_modules_to_save
     new_special_tokens resize_vocab shift_attn rope_scaling use_unsloth enable_liger_kernel
-    do_eval optim neftune_noise_alpha use_galore use_badam
-    use_apollo upcast_layernorm torch_compile export_quantization_bit export_hub_model_id push_to_hub
+    upcast_layernorm torch_compile export_quantization_bit export_hub_model_id push_to_hub
     hub_model_id reward_model booster
-    ld_alpha infer_backend vllm_maxlen ddp_find_unused_parameters
-    freeze_vision_tower image_max_pixels video_max_pixels media_dir lr_scheduler_kwargs
-    moe_aux_loss_coef disable_gradient_checkpointing max_source_length max_target_length
+    ld_alpha infer_backend vllm_maxlen
+    freeze_vision_tower image_max_pixels video_max_pixels media_dir
+    moe_aux_loss_coef max_source_length max_target_length
     """.split()
 )
 
 
-class Config(ModelArgs, MethodArgs, DataArgs, TrainArgs, EvalArgs, ExportArgs):
+class Config(ModelArgs, MethodArgs, LFMethodArgs, DataArgs, TrainArgs, OptimizerArgs, EvalArgs, ExportArgs):
     """The whole tunesmith config: every section's keys at the top level, as in LLaMA-Factory."""
 
     @model_validator(mode="after")
@@ -534,8 +537,10 @@ class Config(ModelArgs, MethodArgs, DataArgs, TrainArgs, EvalArgs, ExportArgs):
 SECTIONS: dict[str, type[_Section]] = {
     "model": ModelArgs,
     "method": MethodArgs,
+    "method extras": LFMethodArgs,
     "data": DataArgs,
     "train": TrainArgs,
+    "optimizer": OptimizerArgs,
     "eval": EvalArgs,
     "export": ExportArgs,
 }
