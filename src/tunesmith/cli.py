@@ -56,6 +56,15 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_llama_pro(args: argparse.Namespace) -> int:
+    from tunesmith.model.llama_pro import expand_model_folder
+
+    out = expand_model_folder(args.model, args.out, args.num_expand, trust_remote_code=args.trust_remote_code)
+    print(f"expanded model written to {out}; fine-tune it with:\n  model_name_or_path: {out}\n"
+          f"  finetuning_type: freeze\n  freeze_trainable_layers: {args.num_expand}\n  use_llama_pro: true")
+    return 0
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
     from tunesmith.serve.chat import run_chat
 
@@ -217,6 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="an output_dir/checkpoint-N (or a run's output_dir)")
     p.add_argument("--out", required=True, help="the folder to write")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser(
+        "llama-pro", help="LLaMA Pro: add zero-initialised copies of decoder blocks (train them with use_llama_pro)"
+    )
+    p.add_argument("model", help="model folder, .gguf, or packaged alias")
+    p.add_argument("out", help="the new folder for the expanded model")
+    p.add_argument("--num-expand", type=int, required=True, metavar="N",
+                   help="blocks to add: one after each group of layers / N (N must divide the layer count)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own Python code")
+    p.set_defaults(func=_cmd_llama_pro)
 
     p = sub.add_parser("chat", help="chat with a model in the terminal (or answer one --prompt)")
     p.add_argument("model", help="model folder, .gguf, or packaged alias")

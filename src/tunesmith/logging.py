@@ -18,7 +18,14 @@ def get_logger(name: str | None = None) -> logging.Logger:
     return logging.getLogger(LOGGER_NAME if not name else f"{LOGGER_NAME}.{name}")
 
 
+# torch's pytree warns at import time when torchao (installed for GPTQ export) registers an Enum the new way or the
+# old; nothing a tunesmith user can act on
+_QUIET_LOGGERS = ("torch.utils._pytree",)
+
+
 def setup_logging(verbose: bool = False) -> None:
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     logger = logging.getLogger(LOGGER_NAME)
     if logger.handlers:
         return

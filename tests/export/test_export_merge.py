@@ -108,7 +108,7 @@ def test_refuses_mismatched_and_non_lora_adapters(tiny_model_dir, tmp_path):
     prefix = tmp_path / "prefix"
     prefix.mkdir()
     (prefix / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
-    with pytest.raises(ModelError, match="LoRA adapters only"):
+    with pytest.raises(ModelError, match="LoRA and OFT adapters only"):
         export_model(str(tiny_model_dir), tmp_path / "out", str(prefix))
     assert not (tmp_path / "out").exists()
 

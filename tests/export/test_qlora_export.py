@@ -126,7 +126,3 @@ def test_export_refuses_to_merge_into_a_quantized_model(tiny_model_dir, tiny_tok
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert [line for line in err.splitlines() if line.startswith("tunesmith: error:")][0].count("quantized") >= 1
-    # exporting quantized weights is not offered either
-    code = main(["export", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--out", str(tmp_path / "q"),
-                 "export_quantization_bit=4"])
-    assert code == 2 and "export_quantization_bit" in capsys.readouterr().err

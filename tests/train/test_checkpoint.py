@@ -194,3 +194,18 @@ def test_rng_state_round_trip(tmp_path):
     first = (random.random(), float(np.random.rand()), float(torch.rand(1)))
     ckpt.restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == first
+
+
+def test_save_only_model_writes_no_optimizer_state_and_such_a_checkpoint_does_not_resume(
+    tmp_path, tiny_model_dir, tiny_tokenizer, samples
+):
+    from tunesmith.errors import TunesmithError
+
+    cfg = make_cfg(tmp_path / "run", tiny_model_dir, finetuning_type="full", max_steps=4, save_steps=2,
+                   save_only_model=True)
+    with pytest.raises(Crash):
+        _run(cfg, tiny_model_dir, tiny_tokenizer, samples, callbacks=[crash_at(3)])
+    saved = tmp_path / "run" / "checkpoint-2"
+    assert (saved / "model.safetensors").is_file() and not (saved / ckpt.OPTIMIZER_FILE).exists()
+    with pytest.raises(TunesmithError, match="holds no optimizer state .* save_only_model: true"):
+        _run(cfg, tiny_model_dir, tiny_tokenizer, samples)

@@ -368,3 +368,20 @@ def test_lora_zero3_matches_one_rank_and_converts_to_a_peft_adapter(workdir, tin
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert torch.equal(converted, _logits(PeftModel.from_pretrained(base, checkpoint), tokens))
     shutil.rmtree(tmp_path / "adapter")
+
+
+def test_zero0_with_bf16_saves_and_resumes_its_fp32_masters(workdir, tmp_path):
+    """ZeRO-0 with bf16 (LLaMA-Factory's ds_z0_config.json with bf16: true) steps fp32 copies of the bf16
+    parameters, its Adam state keyed by the copies: the checkpoint holds those, and a run resumed from it logs
+    the uninterrupted losses."""
+    root, config = workdir
+    args = [*RESUME, "deepspeed=ds_z0", "bf16=true", "per_device_train_batch_size=2"]
+    straight = tmp_path / "straight"
+    result = tunesmith_train(config, *args, f"output_dir={straight}", cwd=root)
+    assert result.returncode == 0, result.stderr[-4000:]
+    resumed = tmp_path / "resumed"
+    result = tunesmith_train(config, *args, f"output_dir={resumed}",
+                             f"resume_from_checkpoint={straight / 'checkpoint-3'}", cwd=root)
+    assert result.returncode == 0, result.stderr[-4000:]
+    expected, got = losses(straight), losses(resumed)
+    assert list(got) == [4, 5, 6, 7] and max(abs(expected[s] - got[s]) for s in got) < LOSS_TOL, (expected, got)

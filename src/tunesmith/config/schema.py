@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from tunesmith.config.hf_compat import HFCompatArgs
 from tunesmith.config.lf_methods import LFMethodArgs
 from tunesmith.config.optimizer_args import OptimizerArgs
 from tunesmith.config.section import Section
@@ -148,10 +149,10 @@ class MethodArgs(_Section):
 
     @model_validator(mode="after")
     def _quantization_needs_lora(self) -> MethodArgs:
-        if self.quantization_bit is not None and self.finetuning_type != "lora":
+        if self.quantization_bit is not None and self.finetuning_type not in ("lora", "oft"):
             raise ValueError(
-                f"quantization_bit: {self.quantization_bit} needs finetuning_type: lora (a quantized base cannot "
-                f"be trained {self.finetuning_type}); set finetuning_type: lora or remove quantization_bit"
+                f"quantization_bit: {self.quantization_bit} needs finetuning_type: lora or oft (a quantized base "
+                f"cannot be trained {self.finetuning_type}); set finetuning_type: lora or remove quantization_bit"
             )
         return self
 
@@ -237,6 +238,14 @@ class DataArgs(_Section):
         "rebuilds it, a stale cache is never used.",
     )
 
+    @field_validator("dataset_dir")
+    @classmethod
+    def _local_dataset_dir(cls, value: str) -> str:
+        if value.upper().startswith("REMOTE:"):
+            raise ValueError(f"dataset_dir {value} names a folder on the hub, which tunesmith (offline-first) never "
+                             "downloads; download it and set dataset_dir to the local folder")
+        return value
+
     @field_validator("dataset", mode="before")
     @classmethod
     def _split_dataset(cls, value: Any) -> Any:
@@ -269,9 +278,10 @@ class TrainArgs(_Section):
     per_device_eval_batch_size: int = Field(8, ge=1, description="Samples per validation batch per device.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate of AdamW.")
-    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
-        "linear", description="Learning-rate schedule after warm-up."
-    )
+    lr_scheduler_type: Literal[
+        "cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr", "cosine_with_restarts",
+        "polynomial",
+    ] = Field("linear", description="Learning-rate schedule after warm-up (HF's; options in lr_scheduler_kwargs).")
     warmup_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Warm-up as a fraction of all steps.")
     warmup_steps: int = Field(0, ge=0, description="Warm-up steps (overrides warmup_ratio when > 0).")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (not applied to biases and norms).")
@@ -330,8 +340,8 @@ class TrainArgs(_Section):
     )
     save_only_model: bool = Field(
         False,
-        description="Only `false` for now: checkpoints always hold the optimizer, scheduler and RNG state that "
-        "an exact resume needs.",
+        description="Checkpoints without the optimizer state (about a third of the size for full fine-tuning); "
+        "such a checkpoint cannot resume a run, it can only start another (single and ddp engines).",
     )
     ddp_timeout: int | None = Field(
         None,
@@ -378,6 +388,15 @@ class ExportArgs(_Section):
     export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of the exported weights (`auto`: the base model's own dtype)."
     )
+    export_quantization_bit: Literal[2, 3, 4, 8] | None = Field(
+        None, description="GPTQ-quantize the exported model to this many bits (calibrated on "
+        "export_quantization_dataset)."
+    )
+    export_quantization_dataset: str | None = Field(
+        None, description="GPTQ calibration data: a dataset name of dataset_info.json or a file (its text is used)."
+    )
+    export_quantization_nsamples: int = Field(128, ge=1, description="GPTQ: calibration samples.")
+    export_quantization_maxlen: int = Field(1024, ge=8, description="GPTQ: tokens per calibration sample.")
     export_legacy_format: bool = Field(
         False, description="Must stay false: tunesmith exports safetensors, never pickled .bin files."
     )
@@ -449,7 +468,7 @@ NOT_SUPPORTED_YET: frozenset[str] = frozenset(
     fsdp_config
     additional_target lora_modules_to_save
     new_special_tokens resize_vocab shift_attn rope_scaling use_unsloth enable_liger_kernel
-    upcast_layernorm torch_compile export_quantization_bit export_hub_model_id push_to_hub
+    upcast_layernorm torch_compile export_hub_model_id push_to_hub
     hub_model_id reward_model booster
     ld_alpha infer_backend vllm_maxlen
     freeze_vision_tower image_max_pixels video_max_pixels media_dir
@@ -458,7 +477,9 @@ NOT_SUPPORTED_YET: frozenset[str] = frozenset(
 )
 
 
-class Config(ModelArgs, MethodArgs, LFMethodArgs, DataArgs, TrainArgs, OptimizerArgs, EvalArgs, ExportArgs):
+class Config(
+    ModelArgs, MethodArgs, LFMethodArgs, DataArgs, TrainArgs, OptimizerArgs, HFCompatArgs, EvalArgs, ExportArgs
+):
     """The whole tunesmith config: every section's keys at the top level, as in LLaMA-Factory."""
 
     @model_validator(mode="after")
@@ -482,6 +503,31 @@ class Config(ModelArgs, MethodArgs, LFMethodArgs, DataArgs, TrainArgs, Optimizer
         return self
 
     @model_validator(mode="after")
+    def _apply_hf_keys(self) -> Config:
+        """HF / LLaMA-Factory keys that set tunesmith's own (see config/hf_compat.py)."""
+        # each assignment only when it changes something: assignments re-run the validators
+        if self.use_cpu and self.device != "cpu":
+            self.device = "cpu"
+        if self.do_eval is False and self.eval_strategy != "no":
+            self.eval_strategy = "no"
+        if self.disable_gradient_checkpointing is not None:
+            wanted = not self.disable_gradient_checkpointing
+            if "gradient_checkpointing" in self.model_fields_set and self.gradient_checkpointing != wanted:
+                raise ValueError("gradient_checkpointing and disable_gradient_checkpointing contradict each other; "
+                                 "keep one of them")
+            if self.gradient_checkpointing != wanted:
+                self.gradient_checkpointing = wanted
+        if self.fsdp:
+            if "offload" in self.fsdp:
+                raise ValueError("fsdp: offload is not supported by engine: fsdp2 here; remove offload from fsdp, "
+                                 "or use deepspeed: ds_z3_offload")
+            if self.engine not in ("auto", "fsdp2"):
+                raise ValueError(f"fsdp is set but engine is {self.engine}; remove one of them")
+            if self.engine != "fsdp2":
+                self.engine = "fsdp2"
+        return self
+
+    @model_validator(mode="after")
     def _stage_supports(self) -> Config:
         if self.stage != "sft" and self.streaming:
             raise ValueError(f"streaming: true is not supported with stage: {self.stage} yet; set streaming: false")
@@ -497,11 +543,6 @@ class Config(ModelArgs, MethodArgs, LFMethodArgs, DataArgs, TrainArgs, Optimizer
                 raise ValueError(f"{key} is for stage: dpo and kto, which compare with a reference model; remove it")
             if self.stage == "dpo" and self.pref_loss in ("orpo", "simpo"):
                 raise ValueError(f"{key} is set but pref_loss: {self.pref_loss} needs no reference model; remove it")
-        if self.save_only_model:
-            raise ValueError(
-                "not supported yet: save_only_model: true (checkpoints keep the optimizer state that an exact "
-                "resume needs); set save_only_model: false"
-            )
         return self
 
     @model_validator(mode="after")
@@ -541,6 +582,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "data": DataArgs,
     "train": TrainArgs,
     "optimizer": OptimizerArgs,
+    "HF / LLaMA-Factory compatibility": HFCompatArgs,
     "eval": EvalArgs,
     "export": ExportArgs,
 }

@@ -130,7 +130,7 @@ def predict_after_training(cfg: Config) -> dict[str, float] | None:
     (the adapter for lora, the whole model for full / freeze). Main process only; None elsewhere."""
     if not cfg.do_predict or not is_main_process():
         return None
-    if cfg.finetuning_type == "lora":
+    if cfg.finetuning_type in ("lora", "oft"):  # the adapter in output_dir
         trained = cfg.model_copy(update={"adapter_name_or_path": str(cfg.output_dir)})
     else:
         trained = cfg.model_copy(update={"model_name_or_path": str(cfg.output_dir), "adapter_name_or_path": None})

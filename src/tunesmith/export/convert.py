@@ -140,9 +140,10 @@ def convert_checkpoint(path: str | Path, out: str | Path) -> Path:
 
 
 def _write_adapter(path: Path, out: Path, weights: dict[str, torch.Tensor]) -> None:
-    adapter = {_ADAPTER_NAME.sub("", name): tensor for name, tensor in weights.items() if "lora_" in name}
+    adapter = {_ADAPTER_NAME.sub("", name): tensor for name, tensor in weights.items()
+               if "lora_" in name or "oft_" in name}
     if not adapter:
-        raise TunesmithError(f"{path}: the checkpoint holds no LoRA weights although it has {ADAPTER_CONFIG}")
+        raise TunesmithError(f"{path}: the checkpoint holds no LoRA or OFT weights although it has {ADAPTER_CONFIG}")
     save_file(
         {k: v.contiguous() for k, v in adapter.items()}, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"}
     )

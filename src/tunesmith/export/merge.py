@@ -21,6 +21,7 @@ from tunesmith.logging import get_logger
 
 if TYPE_CHECKING:
     from tunesmith.config.schema import Config
+    from tunesmith.export.quantize import GptqSpec
 
 logger = get_logger("export")
 
@@ -42,6 +43,7 @@ def export_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     reward_model: bool = False,
+    gptq: GptqSpec | None = None,
 ) -> Path:
     """Write base (+ merged LoRA adapter) to `out_dir`; returns it.
 
@@ -51,6 +53,7 @@ def export_model(
     `export_size_gb` is the largest shard in GB; a string with a unit ("500MB") is passed to transformers as is.
     `default_system` (the training config's) becomes the exported chat template's default system prompt, so chat
     on the merged model sees the same prompt the model was trained with.
+    `gptq`: the merged model is then GPTQ-quantized in the folder (:mod:`tunesmith.export.quantize`).
     """
     from tunesmith.data.loader import pad_token_id
     from tunesmith.data.templates import Template
@@ -111,6 +114,18 @@ def export_model(
             "dtype": str(torch_dtype).removeprefix("torch."),
             "template": template or "auto",
         }
+        if gptq is not None:
+            from tunesmith.export.quantize import quantize_folder
+
+            del model  # saved above; GPTQ loads it again from there
+            marker |= quantize_folder(
+                tmp,
+                gptq,
+                tokenizer,
+                device=device,
+                max_shard_size=_shard_size(export_size_gb),
+                trust_remote_code=trust_remote_code,
+            )
         (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")
         _replace_dir(tmp, out)
     finally:
@@ -121,7 +136,10 @@ def export_model(
 
 def export_from_config(cfg: Config) -> Path:
     """export_model with the config's model, adapter and export_* keys."""
+    from tunesmith.export.quantize import gptq_spec
+
     cfg.require("model_name_or_path", "export_dir")
+    gptq = gptq_spec(cfg)  # its refusals come before anything is merged or written
     if cfg.quantization_bit is not None and cfg.adapter_name_or_path:
         # QLoRA: the adapter learned against dequantized weights, which approximate these full-precision ones;
         # merging into the quantized base would round the merged weights to 4/8 bits again.
@@ -143,6 +161,7 @@ def export_from_config(cfg: Config) -> Path:
         trust_remote_code=cfg.trust_remote_code,
         allow_pickle=cfg.allow_pickle,
         reward_model=cfg.stage == "rm",
+        gptq=gptq,
     )
 
 

@@ -38,7 +38,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return cmd_eval(args)
     cfg.require("model_name_or_path", "dataset", "output_dir")
     if args.dry_run:  # validate, resolve the launch, plan memory; load and train nothing
-        print(dry_run_report(cfg, args.nproc_per_node, args.nnodes, config_path=args.config,
+        print(dry_run_report(cfg, args.nproc_per_node or cfg.ray_num_workers, args.nnodes, config_path=args.config,
                              overrides=args.overrides))
         return 0
     from tunesmith.launch.torchrun import launch_spec, run_torchrun, should_launch
@@ -46,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     validate_engine_config(cfg)  # once, here: not as one error per rank under torchrun
     spec = launch_spec(
-        args.nproc_per_node,
+        args.nproc_per_node or cfg.ray_num_workers,  # LLaMA-Factory's Ray workers: local torchrun processes
         args.nnodes,
         args.node_rank,
         args.master_addr,

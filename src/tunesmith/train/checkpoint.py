@@ -178,6 +178,19 @@ def save_model(
             model.save_pretrained(directory, **extra)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+    _convert_pissa(model, directory)
+
+
+def _convert_pissa(model: torch.nn.Module, directory: Path) -> None:
+    """pissa_convert: the final adapter becomes a plain LoRA adapter for the unmodified base; a checkpoint (always
+    written into a ``.tmp-checkpoint-N`` folder) keeps the PiSSA form that resuming loads into the rebuilt
+    residual base."""
+    from tunesmith.model.pissa import convert_saved_adapter, initial_adapter
+
+    initial = initial_adapter(model)
+    if initial is None or directory.name.startswith(TMP_PREFIX):
+        return
+    convert_saved_adapter(directory, initial)
 
 
 @contextmanager
@@ -435,11 +448,19 @@ def load_checkpoint(
 
         load_sharded(path / SHARDED_DIR, model, optimizer)
     else:
-        load_model_weights(model, path)
-        try:
-            optimizer.load_state_dict(
-                torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        if not (path / OPTIMIZER_FILE).is_file():
+            raise TunesmithError(
+                f"checkpoint {path} holds no optimizer state (it was saved with save_only_model: true), so it cannot "
+                f"resume a run; start a new one from its weights (model_name_or_path={path}) or set "
+                "overwrite_output_dir: true"
             )
+        load_model_weights(model, path)
+        from tunesmith.train.optimizers import state_classes
+
+        try:
+            with torch.serialization.safe_globals(state_classes()):  # GaLore / APOLLO keep projector objects
+                state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+            optimizer.load_state_dict(state)
         except ValueError as err:
             raise TunesmithError(
                 f"the optimizer state in {path} does not match this run's trainable parameters ({err}); "

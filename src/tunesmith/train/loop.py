@@ -252,7 +252,7 @@ def setup(
     state (fresh, or restored from a checkpoint: weights, optimizer, scheduler, RNG and data position)."""
     resume_path = _setup_inputs(cfg, train_data, val_data, engine.comm, resume_from)
     model = objective.prepare_model(model)
-    _setup_model(model, cfg.gradient_checkpointing)
+    _setup_model(model, cfg.gradient_checkpointing, keep_dtype=cfg.pure_bf16)
     collator = objective.collator(pad_token_id(tokenizer))
     loader, val_loader = _setup_loaders(cfg, collator, train_data, val_data, engine.comm)
     total = total_steps(cfg, loader.rounds_per_epoch)
@@ -363,10 +363,13 @@ def _setup_inputs(
     return None
 
 
-def _setup_model(model: torch.nn.Module, gradient_checkpointing: bool) -> None:
-    """Before the engine wraps the model: DDP / FSDP2 wrappers do not expose the HF switches."""
+def _setup_model(model: torch.nn.Module, gradient_checkpointing: bool, keep_dtype: bool = False) -> None:
+    """Before the engine wraps the model: DDP / FSDP2 wrappers do not expose the HF switches. Trainable weights
+    become float32 (optimizer state and updates in float32), unless pure_bf16 keeps them bfloat16."""
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if keep_dtype:
+        return
     for param in model.parameters():  # optimizer state and updates in float32, whatever the frozen base's dtype
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()

@@ -1,4 +1,4 @@
-"""AdamW with decoupled weight decay (none on biases and norms) and warm-up learning-rate schedules.
+"""Warm-up learning-rate schedules and the step count (the optimizers: :mod:`tunesmith.train.optimizers`).
 
 The schedules follow HF ``transformers`` exactly (same formulas, same step-0 lr of 0 during warm-up), so loss
 curves compare one to one with runs of LLaMA-Factory / the HF Trainer.
@@ -8,41 +8,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from tunesmith.config.schema import TrainArgs
 from tunesmith.errors import ConfigError
-
-
-def is_no_decay(name: str, param: torch.Tensor) -> bool:
-    """Biases, norm weights (any 1-D parameter) and anything named *norm*/*bias* get no weight decay."""
-    lowered = name.lower()
-    return param.ndim < 2 or "bias" in lowered or "norm" in lowered
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters split into a decayed and a not-decayed group (empty groups left out)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if is_no_decay(name, param) else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
-
-
-def build_optimizer(model: torch.nn.Module, train: TrainArgs) -> torch.optim.AdamW:
-    groups = param_groups(model, train.weight_decay)
-    if not groups:
-        raise ValueError("the model has no trainable parameters")
-    return torch.optim.AdamW(
-        groups, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon
-    )
 
 
 def steps_per_epoch(batches_per_epoch: int, accumulation: int) -> int:
@@ -100,7 +72,71 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     return schedules[kind]
 
 
+# HF's schedules that take options (lr_scheduler_kwargs), with the options each takes and their defaults
+SCHEDULE_OPTIONS: dict[str, dict[str, float | None]] = {
+    "cosine_with_min_lr": {"num_cycles": 0.5, "min_lr": None, "min_lr_rate": None},
+    "cosine_with_restarts": {"num_cycles": 1.0},
+    "polynomial": {"lr_end": 1e-7, "power": 1.0},
+}
+
+
+def schedule_options(kind: str, given: dict[str, Any], learning_rate: float) -> dict[str, float]:
+    """``lr_scheduler_kwargs`` checked against the schedule's own options, with HF's defaults filled in."""
+    known = SCHEDULE_OPTIONS.get(kind, {})
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        takes = ", ".join(known) if known else "no options"
+        raise ConfigError(f"lr_scheduler_kwargs: {', '.join(unknown)} is not an option of lr_scheduler_type {kind} "
+                          f"(it takes {takes}); remove it")
+    options = {**known, **given}
+    if kind == "cosine_with_min_lr":
+        if (options["min_lr"] is None) == (options["min_lr_rate"] is None):
+            raise ConfigError("lr_scheduler_type cosine_with_min_lr needs exactly one of min_lr and min_lr_rate in "
+                              "lr_scheduler_kwargs, such as {min_lr_rate: 0.1}")
+        if options["min_lr"] is not None:
+            options["min_lr_rate"] = float(options["min_lr"]) / learning_rate
+    return {key: float(value) for key, value in options.items() if value is not None}
+
+
+def option_lambda(kind: str, warmup: int, total: int, options: dict[str, float],
+                  learning_rate: float) -> Callable[[int], float]:
+    """The multiplier of the schedules with options (HF's formulas)."""
+
+    def progress(step: int) -> float:
+        return (step - warmup) / max(1, total - warmup)
+
+    def cosine_with_min_lr(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        factor = 0.5 * (1.0 + math.cos(math.pi * options["num_cycles"] * 2.0 * progress(step)))
+        return max(0.0, factor * (1 - options["min_lr_rate"]) + options["min_lr_rate"])
+
+    def cosine_with_restarts(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        if progress(step) >= 1.0:
+            return 0.0
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((options["num_cycles"] * progress(step)) % 1.0))))
+
+    def polynomial(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        lr_end, power = options["lr_end"], options["power"]
+        if step > total or learning_rate <= lr_end:
+            return lr_end / learning_rate
+        decay = (learning_rate - lr_end) * (1 - progress(step)) ** power + lr_end
+        return decay / learning_rate
+
+    return {"cosine_with_min_lr": cosine_with_min_lr, "cosine_with_restarts": cosine_with_restarts,
+            "polynomial": polynomial}[kind]
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainArgs, total: int) -> LambdaLR:
     # A plain function (not a callable object) as lambda: LambdaLR.state_dict() then stores only the step count,
     # and a resumed run with a changed budget (max_steps) follows the new schedule.
-    return LambdaLR(optimizer, lr_lambda(train.lr_scheduler_type, warmup_steps(train, total), total))
+    kind, warmup = train.lr_scheduler_type, warmup_steps(train, total)
+    given = getattr(train, "lr_scheduler_kwargs", {}) or {}
+    options = schedule_options(kind, given, train.learning_rate)
+    if kind in SCHEDULE_OPTIONS:
+        return LambdaLR(optimizer, option_lambda(kind, warmup, total, options, train.learning_rate))
+    return LambdaLR(optimizer, lr_lambda(kind, warmup, total))

@@ -17,8 +17,9 @@ Precision = Literal["fp32", "bf16", "fp16"]
 
 
 def resolve_precision(train: TrainArgs, device: torch.device) -> Precision:
-    """bf16/fp16 autocast where the device supports it; fp16 on CPU falls back to float32 with a warning."""
-    if train.bf16:
+    """bf16/fp16 autocast where the device supports it; fp16 on CPU falls back to float32 with a warning.
+    pure_bf16 is bf16 too (its weights are bfloat16 already: :func:`frozen_base_dtype`)."""
+    if train.bf16 or getattr(train, "pure_bf16", False):
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("bf16: true but this GPU has no bfloat16 support; set fp16: true or bf16: false")
         return "bf16"
@@ -47,6 +48,8 @@ def autocast(precision: Precision, device: torch.device) -> AbstractContextManag
 def frozen_base_dtype(method: MethodArgs, precision: Precision, device: torch.device) -> torch.dtype:
     """The dtype a model is loaded in: float32 master weights for full / freeze; LoRA on an accelerator keeps its
     frozen base in the autocast dtype (half the memory; only the float32 adapters train)."""
-    if method.finetuning_type == "lora" and device.type != "cpu" and precision != "fp32":
+    if getattr(method, "pure_bf16", False):  # pure_bf16: no float32 master weights at all
+        return torch.bfloat16
+    if method.finetuning_type in ("lora", "oft") and device.type != "cpu" and precision != "fp32":
         return half_dtype(precision)
     return torch.float32

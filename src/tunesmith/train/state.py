@@ -21,6 +21,20 @@ SIGNATURE_HARD_KEYS = (
     "freeze_trainable_modules",
     "use_dora",  # DoRA adds magnitude vectors: the adapter's weights differ
     "streaming",  # a stream position and an epoch position cannot stand in for each other
+    # LLaMA-Factory's other adapters and optimizers: their weights or optimizer state have another shape
+    "oft_rank",
+    "oft_block_size",
+    "oft_target",
+    "pissa_init",
+    "use_llama_pro",
+    "optim",
+    "use_galore",
+    "use_apollo",
+    "use_badam",
+    "use_adam_mini",
+    "use_muon",
+    "galore_layerwise",
+    "apollo_layerwise",
 )
 # ... and keys whose change still loads but no longer reproduces the interrupted run (warned about).
 SIGNATURE_SOFT_KEYS = (
@@ -38,6 +52,18 @@ SIGNATURE_SOFT_KEYS = (
     "template",
     "learning_rate",
     "lr_scheduler_type",
+    "lr_scheduler_kwargs",
+    "loraplus_lr_ratio",
+    "pure_bf16",
+    "module_dropout",
+    "pissa_iter",
+    "pissa_convert",
+    "neftune_noise_alpha",
+    "use_dft_loss",
+    "use_eaft_loss",
+    "use_asft_loss",
+    "eaft_alpha",
+    "asft_alpha",
     # the sample order
     "packing",
     "neat_packing",

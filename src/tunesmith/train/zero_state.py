@@ -28,6 +28,7 @@ import torch
 from tunesmith.errors import TunesmithError
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+MASTER_ATTR = "_tunesmith_fp32_master"  # on a ZeRO-0 half-precision parameter: its fp32 copy the optimizer steps
 # how many bytes of full tensors one load round reads onto every rank (weights + moments, fp32)
 LOAD_CHUNK_BYTES = 1 << 30
 
@@ -57,8 +58,9 @@ def get_full(
 
     if zero_managed(param):
         value = safe_get_full_fp32_param(param) if key is None else safe_get_full_optimizer_state(param, key)
-    else:
-        value = param.detach() if key is None else optimizer.state[param][key]
+    else:  # plain ZeRO-0: the fp32 master (a bf16 run's separate copy, see link_optimizer_fragments) holds the state
+        master = getattr(param, MASTER_ATTR, param)
+        value = master.detach() if key is None else optimizer.state[master][key]
     if value is None:
         raise TunesmithError(f"DeepSpeed holds no {key or 'fp32 weight'} for a trainable parameter")
     return value.detach().float().reshape(full_shape(param))
@@ -71,8 +73,11 @@ def set_full(
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     if not zero_managed(param):
-        target = param.data if key is None else optimizer.state[param][key]
+        master = getattr(param, MASTER_ATTR, param)
+        target = master.data if key is None else optimizer.state[master][key]
         target.copy_(value.to(target.device, target.dtype))
+        if key is None and master is not param:  # the module's bf16 copy follows its master
+            param.data.copy_(value.to(param.data.device, param.dtype))
         return
     value = value.to(torch.float32)
     if key is not None:
@@ -95,6 +100,11 @@ def link_optimizer_fragments(wrapper: object) -> None:
     groups have no optimizer state yet (0.19: ``_optimizer_step`` runs per group), so parameters of
     tunesmith's second group (no weight decay) would never find their moments. Relinking once the state exists
     is idempotent: the views alias the optimizer's own tensors, which Adam updates in place."""
+    # ZeRO-0 with bf16 / fp16 (DeepSpeed's unfused fp16 optimizer): the torch optimizer steps fp32 copies of the
+    # module's half-precision parameters, and keys its state by those copies
+    for low, high in zip(getattr(wrapper, "fp16_groups", []), getattr(wrapper, "fp32_groups", []), strict=False):
+        for param, master in zip(low, high, strict=True):
+            setattr(param, MASTER_ATTR, master)
     relink = getattr(wrapper, "_lazy_init_hp_params_optimizer_state", None)
     if relink is None or not hasattr(wrapper, "_hp_optimizer_states_linked"):
         return  # ZeRO-3 (reads its flat partitions directly) or plain ZeRO-0

@@ -14,10 +14,12 @@ import importlib
 import torch
 
 from tunesmith.config import Config
+from tunesmith.errors import ConfigError
 from tunesmith.logging import get_logger
 from tunesmith.runenv import launched_by_torchrun
 from tunesmith.train.distributed import Collectives, dist_info, join_process_group, rank_device
 from tunesmith.train.engines.base import Engine, TorchEngine, clip_and_step
+from tunesmith.train.optimizers import check_optimizer
 from tunesmith.train.precision import resolve_precision
 
 __all__ = ["Engine", "TorchEngine", "clip_and_step", "create_engine", "engine_class", "validate_engine_config"]
@@ -42,8 +44,10 @@ def validate_engine_config(cfg: Config, world_size: int | None = None) -> type[E
     """The engine class for ``cfg`` in a job of ``world_size`` processes (default: this process's job), after
     it has refused what it cannot run; called before anything is loaded (and by the CLI before launching)."""
     world_size = dist_info().world_size if world_size is None else world_size
-    cls = engine_class(cfg.resolved_engine(world_size))
+    name = cfg.resolved_engine(world_size)
+    cls = engine_class(name)
     cls.validate(cfg, world_size)
+    check_optimizer(cfg, name, world_size)
     return cls
 
 
@@ -54,6 +58,12 @@ def create_engine(cfg: Config, device: torch.device | str | None = None) -> Engi
 
     cls = validate_engine_config(cfg)
     device = torch.device(device) if device is not None else pick_device(cfg.device)
+    if cfg.use_v1_kernels and device.type == "cpu":
+        raise ConfigError("use_v1_kernels: true asks for LLaMA-Factory v1's fused CUDA / Ascend kernels, which a "
+                          "CPU run has none of; set use_v1_kernels: false")
+    if cfg.use_v1_kernels:
+        log.warning("use_v1_kernels: tunesmith runs transformers' attention and the engines' own fused ops; "
+                    "LLaMA-Factory's v1 kernel plugins are not applied")
     comm = Collectives()
     if cls.needs_process_group:
         device = rank_device(device, dist_info().local_rank)

@@ -25,7 +25,7 @@ from tunesmith.config import Config
 from tunesmith.config.schema import MethodArgs, TrainArgs
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.distributed import Collectives
-from tunesmith.train.optim import build_optimizer
+from tunesmith.train.optimizers import LayerwiseOptimizer, build_optimizer
 from tunesmith.train.precision import Precision, autocast, frozen_base_dtype
 from tunesmith.train.state import TrainState
 
@@ -93,15 +93,33 @@ def clip_and_step(
     scaler: torch.amp.GradScaler | None = None,
 ) -> torch.Tensor:
     """Unscale (fp16), clip to ``max_grad_norm`` (0: measure only), step, zero the grads; the pre-clip norm."""
+    if isinstance(optimizer, LayerwiseOptimizer):  # stepped during backward; nothing left to clip
+        return torch.tensor(optimizer.take_grad_norm())
     if scaler is not None:
         scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    grads = [p.grad for p in params if p.grad is not None]
+    if any(grad.is_sparse for grad in grads):  # BAdam's ratio mode: torch's clipping takes dense gradients only
+        norm = _clip_sparse(grads, max_grad_norm)
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def _clip_sparse(grads: list[torch.Tensor], max_grad_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ over a mix of dense and sparse (COO) gradients: the same norm and scaling."""
+    norm = torch.linalg.vector_norm(torch.stack([
+        torch.linalg.vector_norm((grad.coalesce().values() if grad.is_sparse else grad).float()) for grad in grads
+    ]))
+    if max_grad_norm > 0 and float(norm) > max_grad_norm:
+        scale = max_grad_norm / (float(norm) + 1e-6)
+        for grad in grads:
+            grad.mul_(scale)
     return norm
 
 
@@ -137,9 +155,10 @@ class TorchEngine:
 
     def setup(self, model: torch.nn.Module, train: TrainArgs, total_steps: int) -> None:
         self.model = self.wrap(model)
-        self.optimizer = build_optimizer(self.model, train)
+        self.optimizer = build_optimizer(self.model, train, train)  # type: ignore[arg-type]  # a Config
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.max_grad_norm = train.max_grad_norm
+        self.save_only_model = train.save_only_model
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """Place (and wrap) the model; the base places it on the device."""
@@ -174,7 +193,8 @@ class TorchEngine:
         """Replicated state (single, ddp): rank 0 writes the HF/PEFT weights and ``optimizer.pt``."""
         if self.comm.is_main:
             ckpt.save_model(self.model, tokenizer, directory)
-            torch.save(self.optimizer.state_dict(), Path(directory) / ckpt.OPTIMIZER_FILE)
+            if not self.save_only_model:
+                torch.save(self.optimizer.state_dict(), Path(directory) / ckpt.OPTIMIZER_FILE)
 
     def save_checkpoint(self, output_dir: Path, tokenizer: Any, scheduler: Any, state: TrainState) -> Path:
         return ckpt.write_checkpoint(

@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from tunesmith.config.schema import TrainArgs
 from tunesmith.train.engines.base import TorchEngine
 
 # torch ≥ 2.13 names it forward_sync_buffers (and warns about broadcast_buffers, which older ones take)
@@ -25,6 +26,11 @@ _NO_FORWARD_BUFFER_SYNC = (
 
 class DDPEngine(TorchEngine):
     name: ClassVar[str] = "ddp"
+    find_unused_parameters = False
+
+    def setup(self, model: torch.nn.Module, train: TrainArgs, total_steps: int) -> None:
+        self.find_unused_parameters = bool(getattr(train, "ddp_find_unused_parameters", None))
+        super().setup(model, train, total_steps)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         model = model.to(self.device)
@@ -34,7 +40,8 @@ class DDPEngine(TorchEngine):
         # gradient_as_bucket_view: each .grad is a view into the reducer's all-reduce bucket instead of a second
         # copy beside it, saving one full set of gradients (the reduced values are the same).
         return DistributedDataParallel(
-            model, device_ids=device_ids, gradient_as_bucket_view=True, **_NO_FORWARD_BUFFER_SYNC
+            model, device_ids=device_ids, gradient_as_bucket_view=True,
+            find_unused_parameters=self.find_unused_parameters, **_NO_FORWARD_BUFFER_SYNC
         )
 
     def accumulating(self, last: bool) -> AbstractContextManager:

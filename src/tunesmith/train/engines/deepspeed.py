@@ -45,7 +45,8 @@ from tunesmith.model.resolve import cache_root
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import zero_state
 from tunesmith.train.distributed import Collectives
-from tunesmith.train.optim import param_groups, warmup_steps
+from tunesmith.train.optim import warmup_steps
+from tunesmith.train.optimizers import param_groups
 from tunesmith.train.precision import Precision, frozen_base_dtype
 from tunesmith.train.state import TrainState
 
@@ -102,6 +103,11 @@ class DeepSpeedEngine:
 
     @classmethod
     def validate(cls, cfg: Config, world_size: int) -> None:
+        if cfg.save_only_model:
+            raise ConfigError(
+                "save_only_model: true works with the single and ddp engines; DeepSpeed writes weights and optimizer "
+                "shards as one distributed checkpoint: set save_only_model: false (or engine: ddp)"
+            )
         if cfg.quantization_bit is not None and cfg.use_dora and zero_stage(cfg.deepspeed) == 3:
             # DoRA's weight-norm pass meets a quantized weight ZeRO-3 did not register; ZeRO 0-2 train it
             raise ConfigError(

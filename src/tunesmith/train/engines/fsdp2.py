@@ -40,6 +40,11 @@ class FSDP2Engine(TorchEngine):
 
     @classmethod
     def validate(cls, cfg: Config, world_size: int) -> None:
+        if cfg.save_only_model:
+            raise ConfigError(
+                "save_only_model: true works with the single and ddp engines; fsdp2 writes weights and optimizer "
+                "shards as one distributed checkpoint: set save_only_model: false (or engine: ddp)"
+            )
         if cfg.fp16:
             raise ConfigError(
                 "fp16 with engine: fsdp2 is not supported yet (the loss scaler does not handle sharded "

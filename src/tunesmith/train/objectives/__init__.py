@@ -1,6 +1,7 @@
 """Training objectives, one module per stage, chosen by ``stage`` (see :mod:`.base` for the interface).
 
-Adding a stage: a module here with a class implementing :class:`Objective`, and a line in ``_OBJECTIVES``.
+Adding a stage: a module here with a class implementing :class:`Objective`, and a line in ``_OBJECTIVES``. A stage
+may have variants its keys choose: ``sft``'s DFT / EAFT / ASFT losses (:mod:`.sft_losses`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,12 @@ from tunesmith.train.objectives.pt import PretrainObjective
 from tunesmith.train.objectives.reference import Reference
 from tunesmith.train.objectives.rm import RewardObjective
 from tunesmith.train.objectives.sft import SFTObjective, token_loss_sum
+from tunesmith.train.objectives.sft_losses import ASFTObjective, DFTObjective, EAFTObjective, sft_objective
 
 __all__ = [
+    "ASFTObjective",
+    "DFTObjective",
+    "EAFTObjective",
     "LossParts",
     "DPOObjective",
     "KTOObjective",
@@ -34,7 +39,7 @@ __all__ = [
 Loader = Callable[[], torch.nn.Module]
 
 _OBJECTIVES: dict[str, Callable[[Config, Reference], Objective]] = {
-    "sft": lambda cfg, _: SFTObjective(varlen=cfg.flash_attn == "fa2"),
+    "sft": sft_objective,  # cross entropy, or the DFT / EAFT / ASFT loss its keys choose
     "pt": lambda cfg, _: PretrainObjective(varlen=cfg.flash_attn == "fa2"),
     "dpo": lambda cfg, reference: DPOObjective(cfg.pref_loss, cfg.pref_beta, cfg.pref_ftx, cfg.simpo_gamma,
                                                cfg.dpo_label_smoothing, reference, cfg.precompute_ref_log_probs),
