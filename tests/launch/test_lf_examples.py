@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tunesmith.cli import main
+from tunesmith.model.llama_pro import expand_model_folder
 from tunesmith.train.observe import read_log
 
 pytestmark = pytest.mark.slow
@@ -84,7 +85,8 @@ def models(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("lf-models")
     plain = _with_every_template_token(tiny_model_dir, root / "tiny")
     eight = _with_every_template_token(tiny_model_dir, root / "tiny8", layers=8)
-    assert main(["llama-pro", str(eight), str(root / "tiny-pro"), "--num-expand", "8"]) == 0
+    # the function behind `tunesmith llama-pro` (main() here, outside a test, would leave its logging set up)
+    expand_model_folder(eight, root / "tiny-pro", 8)
     return {"plain": plain, "pro": root / "tiny-pro"}
 
 
