@@ -56,9 +56,7 @@ def export_model(
     `gptq`: the merged model is then GPTQ-quantized in the folder (:mod:`tunesmith.export.quantize`).
     """
     from tunesmith.data.loader import pad_token_id
-    from tunesmith.data.templates import Template
     from tunesmith.model.adapt import load_adapter
-    from tunesmith.model.generate import get_chat_template
     from tunesmith.model.load import RewardHead, load_model, load_tokenizer, resolve_dtype
     from tunesmith.model.resolve import resolve_model_path
 
@@ -82,24 +80,8 @@ def export_model(
         model = load_adapter(model, adapter, trainable=False, allow_pickle=allow_pickle).merge_and_unload()
         logger.info("merged adapter %s into %s", adapter, base_dir)
 
-    if reward_model:
-        stop_ids: list[int] = []  # a scorer: no generation settings
-    elif (template and template != "auto") or tokenizer.chat_template:
-        chat_template = get_chat_template(template, tokenizer)
-        if default_system is not None:
-            if type(chat_template) is Template:  # a registry template; AutoTemplate wraps the tokenizer's jinja
-                chat_template = dataclasses.replace(chat_template, default_system=default_system)
-            else:
-                logger.warning("default_system is not written into the tokenizer's own (auto) template; "
-                               "pass --system when chatting with the export")
-        tokenizer.chat_template = chat_template.jinja()  # for auto: the tokenizer's own, unchanged
-        stop_ids = chat_template.stop_token_ids(tokenizer)
-    else:
-        logger.warning("the tokenizer of %s has no chat template; the export will have none either", base_dir)
-        stop_ids = [tokenizer.eos_token_id]
-    if stop_ids:
-        model.generation_config.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else stop_ids
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if not reward_model:  # a scorer has no chat template or generation settings
+        _set_chat_template(model, tokenizer, template, default_system, base_dir)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written beside out_dir and renamed in at the end: a crash never leaves a half export that looks whole.
@@ -132,6 +114,30 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("exported %s to %s", "merged model" if adapter else "model", out)
     return out
+
+
+def _set_chat_template(model: Any, tokenizer: Any, template: str | None, default_system: str | None,
+                       base_dir: Path) -> None:
+    """The training template (with its default system prompt) as the tokenizer's chat_template, and its stop
+    tokens as the generation config's eos."""
+    from tunesmith.data.templates import Template
+    from tunesmith.model.generate import get_chat_template
+
+    if (template and template != "auto") or tokenizer.chat_template:
+        chat_template = get_chat_template(template, tokenizer)
+        if default_system is not None:
+            if type(chat_template) is Template:  # a registry template; AutoTemplate wraps the tokenizer's jinja
+                chat_template = dataclasses.replace(chat_template, default_system=default_system)
+            else:
+                logger.warning("default_system is not written into the tokenizer's own (auto) template; "
+                               "pass --system when chatting with the export")
+        tokenizer.chat_template = chat_template.jinja()  # for auto: the tokenizer's own, unchanged
+        stop_ids = chat_template.stop_token_ids(tokenizer)
+    else:
+        logger.warning("the tokenizer of %s has no chat template; the export will have none either", base_dir)
+        stop_ids = [tokenizer.eos_token_id]
+    model.generation_config.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else stop_ids
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
 def export_from_config(cfg: Config) -> Path:

@@ -385,15 +385,16 @@ def check_optimizer(cfg: Config, engine: str, world_size: int) -> None:
                           f"gradient; set {name}: false to train on {engine} with {world_size} rank(s)")
     if layerwise and cfg.fp16:
         raise ConfigError(f"{name}: true cannot unscale fp16 gradients step by step; use bf16: true")
-    custom = describe(cfg) != "adamw_torch" and describe(cfg) != "adamw_hf"
+    chosen = describe(cfg)
+    custom = chosen not in ("adamw_torch", "adamw_hf")
     if engine == "deepspeed" and custom:
-        raise ConfigError(f"the optimizer {describe(cfg)} is not DeepSpeed's: ZeRO partitions and steps its own "
+        raise ConfigError(f"the optimizer {chosen} is not DeepSpeed's: ZeRO partitions and steps its own "
                           "optimizer from the ds_config; use engine: ddp (or single) for it, or remove the "
                           "optimizer keys to train with DeepSpeed's AdamW")
     shards = engine == "fsdp2" and world_size > 1
     if shards and (cfg.use_galore or cfg.use_apollo or cfg.use_muon or cfg.use_badam or cfg.use_adam_mini
                    or cfg.optim not in ("adamw_torch", "adamw_hf", "adamw_torch_fused", "sgd")):
-        raise ConfigError(f"the optimizer {describe(cfg)} needs each weight whole (a projection, an "
+        raise ConfigError(f"the optimizer {chosen} needs each weight whole (a projection, an "
                           "orthogonalisation, block states or bitsandbytes' kernels), which fsdp2 splits over the "
                           "ranks; use engine: ddp, or optim: adamw_torch / adamw_torch_fused / sgd")
 
