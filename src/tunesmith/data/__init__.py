@@ -4,7 +4,8 @@
 sources (files, dataset_info.json) → formats (alpaca / sharegpt / openai → Conversation) → templates
 (registry and ``auto``) → segments (exact tokenization) → encode (labels, truncation, report) → split.
 Several datasets are mixed by ``mix_strategy`` (:mod:`tunesmith.data.mix`); ``streaming: true`` returns a lazy
-:class:`~tunesmith.data.stream.StreamingData` instead of a list (:mod:`tunesmith.data.stream`).
+:class:`~tunesmith.data.stream.StreamingData` instead of a list (:mod:`tunesmith.data.stream`). The prepared samples
+of every stage (token rows, packed rows, pairs, feedback examples) are cached on disk (:mod:`tunesmith.data.cache`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from tunesmith.data.cache import cache_key, cache_location, load_cached, save_ca
 from tunesmith.data.conversation import Conversation, Turn
 from tunesmith.data.documents import encode_documents, read_documents
 from tunesmith.data.encode import Encoded, EncodeReport, encode_conversation, encode_dataset, gc_paused
-from tunesmith.data.feedback import encode_feedback, read_feedback
+from tunesmith.data.feedback import FeedbackSample, encode_feedback, read_feedback
 from tunesmith.data.pack import PackedSample, pack_samples
-from tunesmith.data.pairs import encode_pairs, read_pairs
+from tunesmith.data.pairs import PairSample, encode_pairs, read_pairs
 from tunesmith.data.sources import BadRows, load_conversations, read_conversations
 from tunesmith.data.split import split_train_val
 from tunesmith.data.stream import StreamingData
@@ -48,9 +49,9 @@ logger = get_logger("data")
 
 @dataclass
 class PreparedData:
-    # packed rows with packing: true; a lazy stream with streaming: true
-    train: list[Encoded] | list[PackedSample] | StreamingData
-    val: list[Encoded]
+    # packed rows with packing: true; a lazy stream with streaming: true; pairs (dpo, rm), feedback examples (kto)
+    train: list[Encoded] | list[PackedSample] | list[PairSample] | list[FeedbackSample] | StreamingData
+    val: list[Encoded] | list[PairSample] | list[FeedbackSample]
     report: EncodeReport
     template: Template
 
@@ -68,8 +69,7 @@ def prepare_datasets(cfg: Config, tokenizer: Any) -> PreparedData:
 
 def _prepare_or_load(cfg: Config, tokenizer: Any, template: Template) -> PreparedData:
     key = cache_key(cfg, tokenizer, template)
-    # the cache holds token rows, not pairs or tagged examples
-    location = cache_location(cfg, key) if cfg.stage in ("sft", "pt") else None
+    location = cache_location(cfg, key)  # every stage: token rows, packed rows, pairs or feedback examples
     if location is not None and not cfg.overwrite_cache:
         cached = load_cached(location, key)
         if cached is not None:

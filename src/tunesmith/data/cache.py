@@ -1,5 +1,9 @@
-"""The preprocessing cache: encoded (and packed) samples saved on disk, reused only when nothing they depend on
-changed.
+"""The preprocessing cache: the encoded samples of every stage saved on disk, reused only when nothing they depend
+on changed: token rows (:class:`~tunesmith.data.encode.Encoded`, sft / pt, and packed
+:class:`~tunesmith.data.pack.PackedSample` rows), preference pairs (:class:`~tunesmith.data.pairs.PairSample`, dpo
+/ rm) and feedback examples (:class:`~tunesmith.data.feedback.FeedbackSample`, kto). A sample's ``reference``
+(precompute_ref_log_probs) is not part of it: that is filled later, and cached on its own under
+``<cache>/reference_logps/`` (:mod:`tunesmith.train.precompute`).
 
 Where: ``tokenized_path`` when set (as in LLaMA-Factory: saved there, loaded from there), else automatically under
 ``<cache>/datasets/<key>/`` with ``<cache>`` = ``cache_dir``, ``$TUNESMITH_CACHE`` or ``~/.cache/tunesmith``.
@@ -7,7 +11,7 @@ Where: ``tokenized_path`` when set (as in LLaMA-Factory: saved there, loaded fro
 
 The key is a sha256 over everything the samples depend on: the bytes of every data file (and of
 dataset_info.json), the tokenizer (its serialized backend: vocab, merges, normalizer, added/special tokens; plus
-its chat template and special tokens), the template's full definition, the data config keys (cutoff_len,
+its chat template and special tokens), the template's full definition, the data config keys (stage, cutoff_len,
 packing, train_on_prompt, mask_history, default_system, placeholders, max_samples, mix_strategy,
 interleave_probs, val_size, seed, ...; not preprocessing_num_workers / preprocessing_batch_size, which change
 only the speed) and
@@ -15,9 +19,12 @@ tunesmith's version together with a hash of the data package's own source (so a 
 never reuses samples the new code would encode differently). Unlike LLaMA-Factory, a ``tokenized_path`` whose key
 differs is rebuilt (with a warning), never silently reused.
 
-Layout (compact, loads in a few numpy reads): ``meta.json`` (key, report, counts) and ``train.npz`` /
-``val.npz`` holding flat int32 ``input_ids`` and ``labels``, int64 ``offsets`` into them and, for packed rows,
-flat ``seq_lens`` with their own offsets. Saving and loading copy raw int32 buffers into the samples'
+Layout (compact, loads in a few numpy reads, no pickle): ``meta.json`` (key, report, counts) and ``train.npz`` /
+``val.npz``, each holding per token field a flat int32 array and int64 offsets into it: ``input_ids`` and
+``labels`` sharing ``offsets`` (token rows; packed rows add flat ``seq_lens`` with ``seq_offsets``); ``prompt``,
+``chosen``, ``rejected`` with ``prompt_offsets``, ... (pairs); ``prompt``, ``completion``, ``kl_completion`` with
+their offsets and a bool ``desirable`` (feedback). Which fields a file holds says which samples it holds.
+Saving and loading copy raw int32 buffers into the samples'
 ``array('i')`` ids (no Python int per token): 22k samples / 3.8M tokens load in well under a second. Everything is written into a temporary sibling folder and renamed into
 place, so a crash or a concurrent writer (every rank preprocesses) never leaves a half cache.
 """
@@ -40,14 +47,16 @@ from tunesmith import __version__
 from tunesmith.config import Config
 from tunesmith.config.load import check_output_folder
 from tunesmith.data.encode import Encoded, EncodeReport, TokenIds
+from tunesmith.data.feedback import FeedbackSample
 from tunesmith.data.pack import PackedSample
+from tunesmith.data.pairs import PairSample
 from tunesmith.data.sources import read_dataset_info, resolve_source
 from tunesmith.errors import DataError
 from tunesmith.logging import get_logger
 
 logger = get_logger("data")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: pair and feedback samples
 META = "meta.json"
 CONFIG_KEYS = (
     "stage",
@@ -72,7 +81,12 @@ CONFIG_KEYS = (
 # (preprocessing_num_workers, preprocessing_batch_size), only where they are kept (tokenized_path, cache_dir,
 # overwrite_cache), or apply to streaming only, which never uses this cache (streaming, buffer_size).
 
-Sample = Encoded | PackedSample
+Sample = Encoded | PackedSample | PairSample | FeedbackSample
+# the token fields of the samples with fields of their own lengths (each stored flat, with its own offsets)
+_SPLIT_FIELDS: dict[type, tuple[str, ...]] = {
+    PairSample: ("prompt", "chosen", "rejected"),
+    FeedbackSample: ("prompt", "completion", "kl_completion"),
+}
 
 
 def _sha256_file(path: Path) -> str:
@@ -140,13 +154,21 @@ def cache_key(cfg: Config, tokenizer: Any, template: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def cache_root(cfg: Config) -> Path | None:
+    """The automatic cache's root (``cache_dir``, ``$TUNESMITH_CACHE`` or ``~/.cache/tunesmith``), or None when
+    ``TUNESMITH_DATA_CACHE=0`` turns it off."""
+    if os.environ.get("TUNESMITH_DATA_CACHE", "1").lower() in ("0", "off", "false", "no"):
+        return None
+    return Path(cfg.cache_dir or os.environ.get("TUNESMITH_CACHE") or Path.home() / ".cache" / "tunesmith").expanduser()
+
+
 def cache_location(cfg: Config, key: str) -> Path | None:
     """The folder for this key: tokenized_path, the automatic cache, or None when caching is off."""
     if cfg.tokenized_path:
         return _checked_cache_folder("tokenized_path", Path(cfg.tokenized_path).expanduser())
-    if os.environ.get("TUNESMITH_DATA_CACHE", "1").lower() in ("0", "off", "false", "no"):
+    root = cache_root(cfg)
+    if root is None:
         return None
-    root = Path(cfg.cache_dir or os.environ.get("TUNESMITH_CACHE") or Path.home() / ".cache" / "tunesmith").expanduser()
     location = root / "datasets" / key[:32]
     if not location.is_dir():  # it will be written: the cache root must be a folder this user can write in
         key_name = "TUNESMITH_CACHE" if not cfg.cache_dir and os.environ.get("TUNESMITH_CACHE") else "cache_dir"
@@ -183,22 +205,51 @@ def _flat(seqs: list[Any]) -> np.ndarray:
     )
 
 
+def _offsets(lengths: Any, count: int) -> np.ndarray:
+    offsets = np.zeros(count + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(lengths, dtype=np.int64, count=count), out=offsets[1:])
+    return offsets
+
+
 def _to_arrays(samples: list[Sample]) -> dict[str, np.ndarray]:
-    lengths = np.fromiter((len(s.input_ids) for s in samples), dtype=np.int64, count=len(samples))
-    offsets = np.zeros(len(samples) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
+    fields = _SPLIT_FIELDS.get(type(samples[0])) if samples else None
+    if fields is not None:  # pairs / feedback: each token field with its own offsets
+        arrays = {}
+        for name in fields:
+            seqs = [getattr(s, name) for s in samples]
+            arrays[name] = _flat(seqs)
+            arrays[f"{name}_offsets"] = _offsets(map(len, seqs), len(seqs))
+        if isinstance(samples[0], FeedbackSample):
+            arrays["desirable"] = np.fromiter((s.desirable for s in samples), dtype=np.bool_, count=len(samples))
+        return arrays
     arrays = {
         "input_ids": _flat([s.input_ids for s in samples]),
         "labels": _flat([s.labels for s in samples]),
-        "offsets": offsets,
+        "offsets": _offsets((len(s.input_ids) for s in samples), len(samples)),
     }
     if samples and isinstance(samples[0], PackedSample):
         seq_lens = [s.seq_lens for s in samples]  # type: ignore[union-attr]
-        seq_offsets = np.zeros(len(samples) + 1, dtype=np.int64)
-        np.cumsum([len(x) for x in seq_lens], out=seq_offsets[1:])
         arrays["seq_lens"] = np.array([n for x in seq_lens for n in x], dtype=np.int32)
-        arrays["seq_offsets"] = seq_offsets
+        arrays["seq_offsets"] = _offsets(map(len, seq_lens), len(seq_lens))
     return arrays
+
+
+def samples_fingerprint(samples: list[Any]) -> str:
+    """sha256 of the samples' token fields (ids, labels, ... as stored in the cache) and their order; what is
+    filled in later (a pair's ``reference``) is not part of it."""
+    digest = hashlib.sha256(str(FORMAT_VERSION).encode())
+    start = 0
+    while start < len(samples):  # runs of one sample type (a packed training split, then validation rows)
+        kind = type(samples[start])
+        end = start
+        while end < len(samples) and type(samples[end]) is kind:
+            end += 1
+        digest.update(f"{kind.__name__}:{end - start}".encode())
+        for name, array in sorted(_to_arrays(samples[start:end]).items()):
+            digest.update(name.encode() + str(array.dtype).encode())
+            digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+        start = end
+    return digest.hexdigest()
 
 
 def _slices(flat: np.ndarray, bounds: list[tuple[int, int]]) -> list[TokenIds]:
@@ -212,7 +263,23 @@ def _slices(flat: np.ndarray, bounds: list[tuple[int, int]]) -> list[TokenIds]:
     return out
 
 
+def _split_fields(arrays: Any, fields: tuple[str, ...]) -> list[list[TokenIds]]:
+    """Per field, one TokenIds per sample."""
+    columns = []
+    for name in fields:
+        offsets = arrays[f"{name}_offsets"].tolist()
+        columns.append(_slices(arrays[name], list(zip(offsets[:-1], offsets[1:], strict=True))))
+    return columns
+
+
 def _from_arrays(arrays: Any) -> list[Sample]:
+    if "chosen" in arrays:
+        prompt, chosen, rejected = _split_fields(arrays, _SPLIT_FIELDS[PairSample])
+        return [PairSample(*row) for row in zip(prompt, chosen, rejected, strict=True)]
+    if "completion" in arrays:
+        columns = _split_fields(arrays, _SPLIT_FIELDS[FeedbackSample])
+        desirable = arrays["desirable"].tolist()
+        return [FeedbackSample(*row) for row in zip(*columns, desirable, strict=True)]
     offsets = arrays["offsets"].tolist()
     spans = list(zip(offsets[:-1], offsets[1:], strict=True))
     ids, labels = _slices(arrays["input_ids"], spans), _slices(arrays["labels"], spans)

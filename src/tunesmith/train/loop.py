@@ -259,8 +259,7 @@ def setup(
     engine.setup(model, cfg, total)
     engine.model.train()
     if objective.precomputes:  # with the initial weights: before a checkpoint is loaded
-        precompute(engine, EngineCall(engine), objective, [*train_data, *val_data], collator,
-                   cfg.per_device_eval_batch_size)
+        precompute(engine, EngineCall(engine), objective, [*train_data, *val_data], collator, cfg)
     scheduler = build_scheduler(engine.optimizer, cfg, total)
     state = _setup_state(cfg, engine, loader, scheduler, resume_path, total)
     tensorboard_dir = Path(cfg.logging_dir or Path(cfg.output_dir) / "runs") if cfg.use_tensorboard else None
