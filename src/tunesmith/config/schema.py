@@ -15,6 +15,7 @@ from tunesmith.config.hf_compat import HFCompatArgs
 from tunesmith.config.lf_methods import LFMethodArgs
 from tunesmith.config.optimizer_args import OptimizerArgs
 from tunesmith.config.section import Section
+from tunesmith.config.speed import SpeedArgs
 from tunesmith.errors import ConfigError
 
 
@@ -87,7 +88,8 @@ class MethodArgs(_Section):
     precompute_ref_log_probs: bool = Field(
         False,
         description="dpo / kto: compute the reference log-probs of every example once before the first step; "
-        "then no step runs the reference, and a frozen reference copy (full / freeze) is freed.",
+        "then no step runs the reference, and a frozen reference copy (full / freeze) is freed. The values are "
+        "cached with the data (cache_dir/reference_logps), so a later run or a resume reuses them.",
     )
     ref_model_adapters: str | None = Field(
         None, description="dpo / kto: a LoRA adapter merged into ref_model (or into the base model when ref_model "
@@ -467,7 +469,7 @@ NOT_SUPPORTED_YET: frozenset[str] = frozenset(
     """
     fsdp_config
     additional_target lora_modules_to_save
-    new_special_tokens resize_vocab shift_attn rope_scaling use_unsloth enable_liger_kernel
+    new_special_tokens resize_vocab shift_attn rope_scaling use_unsloth
     upcast_layernorm torch_compile export_hub_model_id push_to_hub
     hub_model_id reward_model booster
     ld_alpha infer_backend vllm_maxlen
@@ -478,7 +480,8 @@ NOT_SUPPORTED_YET: frozenset[str] = frozenset(
 
 
 class Config(
-    ModelArgs, MethodArgs, LFMethodArgs, DataArgs, TrainArgs, OptimizerArgs, HFCompatArgs, EvalArgs, ExportArgs
+    ModelArgs, MethodArgs, LFMethodArgs, DataArgs, TrainArgs, SpeedArgs, OptimizerArgs, HFCompatArgs, EvalArgs,
+    ExportArgs,
 ):
     """The whole tunesmith config: every section's keys at the top level, as in LLaMA-Factory."""
 
@@ -581,6 +584,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "method extras": LFMethodArgs,
     "data": DataArgs,
     "train": TrainArgs,
+    "speed": SpeedArgs,
     "optimizer": OptimizerArgs,
     "HF / LLaMA-Factory compatibility": HFCompatArgs,
     "eval": EvalArgs,

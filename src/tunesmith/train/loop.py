@@ -267,6 +267,7 @@ def setup(
         resume.clear_previous_run(Path(cfg.output_dir), tensorboard_dir)
     write_run_info(Path(cfg.output_dir), cfg)
     _log_start(cfg, engine, loader, total)
+    _log_speed(cfg, engine, objective)
     observer = RunObserver(Path(cfg.output_dir), total, state.global_step, tensorboard_dir)
     run = Run(cfg, engine, objective, tokenizer, loader, val_loader, scheduler, state, observer, total,
               resumed=resume_path is not None)
@@ -457,6 +458,18 @@ def _log_start(cfg: Config, engine: Engine, loader: Loader, total: int) -> None:
         engine.precision,
         engine.device,
     )
+
+
+def _log_speed(cfg: Config, engine: Engine, objective: Objective) -> None:
+    """One line: which of the speed features this run uses (issue: users should not have to guess)."""
+    precision = {"fp32": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[engine.precision]
+    frozen = {p.dtype for p in engine.model.parameters() if not p.requires_grad}
+    if engine.precision != "fp32" and frozen and all(d in (torch.bfloat16, torch.float16) for d in frozen):
+        precision += " (frozen weights stored in " + ("bf16" if torch.bfloat16 in frozen else "fp16") + ")"
+    packing = "packing without cross-attention" if cfg.packing or cfg.neat_packing else "no packing"
+    features = [precision, packing, *objective.speed_features(),
+                "activation checkpointing " + ("on" if cfg.gradient_checkpointing else "off"), "no torch.compile"]
+    log.info("speed: %s", "; ".join(features))
 
 
 def data_fingerprint(samples: Sequence[EncodedLike]) -> tuple[int, int]:

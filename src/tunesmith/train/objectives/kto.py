@@ -25,12 +25,12 @@ from tunesmith.data.feedback import FeedbackCollator, TaggedBatch
 from tunesmith.data.loader import IGNORE_INDEX, Batch, Collator
 from tunesmith.train.distributed import Collectives
 from tunesmith.train.objectives.base import LossParts, ModelCall
+from tunesmith.train.objectives.head import LMHead
 from tunesmith.train.objectives.reference import (
     PrecomputedReference,
     Reference,
-    sequence_logps,
+    policy_logps,
     supports_logits_to_keep,
-    target_inputs,
 )
 
 
@@ -50,12 +50,14 @@ class KTOObjective(PrecomputedReference):
     model_head: ClassVar[str] = "causal_lm"
 
     def __init__(self, beta: float = 0.1, chosen_weight: float = 1.0, rejected_weight: float = 1.0,
-                 ftx: float = 0.0, reference: Reference | None = None, precompute_reference: bool = False) -> None:
+                 ftx: float = 0.0, reference: Reference | None = None, precompute_reference: bool = False,
+                 head: LMHead | None = None) -> None:
         self.beta, self.chosen_weight, self.rejected_weight, self.ftx = beta, chosen_weight, rejected_weight, ftx
         self.reference = reference or Reference()
         self.precompute_reference = precompute_reference
         self.kl = 0.0  # the KL estimate of the current step (prepare_window)
         self.trim = False  # whether the model can skip the prompt's logits (see target_inputs)
+        self.head = head or LMHead(target_only=False)
 
     def collator(self, pad_token_id: int) -> Collator:
         return FeedbackCollator(pad_token_id)
@@ -63,7 +65,7 @@ class KTOObjective(PrecomputedReference):
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         self.trim = supports_logits_to_keep(model)
         self.reference.attach(model)
-        return model
+        return self.head.install(model)
 
     def units(self, batch: TaggedBatch) -> int:  # type: ignore[override]
         main = batch.labels[: batch.labels.size(0) // 2, 1:]
@@ -88,16 +90,14 @@ class KTOObjective(PrecomputedReference):
 
     def _log_ratios(self, model: ModelCall, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row: policy minus reference summed log-prob of its targets, and how many targets it has."""
-        inputs, labels = target_inputs(batch, self.trim)
-        reference = self.reference.logps(model, batch, inputs, labels)
-        logps, counts = sequence_logps(model(**inputs).logits, labels)
+        reference = self.reference.logps(model, batch, self.head, self.trim)
+        logps, counts = policy_logps(self.head, model, batch, self.trim)
         return logps - reference, counts
 
     def loss(self, model: ModelCall, batch: TaggedBatch) -> LossParts:  # type: ignore[override]
         main = half_rows(batch, second=False)
-        inputs, labels = target_inputs(main, self.trim)
-        reference = self.reference.logps(model, main, inputs, labels)
-        logps, counts = sequence_logps(model(**inputs).logits, labels)
+        reference = self.reference.logps(model, main, self.head, self.trim)
+        logps, counts = policy_logps(self.head, model, main, self.trim)
         ratios = logps - reference
         valid = counts > 0
         kl = torch.tensor(self.kl, device=logps.device)

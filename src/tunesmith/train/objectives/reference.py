@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tunesmith.data.loader import IGNORE_INDEX, Batch
 from tunesmith.train.checkpoint import is_peft_model
 from tunesmith.train.objectives.base import ModelCall, ObjectiveDefaults
+from tunesmith.train.objectives.head import LMHead, shifted_targets, target_mask
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +51,34 @@ def target_inputs(batch: Batch, trim: bool) -> tuple[dict[str, Any], torch.Tenso
     return {**inputs, "logits_to_keep": batch.labels.size(1) - first}, batch.labels[:, first:]
 
 
+def policy_logps(head: LMHead, model: ModelCall, batch: Batch, trim: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``batch``: the policy's summed log-probability of its targets (float32) and how many there
+    are. With a target-only ``head`` (:mod:`.head`) only the target positions reach the vocabulary projection;
+    otherwise the logits start at the first position that predicts a target in any row (``trim``)."""
+    if head.switch is None:
+        inputs, labels = target_inputs(batch, trim)
+        return sequence_logps(model(**inputs).logits, labels)
+    mask = target_mask(batch.labels)
+    logits = head.target_logits(model, batch.model_inputs(), batch.labels)
+    per_token = -F.cross_entropy(logits, shifted_targets(batch.labels).to(logits.device), reduction="none")
+    rows = mask.nonzero()[:, 0].to(per_token.device)
+    sums = torch.zeros(mask.size(0), dtype=per_token.dtype, device=per_token.device).index_add(0, rows, per_token)
+    return sums, mask.sum(dim=1).to(per_token.device)
+
+
+class _FrozenCall:
+    """A frozen reference model called as objectives call the policy (under the engine's precision)."""
+
+    def __init__(self, model: ModelCall, frozen: torch.nn.Module) -> None:
+        self.model, self.frozen, self.device = model, frozen, model.device
+
+    def __call__(self, **inputs: Any) -> Any:
+        return self.model.other(self.frozen, **inputs)
+
+    def other(self, module: torch.nn.Module, **inputs: Any) -> Any:
+        return self.model.other(module, **inputs)
+
+
 class Reference:
     """The reference of one run; :meth:`attach` it to the policy before the engine wraps it."""
 
@@ -57,6 +86,7 @@ class Reference:
         self.load = load  # ref_model / ref_model_adapters: the pipeline's loader of that model
         self.policy: torch.nn.Module | None = None  # a PEFT model: its adapter switched off is the reference
         self.frozen: torch.nn.Module | None = None  # otherwise a frozen copy of the initial weights
+        self.frozen_head: LMHead | None = None  # how the frozen copy's head runs (as the policy's)
 
     def attach(self, model: torch.nn.Module) -> None:
         if self.load is not None:
@@ -66,22 +96,24 @@ class Reference:
         else:
             self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
 
-    def logps(self, model: ModelCall, batch: Batch, inputs: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
-        """The reference's summed log-probability of each row's targets (no gradient); ``inputs`` and ``labels``
-        from :func:`target_inputs`. Precomputed values (``batch.reference_logps``) are used as they are."""
+    def logps(self, model: ModelCall, batch: Batch, head: LMHead, trim: bool) -> torch.Tensor:
+        """The reference's summed log-probability of each row's targets (no gradient), its logits computed as
+        :func:`policy_logps` computes the policy's. Precomputed values (``batch.reference_logps``) are used as
+        they are."""
         if batch.reference_logps is not None:
             return batch.reference_logps
         with torch.no_grad():
             if self.policy is not None:
                 with self.policy.disable_adapter():  # type: ignore[operator]
-                    logits = model(**inputs).logits
-            else:
-                assert self.frozen is not None, "attach the reference to the policy first"
-                device = batch.input_ids.device
-                if next(self.frozen.parameters()).device != device:
-                    self.frozen.to(device)
-                logits = model.other(self.frozen, **inputs).logits
-            return sequence_logps(logits, labels)[0]
+                    return policy_logps(head, model, batch, trim)[0]
+            assert self.frozen is not None, "attach the reference to the policy first"
+            device = batch.input_ids.device
+            if next(self.frozen.parameters()).device != device:
+                self.frozen.to(device)
+            if self.frozen_head is None:  # the same head as the policy's: the same numbers at step 0
+                self.frozen_head = LMHead(head.target_only)
+                self.frozen_head.install(self.frozen, announce=False)
+            return policy_logps(self.frozen_head, _FrozenCall(model, self.frozen), batch, trim)[0]
 
 
 class PrecomputedReference(ObjectiveDefaults):
@@ -91,6 +123,7 @@ class PrecomputedReference(ObjectiveDefaults):
     memory of a second model is the point) and no step runs the reference forward."""
 
     reference: Reference
+    head: LMHead
     trim: bool
     precompute_reference: bool = False
 
@@ -98,13 +131,15 @@ class PrecomputedReference(ObjectiveDefaults):
     def needs_reference(self) -> bool:
         return True
 
+    def speed_features(self) -> list[str]:
+        return [self.head.describe()]
+
     @property
     def precomputes(self) -> bool:
         return self.precompute_reference and self.needs_reference
 
     def precompute(self, model: ModelCall, batch: Batch) -> torch.Tensor:
-        inputs, labels = target_inputs(batch, self.trim)
-        return torch.stack(self.reference.logps(model, batch, inputs, labels).chunk(2), dim=1)
+        return torch.stack(self.reference.logps(model, batch, self.head, self.trim).chunk(2), dim=1)
 
     def store_precomputed(self, samples: Sequence[Any], values: Sequence[Sequence[float]]) -> None:
         for sample, (first, second) in zip(samples, values, strict=True):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tunesmith.config import Config
 from tunesmith.data.loader import IGNORE_INDEX, Batch
 from tunesmith.train.objectives.base import LossParts, ModelCall, Objective
+from tunesmith.train.objectives.head import LMHead, lm_head, shifted_targets
 from tunesmith.train.objectives.reference import Reference
 from tunesmith.train.objectives.sft import SFTObjective
 
@@ -68,7 +69,8 @@ class WeightedSFTObjective(SFTObjective):
         raise NotImplementedError
 
     def loss(self, model: ModelCall, batch: Batch) -> LossParts:
-        logits, targets = target_logits(model(**batch.model_inputs(self.varlen)).logits, batch.labels)
+        logits = self.head.target_logits(model, batch.model_inputs(self.varlen), batch.labels)
+        targets = shifted_targets(batch.labels).to(logits.device)
         nll = F.cross_entropy(logits, targets, reduction="none")
         loss = (nll * self.weights(logits, nll)).sum()
         return LossParts(loss, {"nll": float(nll.detach().sum())})
@@ -87,8 +89,8 @@ class DFTObjective(WeightedSFTObjective):
 class EAFTObjective(WeightedSFTObjective):
     """``use_eaft_loss``: see the module docstring."""
 
-    def __init__(self, alpha: float = 1.0, varlen: bool = False) -> None:
-        super().__init__(varlen=varlen)
+    def __init__(self, alpha: float = 1.0, varlen: bool = False, head: LMHead | None = None) -> None:
+        super().__init__(varlen=varlen, head=head)
         self.alpha = alpha
 
     def weights(self, logits: torch.Tensor, nll: torch.Tensor) -> torch.Tensor:
@@ -100,14 +102,15 @@ class ASFTObjective(WeightedSFTObjective):
 
     metric_names: ClassVar[tuple[str, ...]] = ("nll", "kl")
 
-    def __init__(self, alpha: float = 0.1, reference: Reference | None = None, varlen: bool = False) -> None:
-        super().__init__(varlen=varlen)
+    def __init__(self, alpha: float = 0.1, reference: Reference | None = None, varlen: bool = False,
+                 head: LMHead | None = None) -> None:
+        super().__init__(varlen=varlen, head=head)
         self.alpha = alpha
         self.reference = reference or Reference()
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        self.reference.attach(model)
-        return model
+        self.reference.attach(model)  # a frozen copy is taken before the head is switched (:mod:`.head`)
+        return self.head.install(model)
 
     def weights(self, logits: torch.Tensor, nll: torch.Tensor) -> torch.Tensor:
         return dft_weights(nll)
@@ -115,7 +118,8 @@ class ASFTObjective(WeightedSFTObjective):
     def loss(self, model: ModelCall, batch: Batch) -> LossParts:
         inputs = batch.model_inputs(self.varlen)
         reference, _ = target_logits(self.reference_logits(model, batch, inputs), batch.labels)
-        logits, targets = target_logits(model(**inputs).logits, batch.labels)
+        logits = self.head.target_logits(model, inputs, batch.labels)
+        targets = shifted_targets(batch.labels).to(logits.device)
         nll = F.cross_entropy(logits, targets, reduction="none")
         kl = kl_to_policy(reference, logits)
         loss = (nll * self.weights(logits, nll)).sum() + self.alpha * kl.sum()
@@ -137,13 +141,13 @@ class ASFTObjective(WeightedSFTObjective):
 def sft_objective(cfg: Config, reference: Reference) -> Objective:
     """``stage: sft``: plain cross entropy, or the weighted loss its keys choose."""
     varlen = cfg.flash_attn == "fa2"
-    if cfg.use_dft_loss:
-        return DFTObjective(varlen=varlen)
+    if cfg.use_dft_loss:  # the weighted losses need the targets' logits: the head is gathered, never fused
+        return DFTObjective(varlen=varlen, head=LMHead(cfg.target_only_head))
     if cfg.use_eaft_loss:
-        return EAFTObjective(cfg.eaft_alpha, varlen=varlen)
+        return EAFTObjective(cfg.eaft_alpha, varlen=varlen, head=LMHead(cfg.target_only_head))
     if cfg.use_asft_loss:
-        return ASFTObjective(cfg.asft_alpha, reference, varlen=varlen)
-    return SFTObjective(varlen=varlen)
+        return ASFTObjective(cfg.asft_alpha, reference, varlen=varlen, head=LMHead(cfg.target_only_head))
+    return SFTObjective(varlen=varlen, head=lm_head(cfg))
 
 
 __all__ = ["ASFTObjective", "DFTObjective", "EAFTObjective", "WeightedSFTObjective", "sft_objective"]
