@@ -161,3 +161,12 @@ def _fresh_tunesmith_logger():
     yield
     logger.handlers[:], logger.propagate = saved[0], saved[1]
     logger.setLevel(saved[2])
+
+
+@pytest.fixture
+def cache_root(tmp_path, monkeypatch):
+    """A tunesmith cache (TUNESMITH_CACHE) of the test's own, switched on."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("TUNESMITH_CACHE", str(root))
+    monkeypatch.delenv("TUNESMITH_DATA_CACHE", raising=False)
+    return root

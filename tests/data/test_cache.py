@@ -17,12 +17,7 @@ from tunesmith.data import prepare_datasets
 ROWS = [{"instruction": f"Question {i}?", "input": "", "output": f"Answer number {i}."} for i in range(10)]
 
 
-@pytest.fixture(autouse=True)
-def cache_root(tmp_path, monkeypatch):
-    root = tmp_path / "cache"
-    monkeypatch.setenv("TUNESMITH_CACHE", str(root))
-    monkeypatch.delenv("TUNESMITH_DATA_CACHE", raising=False)
-    return root
+pytestmark = pytest.mark.usefixtures("cache_root")  # a cache of this test's own (conftest)
 
 
 def cfg_for(tmp_path, **kw) -> Config:

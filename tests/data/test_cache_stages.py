@@ -28,12 +28,7 @@ STAGES = {"dpo": ("pairs", "read_pairs", PairSample), "rm": ("pairs", "read_pair
           "kto": ("feedback", "read_feedback", FeedbackSample)}
 
 
-@pytest.fixture(autouse=True)
-def cache_root(tmp_path, monkeypatch):
-    root = tmp_path / "cache"
-    monkeypatch.setenv("TUNESMITH_CACHE", str(root))
-    monkeypatch.delenv("TUNESMITH_DATA_CACHE", raising=False)
-    return root
+pytestmark = pytest.mark.usefixtures("cache_root")  # a cache of this test's own (conftest)
 
 
 def _write_data(folder, pairs=PAIRS, feedback=FEEDBACK):

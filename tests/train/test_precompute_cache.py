@@ -19,13 +19,7 @@ from tunesmith.train.objectives import DPOObjective, KTOObjective, create_object
 from tunesmith.train.observe import read_log
 from tunesmith.train.precompute import reference_key
 
-
-@pytest.fixture(autouse=True)
-def cache_root(tmp_path, monkeypatch):
-    root = tmp_path / "cache"
-    monkeypatch.setenv("TUNESMITH_CACHE", str(root))
-    monkeypatch.delenv("TUNESMITH_DATA_CACHE", raising=False)
-    return root
+pytestmark = pytest.mark.usefixtures("cache_root")  # a cache of this test's own (conftest)
 
 
 @pytest.fixture
