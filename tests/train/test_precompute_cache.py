@@ -5,12 +5,12 @@ a new entry, while what only the training steps depend on (output_dir, learning_
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 
 import pytest
+from stage_data import stage_values, write_stage_data
 from test_dpo import write_preferences
 from train_helpers import make_cfg
 
@@ -94,15 +94,9 @@ def test_a_second_run_and_a_resume_reuse_the_cached_reference_log_probs(tmp_path
 
 
 def test_kto_reuses_its_cached_reference_log_probs(tmp_path, model_dir, monkeypatch):
-    data = tmp_path / "data"
-    data.mkdir()
-    rows = [{"instruction": f"Tell me about {i}.", "input": "", "output": f"Topic {i}{'!' * (i % 3)}",
-             "kto_tag": i % 3 != 1} for i in range(12)]
-    (data / "fb.json").write_text(json.dumps(rows))
-    (data / "dataset_info.json").write_text(json.dumps({"fb": {"file_name": "fb.json", "columns": {
-        "prompt": "instruction", "query": "input", "response": "output", "kto_tag": "kto_tag"}}}))
-    values = dict(stage="kto", dataset=["fb"], dataset_dir=str(data), template="qwen", cutoff_len=64, max_steps=3,
-                  finetuning_type="lora", lora_rank=4, learning_rate=1e-2, precompute_ref_log_probs=True)
+    data = write_stage_data(tmp_path / "data", count=12)
+    values = dict(**stage_values("kto", data), max_steps=3, finetuning_type="lora", lora_rank=4, learning_rate=1e-2,
+                  precompute_ref_log_probs=True)
     computed = _counting_precompute(monkeypatch, KTOObjective)
     train(make_cfg(tmp_path / "first", model_dir, **values))
     assert computed

@@ -90,6 +90,7 @@ def export_model(
     try:
         model.save_pretrained(tmp, max_shard_size=_shard_size(export_size_gb))
         tokenizer.save_pretrained(tmp)
+        del model  # saved: GPTQ (when asked) loads it again from the folder, without a second copy in memory
         marker = {
             "base": str(base_dir),
             "adapter": str(Path(adapter).expanduser().resolve()) if adapter else None,
@@ -99,15 +100,8 @@ def export_model(
         if gptq is not None:
             from tunesmith.export.quantize import quantize_folder
 
-            del model  # saved above; GPTQ loads it again from there
-            marker |= quantize_folder(
-                tmp,
-                gptq,
-                tokenizer,
-                device=device,
-                max_shard_size=_shard_size(export_size_gb),
-                trust_remote_code=trust_remote_code,
-            )
+            marker |= quantize_folder(tmp, gptq, tokenizer, device=device,
+                                      max_shard_size=_shard_size(export_size_gb), trust_remote_code=trust_remote_code)
         (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")
         _replace_dir(tmp, out)
     finally:
