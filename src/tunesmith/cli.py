@@ -312,14 +312,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command not in ("launch", "jobs", "recipes", "plan"):  # these never import torch: keep them quick
         _name_deepspeed_accelerator()
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except TunesmithError as err:
         rank = os.environ.get("RANK") if os.environ.get("WORLD_SIZE", "1") != "1" else None
         print(f"tunesmith: error{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("tunesmith: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    distributed = sys.modules.get("tunesmith.train.distributed")  # loaded only by commands that train
+    return distributed.end_process(code) if distributed else code
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from tunesmith.logging import setup_logging
 from tunesmith.model.adapt import apply_finetuning
 from tunesmith.model.load import load_model
 from tunesmith.train import train
-from tunesmith.train.distributed import shutdown_distributed
+from tunesmith.train.distributed import end_process, shutdown_distributed
 from tunesmith.train.engines import create_engine
 from tunesmith.train.optim import build_scheduler
 
@@ -78,3 +78,4 @@ if __name__ == "__main__":
     probe(config, Path(sys.argv[2]))
     train(config)
     shutdown_distributed()
+    end_process(0)  # a rank of a multi-rank job exits here (see end_process)

@@ -19,7 +19,12 @@ from tunesmith.config import load_config
 from tunesmith.errors import DataError, TunesmithError
 from tunesmith.logging import setup_logging
 from tunesmith.model.load import load_tokenizer
-from tunesmith.train.distributed import init_distributed, prepare_datasets_once, shutdown_distributed
+from tunesmith.train.distributed import (
+    end_process,
+    init_distributed,
+    prepare_datasets_once,
+    shutdown_distributed,
+)
 
 COLLECTIVE_TIMEOUT_S = 3
 
@@ -64,7 +69,7 @@ def main() -> int:
     }
     (out / f"rank{info.rank}.json").write_text(json.dumps(result), encoding="utf-8")
     shutdown_distributed()
-    return 0
+    return end_process(0)  # a rank of a multi-rank job exits here (see end_process)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from train_helpers import encode_pairs, make_cfg
 from tunesmith.logging import setup_logging
 from tunesmith.model.adapt import apply_finetuning
 from tunesmith.model.load import load_model, load_tokenizer, quantization_from_config
-from tunesmith.train.distributed import shutdown_distributed
+from tunesmith.train.distributed import end_process, shutdown_distributed
 from tunesmith.train.engines import create_engine
 from tunesmith.train.loop import fit
 
@@ -45,3 +45,4 @@ if __name__ == "__main__":
     pairs = dict(arg.split("=", 1) for arg in sys.argv[3:])
     run(sys.argv[1], sys.argv[2], {k: _value(v) for k, v in pairs.items()})
     shutdown_distributed()
+    end_process(0)  # a rank of a multi-rank job exits here (see end_process)

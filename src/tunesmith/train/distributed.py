@@ -9,10 +9,12 @@ checkpoint formats without a launcher).
 from __future__ import annotations
 
 import itertools
+import logging
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -139,11 +141,33 @@ def _restart_store(restart: int, rank: int, world_size: int, timeout: timedelta)
     return torch.distributed.PrefixStore(f"/tunesmith/attempt_{restart}", store)
 
 
+_left_a_group = False  # set once this process has left a process group of more than one rank
+
+
 def shutdown_distributed() -> None:
     """Leave the job in step: a rank tearing gloo down while another still talks to it can abort the process."""
+    global _left_a_group
     if dist_initialized():
+        _left_a_group = _left_a_group or torch.distributed.get_world_size() > 1
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def end_process(code: int) -> int:
+    """Return ``code``; a rank that has left a multi-rank job instead exits here, skipping interpreter teardown.
+
+    Why: once DDP or FSDP2 has wrapped a model, torch keeps the gloo process group alive past
+    ``destroy_process_group`` (its worker threads still run; measured with torch 2.13), so they are still running
+    while Python finalises and C++ static objects are destroyed at exit. A CI run saw a rank die there with
+    SIGABRT ("terminate called without an active exception") after a complete, saved run, which failed the job. Everything is written and closed by now, so the output is flushed and the process ends at once.
+    """
+    if not _left_a_group:
+        return code
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def barrier() -> None:
