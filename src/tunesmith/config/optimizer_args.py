@@ -21,7 +21,8 @@ SWITCHES = ("use_galore", "use_apollo", "loraplus_lr_ratio", "use_badam", "use_a
 class OptimizerArgs(Section):
     optim: Optim = Field(
         "adamw_torch",
-        description="The optimizer (HF's names): adamw_torch (default; adamw_hf is the same), adamw_torch_fused, "
+        description="The optimizer (HF's names): adamw_torch (default; adamw_hf is the same: torch's AdamW, fused "
+        "wherever torch has the kernel for the device, else multi-tensor), adamw_torch_fused (always fused), "
         "sgd, adafactor (torch's own); adamw_8bit / adamw_bnb_8bit, paged_adamw_8bit / 32bit, lion_8bit / 32bit, "
         "paged_lion_8bit / 32bit (bitsandbytes). GaLore uses it as its base: adamw_torch, an 8-bit AdamW or "
         "adafactor.",

@@ -53,8 +53,22 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> Groups:
 
 
 def _adamw(groups: Groups, train: TrainArgs, **extra: Any) -> torch.optim.Optimizer:
+    """torch's AdamW, fused (one kernel over all parameters) wherever torch has the fused kernel for every
+    parameter's device and dtype, else multi-tensor (foreach). The same update up to float rounding; on CPU the
+    per-parameter loop that torch picks by default took 0.67 s a step for SmolLM2-135M's 135M weights, foreach
+    0.38 s, fused 0.07 s."""
+    if "fused" not in extra:
+        fused = _fusable([p for group in groups for p in group["params"]])
+        extra = {"fused": True} if fused else {"foreach": True}
     return torch.optim.AdamW(groups, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
                              eps=train.adam_epsilon, **extra)
+
+
+def _fusable(params: list[torch.Tensor]) -> bool:
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = _get_fused_kernels_supported_devices()
+    return bool(params) and all(p.is_floating_point() and p.device.type in devices for p in params)
 
 
 def _bnb(name: str) -> Factory:
