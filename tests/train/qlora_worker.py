@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 import torch
-from train_helpers import encode_pairs, make_cfg
+from train_helpers import encode_pairs, make_cfg, parse_value
 
 from tunesmith.logging import setup_logging
 from tunesmith.model.adapt import apply_finetuning
@@ -17,15 +17,6 @@ from tunesmith.model.load import load_model, load_tokenizer, quantization_from_c
 from tunesmith.train.distributed import end_process, shutdown_distributed
 from tunesmith.train.engines import create_engine
 from tunesmith.train.loop import fit
-
-
-def _value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
 def run(model_dir: str, output_dir: str, overrides: dict) -> None:
@@ -43,6 +34,6 @@ def run(model_dir: str, output_dir: str, overrides: dict) -> None:
 if __name__ == "__main__":
     setup_logging()
     pairs = dict(arg.split("=", 1) for arg in sys.argv[3:])
-    run(sys.argv[1], sys.argv[2], {k: _value(v) for k, v in pairs.items()})
+    run(sys.argv[1], sys.argv[2], {k: parse_value(v) for k, v in pairs.items()})
     shutdown_distributed()
     end_process(0)  # a rank of a multi-rank job exits here (see end_process)

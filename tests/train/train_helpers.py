@@ -133,3 +133,13 @@ def assert_lf_example_trains(shared_dir: Path, example: str, model_dir: Path, tm
     assert said in result.stderr
     assert (out / "adapter_model.safetensors").is_file()
     return out
+
+
+def parse_value(text: str):
+    """A worker's ``key=value`` argument as the config wants it: int, float, bool, None or the string."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from tunesmith.config.hf_compat import HFCompatArgs
 from tunesmith.config.lf_methods import LFMethodArgs
 from tunesmith.config.optimizer_args import OptimizerArgs
+from tunesmith.config.parallel import ParallelArgs
 from tunesmith.config.section import Section
 from tunesmith.config.speed import SpeedArgs
 from tunesmith.errors import ConfigError
@@ -470,7 +471,7 @@ NOT_SUPPORTED_YET: frozenset[str] = frozenset(
     fsdp_config
     additional_target lora_modules_to_save
     new_special_tokens resize_vocab shift_attn rope_scaling use_unsloth
-    upcast_layernorm torch_compile export_hub_model_id push_to_hub
+    upcast_layernorm export_hub_model_id push_to_hub
     hub_model_id reward_model booster
     ld_alpha infer_backend vllm_maxlen
     freeze_vision_tower image_max_pixels video_max_pixels media_dir
@@ -480,8 +481,8 @@ NOT_SUPPORTED_YET: frozenset[str] = frozenset(
 
 
 class Config(
-    ModelArgs, MethodArgs, LFMethodArgs, DataArgs, TrainArgs, SpeedArgs, OptimizerArgs, HFCompatArgs, EvalArgs,
-    ExportArgs,
+    ModelArgs, MethodArgs, LFMethodArgs, DataArgs, TrainArgs, ParallelArgs, SpeedArgs, OptimizerArgs, HFCompatArgs,
+    EvalArgs, ExportArgs,
 ):
     """The whole tunesmith config: every section's keys at the top level, as in LLaMA-Factory."""
 
@@ -549,6 +550,27 @@ class Config(
         return self
 
     @model_validator(mode="after")
+    def _sequence_parallel_supports(self) -> Config:
+        """What sequence parallel does not cover yet; the world size and head counts are checked with the job
+        (tunesmith.train.sequence_parallel)."""
+        size = self.sequence_parallel_size
+        if size == 1:
+            return self
+        if self.stage not in ("sft", "pt"):
+            raise ValueError(f"sequence_parallel_size: {size} works with stage: sft or pt, not stage: "
+                             f"{self.stage} yet; set sequence_parallel_size: 1 or change the stage")
+        if self.engine == "deepspeed":
+            raise ValueError(f"sequence_parallel_size: {size} works with engine: ddp or fsdp2, not deepspeed yet; "
+                             "remove deepspeed or set sequence_parallel_size: 1")
+        if self.flash_attn == "fa2":
+            raise ValueError(f"sequence_parallel_size: {size} runs its own all-to-all attention (SDPA inside), not "
+                             "flash_attn: fa2; set flash_attn: auto or sdpa")
+        if self.use_asft_loss:
+            raise ValueError(f"use_asft_loss (its reference forward) does not work with sequence_parallel_size: "
+                             f"{size} yet; set sequence_parallel_size: 1 or use another loss")
+        return self
+
+    @model_validator(mode="after")
     def _one_validation_set(self) -> Config:
         training = self.do_train if self.do_train is not None else not self.do_predict
         if training and self.eval_dataset and self.val_size > 0:
@@ -584,6 +606,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "method extras": LFMethodArgs,
     "data": DataArgs,
     "train": TrainArgs,
+    "parallel": ParallelArgs,
     "speed": SpeedArgs,
     "optimizer": OptimizerArgs,
     "HF / LLaMA-Factory compatibility": HFCompatArgs,

@@ -1,8 +1,10 @@
 """Config keys that make training faster or leaner without changing what it computes (within float tolerance):
-the LM head only where there are targets, the chunked fused cross entropy, and LLaMA-Factory's
-``enable_liger_kernel``; a section of :class:`~tunesmith.config.schema.Config`."""
+the LM head only where there are targets, the chunked fused cross entropy, LLaMA-Factory's
+``enable_liger_kernel`` and HF's ``torch_compile``; a section of :class:`~tunesmith.config.schema.Config`."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field
 
@@ -28,6 +30,19 @@ class SpeedArgs(Section):
         False,
         description="LLaMA-Factory's key: on CUDA with liger-kernel installed, Liger's fused linear cross-entropy; "
         "elsewhere tunesmith's chunked loss (loss_chunk_size, 4096 when unset), saying so.",
+    )
+
+    torch_compile: bool = Field(
+        False,
+        description="Compile each decoder block's forward with torch.compile (dynamic shapes: packed rows of any "
+        "length share one graph); the first step pays the compile time, which the log states. Off under "
+        "DeepSpeed, or where the backend cannot compile here (the run continues eagerly, saying why).",
+    )
+    torch_compile_backend: str = Field(
+        "inductor", description="torch.compile backend for torch_compile (HF's key): inductor, aot_eager, ..."
+    )
+    torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = (
+        Field(None, description="torch.compile mode for torch_compile (HF's key); unset: torch's default.")
     )
 
     def resolved_chunk_size(self) -> int:

@@ -44,7 +44,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tunesmith.launch.torchrun import launch_spec, run_torchrun, should_launch
     from tunesmith.train.engines import validate_engine_config
 
-    validate_engine_config(cfg)  # once, here: not as one error per rank under torchrun
     spec = launch_spec(
         args.nproc_per_node or cfg.ray_num_workers,  # LLaMA-Factory's Ray workers: local torchrun processes
         args.nnodes,
@@ -54,6 +53,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         max_restarts=args.max_restarts,
         count_gpus=_counts_gpus(cfg),
     )
+    # once, here, for the world the job will have: not as one error per rank under torchrun
+    validate_engine_config(cfg, spec.nproc_per_node * spec.nnodes if should_launch(spec) else None)
     if should_launch(spec):  # re-run this very command as torchrun's workers (they see RANK etc. and train)
         worker_args = [*(["-v"] if args.verbose else []), "train", args.config, *args.overrides]
         return run_torchrun(spec, worker_args)
@@ -116,13 +117,16 @@ def dry_run_report(
     spec = launch_spec(nproc_per_node, nnodes, count_gpus=_counts_gpus(cfg))
     world = spec.nproc_per_node * spec.nnodes
     engine = cfg.resolved_engine(world)
-    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
+    sp = cfg.sequence_parallel_size
+    readers = world // sp if world % sp == 0 else world  # the ranks of a sequence-parallel group share samples
+    mesh = f"; {readers} data-parallel × {sp} sequence-parallel" if sp > 1 else ""
+    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * readers
     source = cfg.deepspeed if isinstance(cfg.deepspeed, str) else "inline mapping"
     lines = [
         f"engine: {engine}" + (f" ({source})" if engine == "deepspeed" else ""),
-        f"world size: {world} ({spec.nnodes} node(s) × {spec.nproc_per_node} process(es))",
+        f"world size: {world} ({spec.nnodes} node(s) × {spec.nproc_per_node} process(es){mesh})",
         f"global batch: {global_batch} = {cfg.per_device_train_batch_size} per device × "
-        f"{cfg.gradient_accumulation_steps} accumulation × {world} rank(s)",
+        f"{cfg.gradient_accumulation_steps} accumulation × {readers}{' data-parallel' if sp > 1 else ''} rank(s)",
     ]
     worker = ["train", config_path or "CONFIG", *overrides]
     if spec.needs_launch:

@@ -41,7 +41,8 @@ from tunesmith.data.stream import StreamingData, StreamLoader
 from tunesmith.errors import DataError
 from tunesmith.logging import get_logger
 from tunesmith.train import checkpoint as ckpt
-from tunesmith.train import resume
+from tunesmith.train import resume, sequence_parallel
+from tunesmith.train.compile import Compiled, compile_blocks
 from tunesmith.train.distributed import Collectives
 from tunesmith.train.engines import Engine, create_engine
 from tunesmith.train.objectives import Objective, create_objective, token_loss_sum
@@ -95,6 +96,8 @@ class Run:
     interval_tokens: int = 0
     interval_metrics: dict[str, float] = field(default_factory=dict)  # metric sums over the interval's steps
     last_saved: int | None = None
+    mesh: sequence_parallel.Mesh = field(default_factory=sequence_parallel.Mesh)  # data × sequence parallel
+    compiled: Compiled = field(default_factory=Compiled)  # torch_compile: which blocks, and the warm-up
 
     @property
     def output_dir(self) -> Path:
@@ -102,8 +105,8 @@ class Run:
 
     @property
     def per_round(self) -> int:
-        """Samples of one micro-batch round over all ranks."""
-        return self.cfg.per_device_train_batch_size * self.engine.comm.world_size
+        """Samples of one micro-batch round over all ranks (the ranks of an SP group share theirs)."""
+        return self.cfg.per_device_train_batch_size * self.mesh.data_parallel
 
 
 # ------------------------------------------------------------------------------------------------ math
@@ -253,24 +256,27 @@ def setup(
     resume_path = _setup_inputs(cfg, train_data, val_data, engine.comm, resume_from)
     model = objective.prepare_model(model)
     _setup_model(model, cfg.gradient_checkpointing, keep_dtype=cfg.pure_bf16)
-    collator = objective.collator(pad_token_id(tokenizer))
-    loader, val_loader = _setup_loaders(cfg, collator, train_data, val_data, engine.comm)
+    mesh = sequence_parallel.setup(model, cfg, engine.comm)  # its attention, before the engine wraps the model
+    compiled = compile_blocks(model, cfg, engine.name, engine.device)  # before wrapping too: hooks stay eager
+    collator = sequence_parallel.wrap_collator(objective.collator(pad_token_id(tokenizer)), mesh,
+                                               pad_token_id(tokenizer))
+    loader, val_loader = _setup_loaders(cfg, collator, train_data, val_data, mesh)
     total = total_steps(cfg, loader.rounds_per_epoch)
     engine.setup(model, cfg, total)
     engine.model.train()
     if objective.precomputes:  # with the initial weights: before a checkpoint is loaded
         precompute(engine, EngineCall(engine), objective, [*train_data, *val_data], collator, cfg)
     scheduler = build_scheduler(engine.optimizer, cfg, total)
-    state = _setup_state(cfg, engine, loader, scheduler, resume_path, total)
+    state = _setup_state(cfg, engine, loader, scheduler, resume_path, total, mesh)
     tensorboard_dir = Path(cfg.logging_dir or Path(cfg.output_dir) / "runs") if cfg.use_tensorboard else None
     if resume_path is None and cfg.overwrite_output_dir:
         resume.clear_previous_run(Path(cfg.output_dir), tensorboard_dir)
     write_run_info(Path(cfg.output_dir), cfg)
-    _log_start(cfg, engine, loader, total)
-    _log_speed(cfg, engine, objective)
+    _log_start(cfg, engine, loader, total, mesh)
+    _log_speed(cfg, engine, objective, compiled)
     observer = RunObserver(Path(cfg.output_dir), total, state.global_step, tensorboard_dir)
     run = Run(cfg, engine, objective, tokenizer, loader, val_loader, scheduler, state, observer, total,
-              resumed=resume_path is not None)
+              resumed=resume_path is not None, mesh=mesh, compiled=compiled)
     run.last_saved = state.global_step if run.resumed else None
     return run
 
@@ -295,7 +301,9 @@ def loop(run: Run, callbacks: Sequence[StepCallback] = ()) -> None:
 def step(run: Run, position: DataPosition, window: Sequence[Batch], due: list[tuple[int, Action]]) -> None:
     """One optimizer step on ``window``, the schedule, the state, and whatever is due after it."""
     state, lr = run.state, run.scheduler.get_last_lr()[0]
+    started = time.perf_counter()
     result = train_step(run.engine, run.objective, window)
+    run.compiled.after_first_step(time.perf_counter() - started)
     run.scheduler.step()
     state.advance(position, run.per_round, result.loss)
     run.interval_tokens += result.tokens
@@ -392,9 +400,10 @@ def _setup_loaders(
     collator: Collator,
     train_data: Sequence[EncodedLike] | StreamingData,
     val_data: Sequence[EncodedLike],
-    comm: Collectives,
+    mesh: sequence_parallel.Mesh,
 ) -> tuple[Loader, EpochLoader | None]:
-    shard: dict[str, Any] = dict(rank=comm.rank, world_size=comm.world_size, collator=collator)
+    # the samples are split over the data-parallel ranks: the ranks of an SP group read the same ones
+    shard: dict[str, Any] = dict(rank=mesh.dp_rank, world_size=mesh.data_parallel, collator=collator)
     batch = cfg.per_device_train_batch_size
     loader: Loader
     if isinstance(train_data, StreamingData):
@@ -408,10 +417,11 @@ def _setup_loaders(
 
 
 def _setup_state(
-    cfg: Config, engine: Engine, loader: Loader, scheduler: Any, resume_path: Path | None, total: int
+    cfg: Config, engine: Engine, loader: Loader, scheduler: Any, resume_path: Path | None, total: int,
+    mesh: sequence_parallel.Mesh,
 ) -> TrainState:
     """A fresh state, or the checkpoint's (weights, optimizer, scheduler and RNG restored on the way)."""
-    per_round = cfg.per_device_train_batch_size * engine.comm.world_size
+    per_round = cfg.per_device_train_batch_size * mesh.data_parallel
     fresh = TrainState(
         total_steps=total,
         batches_per_epoch=loader.rounds_per_epoch or 0,
@@ -440,19 +450,21 @@ def _setup_state(
     return state
 
 
-def _log_start(cfg: Config, engine: Engine, loader: Loader, total: int) -> None:
-    world = engine.comm.world_size
+def _log_start(cfg: Config, engine: Engine, loader: Loader, total: int, mesh: sequence_parallel.Mesh) -> None:
+    world = mesh.data_parallel  # the ranks that read their own samples
+    ranks, sharing = (mesh.describe(), " data-parallel") if mesh.enabled else (f"{world} rank(s)", "")
     samples = loader.samples_per_epoch
     log.info(
-        "training %s with engine %s on %d rank(s): global batch %d = %d per device × %d accumulation × "
-        "%d rank(s); %s micro-batch rounds per epoch, %d optimizer steps, %s on %s",
+        "training %s with engine %s on %s: global batch %d = %d per device × %d accumulation × "
+        "%d%s rank(s); %s micro-batch rounds per epoch, %d optimizer steps, %s on %s",
         "a stream of samples" if samples is None else f"{samples} samples",
         engine.name,
-        world,
+        ranks,
         cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world,
         cfg.per_device_train_batch_size,
         cfg.gradient_accumulation_steps,
         world,
+        sharing,
         loader.rounds_per_epoch if loader.rounds_per_epoch is not None else "?",
         total,
         engine.precision,
@@ -460,15 +472,17 @@ def _log_start(cfg: Config, engine: Engine, loader: Loader, total: int) -> None:
     )
 
 
-def _log_speed(cfg: Config, engine: Engine, objective: Objective) -> None:
+def _log_speed(cfg: Config, engine: Engine, objective: Objective, compiled: Compiled) -> None:
     """One line: which of the speed features this run uses (issue: users should not have to guess)."""
     precision = {"fp32": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[engine.precision]
     frozen = {p.dtype for p in engine.model.parameters() if not p.requires_grad}
     if engine.precision != "fp32" and frozen and all(d in (torch.bfloat16, torch.float16) for d in frozen):
         precision += " (frozen weights stored in " + ("bf16" if torch.bfloat16 in frozen else "fp16") + ")"
     packing = "packing without cross-attention" if cfg.packing or cfg.neat_packing else "no packing"
+    if cfg.sequence_parallel_size > 1:
+        packing += f"; sequence parallel over {cfg.sequence_parallel_size} ranks (all-to-all attention)"
     features = [precision, packing, *objective.speed_features(),
-                "activation checkpointing " + ("on" if cfg.gradient_checkpointing else "off"), "no torch.compile"]
+                "activation checkpointing " + ("on" if cfg.gradient_checkpointing else "off"), compiled.feature()]
     log.info("speed: %s", "; ".join(features))
 
 

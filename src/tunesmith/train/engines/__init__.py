@@ -17,6 +17,7 @@ from tunesmith.config import Config
 from tunesmith.errors import ConfigError
 from tunesmith.logging import get_logger
 from tunesmith.runenv import launched_by_torchrun
+from tunesmith.train import sequence_parallel
 from tunesmith.train.distributed import Collectives, dist_info, join_process_group, rank_device
 from tunesmith.train.engines.base import Engine, TorchEngine, clip_and_step
 from tunesmith.train.optimizers import check_optimizer
@@ -48,6 +49,7 @@ def validate_engine_config(cfg: Config, world_size: int | None = None) -> type[E
     cls = engine_class(name)
     cls.validate(cfg, world_size)
     check_optimizer(cfg, name, world_size)
+    sequence_parallel.validate(cfg, world_size)  # the world tiles into SP groups, the heads split over them
     return cls
 
 

@@ -45,7 +45,7 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     The labels are shifted, not the logits: slicing the (batch × seq × vocab) logits would copy the largest
     tensor of the step (and keep a second one alive for backward).
     """
-    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).to(logits.device)
+    shift_labels = shifted_labels(labels, logits.size(1)).to(logits.device)
     if logits.dtype != torch.float32:  # autocast: compute the softmax in float32
         logits = logits.float()
     return F.cross_entropy(
@@ -56,9 +56,18 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
-def target_mask(labels: torch.Tensor) -> torch.Tensor:
-    """[B, T] bool: the positions that predict a target (position t predicts labels[t + 1])."""
-    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX) != IGNORE_INDEX
+def shifted_labels(labels: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """[B, width]: each position's target, labels[t + 1] for position t (-100 past the end). ``width``: the
+    positions (default: the labels' own width). A sequence-parallel slice carries one label more than tokens
+    (:mod:`tunesmith.train.sequence_parallel`): shifted on the full row before the split, so its last position
+    keeps its target, the first token of the next slice."""
+    width = labels.size(1) if width is None else width
+    return F.pad(labels[:, 1:], (0, width + 1 - labels.size(1)), value=IGNORE_INDEX)
+
+
+def target_mask(labels: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """[B, width] bool: the positions that predict a target (position t predicts labels[t + 1])."""
+    return shifted_labels(labels, width) != IGNORE_INDEX
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -229,18 +238,25 @@ class LMHead:
             return token_loss_sum(model(**inputs).logits, labels)
         targets = shifted_targets(labels)
         if self.chunk_size > 0:
-            with self.switch.pending(_Request(target_mask(labels), targets, self.chunk_size)):
+            mask = target_mask(labels, _positions(inputs))
+            with self.switch.pending(_Request(mask, targets, self.chunk_size)):
                 return model(**inputs).logits
         logits = self.target_logits(model, inputs, labels)
         return F.cross_entropy(logits, targets.to(logits.device), reduction="sum")
 
     def target_logits(self, model: ModelCall, inputs: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
         """The float32 logits of the target positions, [n, vocab] (row-major order, as :func:`shifted_targets`)."""
-        mask = target_mask(labels)
+        mask = target_mask(labels, _positions(inputs))
         if self.switch is None:
             return model(**inputs).logits[mask.to(model.device)].float()
         with self.switch.pending(_Request(mask)):
             return model(**inputs).logits.float()
+
+
+def _positions(inputs: dict[str, Any]) -> int | None:
+    """How many positions the model's output has (the labels' own width when they do not say otherwise)."""
+    ids = inputs.get("input_ids")
+    return None if ids is None else ids.size(1)
 
 
 def lm_head(speed: SpeedArgs) -> LMHead:
@@ -274,4 +290,5 @@ def _fused_refusal(model: torch.nn.Module, head: torch.nn.Module) -> str | None:
     return None
 
 
-__all__ = ["HeadSwitch", "LMHead", "lm_head", "LinearCrossEntropy", "shifted_targets", "target_mask", "token_loss_sum"]
+__all__ = ["HeadSwitch", "LMHead", "lm_head", "LinearCrossEntropy", "shifted_labels", "shifted_targets", "target_mask",
+           "token_loss_sum"]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tunesmith.config import Config
 from tunesmith.data.loader import IGNORE_INDEX, Batch
 from tunesmith.train.objectives.base import LossParts, ModelCall, Objective
-from tunesmith.train.objectives.head import LMHead, lm_head, shifted_targets
+from tunesmith.train.objectives.head import LMHead, lm_head, shifted_labels, shifted_targets
 from tunesmith.train.objectives.reference import Reference
 from tunesmith.train.objectives.sft import SFTObjective
 
@@ -35,7 +35,7 @@ EAFT_ENTROPY_SCALE = 3.0  # LLaMA-Factory's normaliser: about ln 20, the entropy
 def target_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The float32 logits of the positions that predict a target (position t predicts labels[t + 1]) and those
     targets: [n, vocab] and [n]."""
-    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).to(logits.device)
+    shifted = shifted_labels(labels, logits.size(1)).to(logits.device)
     mask = shifted != IGNORE_INDEX
     return logits[mask].float(), shifted[mask]
 
