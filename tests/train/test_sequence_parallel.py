@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from tunesmith.config import Config
 from tunesmith.data.loader import collate, count_targets
-from tunesmith.data.pack import PackedSample, packed_inputs
+from tunesmith.data.pack import PackedSample, packed_inputs, row_segments
 from tunesmith.errors import ConfigError
 from tunesmith.runenv import free_port
 from tunesmith.train import sequence_parallel as sp
@@ -107,7 +107,7 @@ def test_the_full_row_mask_is_the_packed_rows_block_diagonal_causal_mask():
     rows = _packed_rows()
     full = collate(rows, pad_token_id=0)
     width = full.input_ids.size(1)
-    segments = sp.row_segments([r.seq_lens for r in rows], width)
+    segments = row_segments([r.seq_lens for r in rows], width)
     _, float_mask = packed_inputs([r.seq_lens for r in rows], width)
     assert torch.equal(sp.full_row_mask(segments), float_mask == 0)
     window = sp.full_row_mask(segments, sliding_window=2)

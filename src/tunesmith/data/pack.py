@@ -149,22 +149,33 @@ def pack_samples(samples: Sequence[_Sample], cutoff_len: int) -> tuple[list[Pack
     return rows, stats
 
 
+def row_segments(seq_lens: Sequence[Sequence[int]], width: int) -> torch.Tensor:
+    """[batch, width] segment ids of right-padded packed rows: sample k of a row is segment k, and every pad
+    token is a segment of its own, so it attends to itself only (its softmax row stays finite)."""
+    segments = torch.empty((len(seq_lens), width), dtype=torch.long)
+    for row, lens in enumerate(seq_lens):
+        ids = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens, dtype=torch.long))
+        segments[row, : len(ids)] = ids
+        segments[row, len(ids):] = torch.arange(len(lens), len(lens) + width - len(ids))
+    return segments
+
+
+def block_causal(segments: torch.Tensor) -> torch.Tensor:
+    """[batch, width, width] bool, True where query t may attend key s: s ≤ t within the same segment."""
+    position = torch.arange(segments.size(1), device=segments.device)
+    causal = position[:, None] >= position[None, :]
+    return (segments[:, :, None] == segments[:, None, :]) & causal
+
+
 def packed_inputs(seq_lens: Sequence[Sequence[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(position_ids [batch, width], float mask [batch, 1, width, width]) for right-padded packed rows."""
-    batch = len(seq_lens)
-    position_ids = torch.zeros((batch, width), dtype=torch.long)
-    segment = torch.empty((batch, width), dtype=torch.long)
+    position_ids = torch.zeros((len(seq_lens), width), dtype=torch.long)
     for row, lens in enumerate(seq_lens):
         start = 0
-        for k, n in enumerate(lens):
+        for n in lens:
             position_ids[row, start : start + n] = torch.arange(n)
-            segment[row, start : start + n] = k
             start += n
-        # every pad token is a segment of its own: it attends to itself only, so its softmax row is finite
-        segment[row, start:] = torch.arange(len(lens), len(lens) + width - start)
-    same = segment[:, :, None] == segment[:, None, :]
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
-    allowed = same & causal
-    mask = torch.zeros((batch, 1, width, width), dtype=torch.float32)
+    allowed = block_causal(row_segments(seq_lens, width))
+    mask = torch.zeros((len(seq_lens), 1, width, width), dtype=torch.float32)
     mask.masked_fill_(~allowed[:, None], float("-inf"))
     return position_ids, mask

@@ -159,7 +159,8 @@ def end_process(code: int) -> int:
     Why: once DDP or FSDP2 has wrapped a model, torch keeps the gloo process group alive past
     ``destroy_process_group`` (its worker threads still run; measured with torch 2.13), so they are still running
     while Python finalises and C++ static objects are destroyed at exit. A CI run saw a rank die there with
-    SIGABRT ("terminate called without an active exception") after a complete, saved run, which failed the job. Everything is written and closed by now, so the output is flushed and the process ends at once.
+    SIGABRT ("terminate called without an active exception") after a complete, saved run, which failed the
+    job. Everything is written and closed by now, so the output is flushed and the process ends at once.
     """
     if not _left_a_group:
         return code

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from tunesmith.config import Config
 from tunesmith.data.loader import IGNORE_INDEX, Batch, Collator, EncodedLike
+from tunesmith.data.pack import block_causal, row_segments
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.logging import get_logger
 from tunesmith.train.distributed import Collectives
@@ -209,17 +210,6 @@ def sample_lengths(sample: EncodedLike) -> list[int]:
     return list(getattr(sample, "seq_lens", None) or [len(sample.input_ids)])
 
 
-def row_segments(lengths: Sequence[Sequence[int]], width: int) -> torch.Tensor:
-    """``[rows, width]``: sample k of a row is segment k; every padding token is a segment of its own, so it
-    attends to itself only (its softmax row stays finite) and nothing attends to it."""
-    segments = torch.empty((len(lengths), width), dtype=torch.long)
-    for row, lens in enumerate(lengths):
-        ids = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens, dtype=torch.long))
-        segments[row, : len(ids)] = ids
-        segments[row, len(ids):] = torch.arange(len(lens), len(lens) + width - len(ids))
-    return segments
-
-
 def split_batch(batch: Batch, lengths: Sequence[Sequence[int]], mesh: Mesh, pad_token_id: int) -> SequenceParallelBatch:
     """This rank's slice of ``batch`` (full rows, right-padded; ``lengths``: each row's sample lengths)."""
     rows, width = batch.input_ids.shape
@@ -314,12 +304,12 @@ def gather_heads(x: torch.Tensor, group: Any, size: int) -> torch.Tensor:
 
 
 def full_row_mask(segments: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
-    """``[B, 1, T, T]`` bool, True where query t may attend key s: s ≤ t in the same segment (and within the
+    """``[B, 1, T, T]`` bool: the packed rows' block-diagonal causal mask over the full rows (and within the
     sliding window, for the models that have one)."""
-    position = torch.arange(segments.size(1), device=segments.device)
-    allowed = (segments[:, :, None] == segments[:, None, :]) & (position[None, :, None] >= position[None, None, :])
+    allowed = block_causal(segments)
     if sliding_window:
-        allowed &= (position[None, :, None] - position[None, None, :]) < sliding_window
+        position = torch.arange(segments.size(1), device=segments.device)
+        allowed &= (position[:, None] - position[None, :]) < sliding_window
     return allowed[:, None]
 
 
