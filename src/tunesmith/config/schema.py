@@ -571,6 +571,40 @@ class Config(
         return self
 
     @model_validator(mode="after")
+    def _tensor_and_pipeline_supports(self) -> Config:
+        """The combinations tensor and pipeline parallel cannot run, refused before launch; the world size and
+        head counts are checked with the job (tunesmith.train.tensor_parallel / pipeline_parallel)."""
+        tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
+        for key, size in (("tensor_parallel_size", tp), ("pipeline_parallel_size", pp)):
+            if size == 1:
+                continue
+            if self.stage not in ("sft", "pt"):
+                raise ValueError(f"{key}: {size} works with stage: sft or pt, not stage: {self.stage} yet; set "
+                                 f"{key}: 1 or change the stage")
+            if self.engine == "deepspeed":
+                raise ValueError(f"{key}: {size} runs on torch's DeviceMesh (engine ddp or fsdp2), not deepspeed; "
+                                 f"remove deepspeed or set {key}: 1")
+            if self.use_asft_loss:
+                raise ValueError(f"use_asft_loss (its reference forward) does not work with {key}: {size}; set "
+                                 f"{key}: 1 or use another loss")
+        if pp > 1:
+            others = [k for k, v in (("tensor_parallel_size", tp), ("sequence_parallel_size",
+                                                                    self.sequence_parallel_size)) if v > 1]
+            if others:
+                raise ValueError(f"pipeline_parallel_size: {pp} does not combine with {others[0]} yet; set one of "
+                                 "them to 1")
+            if self.finetuning_type != "full" or self.quantization_bit:
+                raise ValueError(f"pipeline_parallel_size: {pp} trains finetuning_type: full (no quantization_bit); "
+                                 "use tensor_parallel_size or fsdp2 to split a LoRA run")
+            if self.engine == "fsdp2":
+                raise ValueError(f"pipeline_parallel_size: {pp} runs with engine: ddp (each stage replicated over "
+                                 "data parallel), not fsdp2; set engine: ddp")
+        if tp > 1 and self.sequence_parallel_size > 1:
+            raise ValueError(f"tensor_parallel_size: {tp} does not combine with sequence_parallel_size yet; set one "
+                             "of them to 1")
+        return self
+
+    @model_validator(mode="after")
     def _one_validation_set(self) -> Config:
         training = self.do_train if self.do_train is not None else not self.do_predict
         if training and self.eval_dataset and self.val_size > 0:

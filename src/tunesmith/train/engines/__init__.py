@@ -50,7 +50,22 @@ def validate_engine_config(cfg: Config, world_size: int | None = None) -> type[E
     cls.validate(cfg, world_size)
     check_optimizer(cfg, name, world_size)
     sequence_parallel.validate(cfg, world_size)  # the world tiles into SP groups, the heads split over them
+    _check_model_parallel(cfg, world_size)
     return cls
+
+
+def _check_model_parallel(cfg: Config, world_size: int) -> None:
+    """The whole mesh divides the world size (sequence parallel alone is checked above, with its heads)."""
+    from tunesmith.config.parallel import mesh_sizes
+
+    try:
+        mesh_sizes(world_size, cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    for key in ("tensor_parallel_size", "pipeline_parallel_size"):
+        if getattr(cfg, key) > 1:  # wired in by the tensor / pipeline parallel modules as they land
+            raise ConfigError(f"{key}: {getattr(cfg, key)} is not wired into the training loop in this build; "
+                              f"set {key}: 1")
 
 
 def create_engine(cfg: Config, device: torch.device | str | None = None) -> Engine:
