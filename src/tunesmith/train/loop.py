@@ -45,6 +45,7 @@ from tunesmith.train import resume, sequence_parallel
 from tunesmith.train.compile import Compiled, compile_blocks
 from tunesmith.train.distributed import Collectives
 from tunesmith.train.engines import Engine, create_engine
+from tunesmith.train.mesh import Mesh
 from tunesmith.train.objectives import Objective, create_objective, token_loss_sum
 from tunesmith.train.observe import RunObserver, plot_loss, write_run_info
 from tunesmith.train.optim import build_scheduler, total_steps
@@ -96,7 +97,7 @@ class Run:
     interval_tokens: int = 0
     interval_metrics: dict[str, float] = field(default_factory=dict)  # metric sums over the interval's steps
     last_saved: int | None = None
-    mesh: sequence_parallel.Mesh = field(default_factory=sequence_parallel.Mesh)  # data × sequence parallel
+    mesh: Mesh = field(default_factory=Mesh)  # data × pipeline × sequence × tensor parallel
     compiled: Compiled = field(default_factory=Compiled)  # torch_compile: which blocks, and the warm-up
 
     @property
@@ -400,7 +401,7 @@ def _setup_loaders(
     collator: Collator,
     train_data: Sequence[EncodedLike] | StreamingData,
     val_data: Sequence[EncodedLike],
-    mesh: sequence_parallel.Mesh,
+    mesh: Mesh,
 ) -> tuple[Loader, EpochLoader | None]:
     # the samples are split over the data-parallel ranks: the ranks of an SP group read the same ones
     shard: dict[str, Any] = dict(rank=mesh.dp_rank, world_size=mesh.data_parallel, collator=collator)
@@ -418,7 +419,7 @@ def _setup_loaders(
 
 def _setup_state(
     cfg: Config, engine: Engine, loader: Loader, scheduler: Any, resume_path: Path | None, total: int,
-    mesh: sequence_parallel.Mesh,
+    mesh: Mesh,
 ) -> TrainState:
     """A fresh state, or the checkpoint's (weights, optimizer, scheduler and RNG restored on the way)."""
     per_round = cfg.per_device_train_batch_size * mesh.data_parallel
@@ -450,7 +451,7 @@ def _setup_state(
     return state
 
 
-def _log_start(cfg: Config, engine: Engine, loader: Loader, total: int, mesh: sequence_parallel.Mesh) -> None:
+def _log_start(cfg: Config, engine: Engine, loader: Loader, total: int, mesh: Mesh) -> None:
     world = mesh.data_parallel  # the ranks that read their own samples
     ranks, sharing = (mesh.describe(), " data-parallel") if mesh.enabled else (f"{world} rank(s)", "")
     samples = loader.samples_per_epoch

@@ -51,6 +51,8 @@ from tunesmith.data.pack import block_causal, row_segments
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.logging import get_logger
 from tunesmith.train.distributed import Collectives
+from tunesmith.train.mesh import Mesh
+from tunesmith.train.mesh import mesh_of as _mesh_of
 
 log = get_logger("train")
 
@@ -75,41 +77,10 @@ __all__ = [
 # ------------------------------------------------------------------------------------------------ the mesh
 
 
-@dataclass(frozen=True)
-class Mesh:
-    """Where this rank sits in ``world = data parallel × sequence parallel`` (SP groups of consecutive ranks)."""
-
-    rank: int = 0
-    world_size: int = 1
-    sequence_parallel: int = 1
-
-    @property
-    def data_parallel(self) -> int:
-        return self.world_size // self.sequence_parallel
-
-    @property
-    def dp_rank(self) -> int:
-        """Which share of the samples this rank trains (the same for every rank of its SP group)."""
-        return self.rank // self.sequence_parallel
-
-    @property
-    def sp_rank(self) -> int:
-        """Which slice of every row this rank holds."""
-        return self.rank % self.sequence_parallel
-
-    @property
-    def enabled(self) -> bool:
-        return self.sequence_parallel > 1
-
-    def describe(self) -> str:
-        return (f"{self.world_size} ranks = {self.data_parallel} data-parallel × {self.sequence_parallel} "
-                "sequence-parallel")
-
-
 def mesh_of(cfg: Config, comm: Collectives) -> Mesh:
     """This rank's mesh for ``cfg`` (after :func:`check_world`)."""
     check_world(cfg.sequence_parallel_size, comm.world_size)
-    return Mesh(comm.rank, comm.world_size, cfg.sequence_parallel_size)
+    return _mesh_of(cfg, comm)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -255,7 +226,7 @@ class SequenceParallelCollator:
 
 def wrap_collator(collator: Collator, mesh: Mesh, pad_token_id: int) -> Collator:
     """``collator`` itself without sequence parallel."""
-    return SequenceParallelCollator(collator, mesh, pad_token_id) if mesh.enabled else collator
+    return SequenceParallelCollator(collator, mesh, pad_token_id) if mesh.sequence_parallel > 1 else collator
 
 
 # ------------------------------------------------------------------------------------------------ attention
@@ -393,7 +364,7 @@ def setup(model: torch.nn.Module, cfg: Config, comm: Collectives) -> Mesh:
     """This rank's mesh; with sequence parallel, the SP process groups (every rank creates all of them) and the
     attention installed on ``model``. Called before the engine wraps the model."""
     mesh = mesh_of(cfg, comm)
-    if not mesh.enabled:
+    if mesh.sequence_parallel == 1:
         return mesh
     group, _ = torch.distributed.new_subgroups(group_size=mesh.sequence_parallel)
     install(model, mesh.sequence_parallel, group)
