@@ -238,9 +238,10 @@ def runs(tiny_model_dir, tmp_path_factory):
     return get
 
 
-# LoRA also recomputes its activations in backward: the all-to-alls run again there, in the same order on every rank
+# LoRA also recomputes its activations in backward: the all-to-alls run again there, in the same order on every
+# rank; and its loss is the chunked one (loss_chunk_size): each SP rank fuses the head with the loss on its slice
 METHODS = {"full": [], "lora": ["finetuning_type=lora", "lora_rank=4", "learning_rate=2e-2",
-                                "gradient_checkpointing=true"]}
+                                "gradient_checkpointing=true", "loss_chunk_size=16"]}
 EVAL_TOL = 2e-4  # validation losses come after the weights drifted (test_distributed.py)
 
 

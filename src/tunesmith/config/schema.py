@@ -355,8 +355,11 @@ class TrainArgs(_Section):
 
     def resolved_engine(self, world_size: int) -> str:
         """``engine`` with ``auto`` resolved for a job of ``world_size`` processes: ddp with more than one, else
-        single (a config with ``deepspeed`` set already says ``engine: deepspeed``)."""
+        single (a config with ``deepspeed`` set already says ``engine: deepspeed``); fsdp2 with tensor parallel,
+        whose mesh it shards over."""
         if self.engine == "auto":
+            if getattr(self, "tensor_parallel_size", 1) > 1:
+                return "fsdp2"
             return "ddp" if world_size > 1 else "single"
         return self.engine
 
@@ -570,38 +573,62 @@ class Config(
                              f"{size} yet; set sequence_parallel_size: 1 or use another loss")
         return self
 
+    def _model_parallel_common(self, key: str, size: int) -> None:
+        """What neither tensor nor pipeline parallel runs (``key``: which of them, at ``size`` > 1)."""
+        if self.stage not in ("sft", "pt"):
+            raise ValueError(f"{key}: {size} works with stage: sft or pt, not stage: {self.stage} yet; set "
+                             f"{key}: 1 or change the stage")
+        if self.engine == "deepspeed":
+            raise ValueError(f"{key}: {size} runs on torch's DeviceMesh (engine ddp or fsdp2), not deepspeed; "
+                             f"remove deepspeed or set {key}: 1")
+        if self.use_asft_loss:
+            raise ValueError(f"use_asft_loss (its reference forward) does not work with {key}: {size}; set "
+                             f"{key}: 1 or use another loss")
+
     @model_validator(mode="after")
-    def _tensor_and_pipeline_supports(self) -> Config:
-        """The combinations tensor and pipeline parallel cannot run, refused before launch; the world size and
-        head counts are checked with the job (tunesmith.train.tensor_parallel / pipeline_parallel)."""
-        tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
-        for key, size in (("tensor_parallel_size", tp), ("pipeline_parallel_size", pp)):
-            if size == 1:
-                continue
-            if self.stage not in ("sft", "pt"):
-                raise ValueError(f"{key}: {size} works with stage: sft or pt, not stage: {self.stage} yet; set "
-                                 f"{key}: 1 or change the stage")
-            if self.engine == "deepspeed":
-                raise ValueError(f"{key}: {size} runs on torch's DeviceMesh (engine ddp or fsdp2), not deepspeed; "
-                                 f"remove deepspeed or set {key}: 1")
-            if self.use_asft_loss:
-                raise ValueError(f"use_asft_loss (its reference forward) does not work with {key}: {size}; set "
-                                 f"{key}: 1 or use another loss")
-        if pp > 1:
-            others = [k for k, v in (("tensor_parallel_size", tp), ("sequence_parallel_size",
-                                                                    self.sequence_parallel_size)) if v > 1]
-            if others:
-                raise ValueError(f"pipeline_parallel_size: {pp} does not combine with {others[0]} yet; set one of "
-                                 "them to 1")
-            if self.finetuning_type != "full" or self.quantization_bit:
-                raise ValueError(f"pipeline_parallel_size: {pp} trains finetuning_type: full (no quantization_bit); "
-                                 "use tensor_parallel_size or fsdp2 to split a LoRA run")
-            if self.engine == "fsdp2":
-                raise ValueError(f"pipeline_parallel_size: {pp} runs with engine: ddp (each stage replicated over "
-                                 "data parallel), not fsdp2; set engine: ddp")
-        if tp > 1 and self.sequence_parallel_size > 1:
+    def _tensor_parallel_supports(self) -> Config:
+        """What tensor parallel cannot run, refused before launch; the world size and head counts are checked
+        with the job (tunesmith.train.tensor_parallel)."""
+        tp = self.tensor_parallel_size
+        if tp == 1:
+            return self
+        self._model_parallel_common("tensor_parallel_size", tp)
+        if self.engine in ("ddp", "single"):
+            raise ValueError(f"tensor_parallel_size: {tp} runs on engine fsdp2 (a data-parallel × tensor-parallel "
+                             f"mesh), not engine: {self.engine}; set engine: fsdp2 or auto")
+        if self.sequence_parallel_size > 1:
             raise ValueError(f"tensor_parallel_size: {tp} does not combine with sequence_parallel_size yet; set one "
                              "of them to 1")
+        if self.quantization_bit or self.use_dora:
+            key = "use_dora" if self.use_dora else "quantization_bit"
+            raise ValueError(f"tensor_parallel_size: {tp} splits plain Linear layers and LoRA, not {key}; remove "
+                             f"{key} or set tensor_parallel_size: 1")
+        return self
+
+    @model_validator(mode="after")
+    def _pipeline_parallel_supports(self) -> Config:
+        """What pipeline parallel cannot run, refused before launch (tunesmith.train.pipeline_parallel)."""
+        pp = self.pipeline_parallel_size
+        if pp == 1:
+            return self
+        self._model_parallel_common("pipeline_parallel_size", pp)
+        others = [k for k, v in (("tensor_parallel_size", self.tensor_parallel_size),
+                                 ("sequence_parallel_size", self.sequence_parallel_size)) if v > 1]
+        if others:
+            raise ValueError(f"pipeline_parallel_size: {pp} does not combine with {others[0]} yet; set one of "
+                             "them to 1")
+        if self.finetuning_type != "full" or self.quantization_bit:
+            raise ValueError(f"pipeline_parallel_size: {pp} trains finetuning_type: full (no quantization_bit); "
+                             "use tensor_parallel_size or fsdp2 to split a LoRA run")
+        if self.engine == "fsdp2":
+            raise ValueError(f"pipeline_parallel_size: {pp} runs with engine: ddp (each stage replicated over "
+                             "data parallel), not fsdp2; set engine: ddp")
+        if self.val_size > 0 or self.eval_dataset:
+            raise ValueError(f"pipeline_parallel_size: {pp} does not run validation yet (val_size / eval_dataset); "
+                             "remove them or set pipeline_parallel_size: 1")
+        if self.fp16:
+            raise ValueError(f"pipeline_parallel_size: {pp} does not run fp16 (its loss scaler does not span the "
+                             "stages); use bf16: true or fp32")
         return self
 
     @model_validator(mode="after")

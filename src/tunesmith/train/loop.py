@@ -41,7 +41,7 @@ from tunesmith.data.stream import StreamingData, StreamLoader
 from tunesmith.errors import DataError
 from tunesmith.logging import get_logger
 from tunesmith.train import checkpoint as ckpt
-from tunesmith.train import resume, sequence_parallel
+from tunesmith.train import pipeline_parallel, resume, sequence_parallel
 from tunesmith.train.compile import Compiled, compile_blocks
 from tunesmith.train.distributed import Collectives
 from tunesmith.train.engines import Engine, create_engine
@@ -153,9 +153,13 @@ def train_step(engine: Engine, objective: Objective, window: Sequence[Batch]) ->
     divided by the units of the *whole* window on *all* ranks (counted before any backward), so the gradient
     equals that of one big batch no matter how the units are spread over micro-batches and ranks.
     """
-    units, tokens = engine.comm.all_reduce_sum(
+    if isinstance(engine, pipeline_parallel.PipelineEngine):  # the stages run the whole window in one schedule
+        loss, units, tokens, grad_norm = engine.train_window(objective, window)
+        return WindowResult(loss, units, tokens, {}, grad_norm)
+    replicas = engine.data_replicas  # tensor parallel: the ranks of a group run the same rows and the same loss
+    units, tokens = (total / replicas for total in engine.comm.all_reduce_sum(
         [sum(objective.units(batch) for batch in window), sum(objective.tokens(batch) for batch in window)]
-    )
+    ))
     denominator = max(int(units), 1)
     window_loss = torch.zeros((), device=engine.device)
     metric_sums = dict.fromkeys(objective.metric_names, 0.0)
@@ -171,7 +175,7 @@ def train_step(engine: Engine, objective: Objective, window: Sequence[Batch]) ->
         for name, value in parts.metrics.items():
             metric_sums[name] += value
     grad_norm = engine.step()
-    totals = engine.comm.all_reduce_sum([float(window_loss), *metric_sums.values()])
+    totals = [total / replicas for total in engine.comm.all_reduce_sum([float(window_loss), *metric_sums.values()])]
     metrics = metric_means(objective, dict(zip(metric_sums, totals[1:], strict=True)), denominator)
     return WindowResult(totals[0], int(units), int(tokens), metrics, grad_norm)
 
@@ -204,7 +208,8 @@ def evaluate(engine: Engine, objective: Objective, loader: EpochLoader) -> dict[
             for name, value in parts.metrics.items():
                 metric_sums[name] += value
     engine.model.train()
-    loss_sum, units, *totals = engine.comm.all_reduce_sum([loss_sum, units, *metric_sums.values()])
+    loss_sum, units, *totals = (total / engine.data_replicas
+                                for total in engine.comm.all_reduce_sum([loss_sum, units, *metric_sums.values()]))
     means = metric_means(objective, dict(zip(metric_sums, totals, strict=True)), max(int(units), 1))
     return objective.eval_metrics(loss_sum / max(units, 1), means)
 
@@ -255,6 +260,7 @@ def setup(
     """Everything before the first step: checks, model and optimizer on the engine, loaders, schedule, and the
     state (fresh, or restored from a checkpoint: weights, optimizer, scheduler, RNG and data position)."""
     resume_path = _setup_inputs(cfg, train_data, val_data, engine.comm, resume_from)
+    engine = pipeline_parallel.pipelined(engine, cfg)  # pipeline_parallel_size > 1: the stages' engine
     model = objective.prepare_model(model)
     _setup_model(model, cfg.gradient_checkpointing, keep_dtype=cfg.pure_bf16)
     mesh = sequence_parallel.setup(model, cfg, engine.comm)  # its attention, before the engine wraps the model

@@ -124,9 +124,9 @@ def head_counts(config: Any) -> tuple[int, int] | None:
     return heads, kv_heads if isinstance(kv_heads, int) else heads
 
 
-def _saved_head_counts(cfg: Config) -> tuple[int, int] | None:
-    """The head counts in the model folder's config.json (a packaged alias: its converted copy), if it is there
-    already: read before launching, so a bad size is one sentence instead of an error on every rank."""
+def saved_model_config(cfg: Config) -> dict | None:
+    """The model folder's config.json (a packaged alias: its converted copy), if it is there already: read before
+    launching, so a bad size is one sentence instead of an error on every rank."""
     if not cfg.model_name_or_path:
         return None
     from tunesmith.model.resolve import PACKAGED_MODELS, cache_root
@@ -139,7 +139,33 @@ def _saved_head_counts(cfg: Config) -> tuple[int, int] | None:
         data = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return None  # not a folder with a config yet (GGUF, a typo): checked once the model is loaded
-    return head_counts(data) if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else None
+
+
+def _saved_head_counts(cfg: Config) -> tuple[int, int] | None:
+    data = saved_model_config(cfg)
+    return None if data is None else head_counts(data)
+
+
+def _remote_code_sentence(key: str, size: int, name: str) -> str:
+    return (f"{key}: {size} needs a model implemented in transformers itself (its attention goes through "
+            f"AttentionInterface, its layers by their names), but {name} runs its own remote modelling code, "
+            "which picks its attention by itself and would silently ignore the split; for InternLM2, convert the "
+            "model once to the Llama layout (InternLM's tools/convert2llama.py) and train that folder without "
+            f"trust_remote_code, or set {key}: 1")
+
+
+def check_native(model_class: type, key: str, size: int) -> None:
+    """Refuse a model whose class comes from remote code (``transformers_modules``), which no hook reaches."""
+    if size > 1 and model_class.__module__.startswith("transformers_modules"):
+        raise ConfigError(_remote_code_sentence(key, size, model_class.__name__))
+
+
+def check_saved_native(cfg: Config, key: str, size: int) -> None:
+    """Before launching: a config.json that maps to remote code with trust_remote_code on is refused."""
+    data = saved_model_config(cfg)
+    if size > 1 and cfg.trust_remote_code and data and "AutoModelForCausalLM" in (data.get("auto_map") or {}):
+        raise ConfigError(_remote_code_sentence(key, size, str(data.get("architectures", ["this model"])[0])))
 
 
 def validate(cfg: Config, world_size: int) -> None:
@@ -149,6 +175,7 @@ def validate(cfg: Config, world_size: int) -> None:
     if size == 1:
         return
     check_world(size, world_size)
+    check_saved_native(cfg, "sequence_parallel_size", size)
     counts = _saved_head_counts(cfg)
     if counts is not None:
         check_heads(*counts, size)
@@ -348,6 +375,7 @@ def install(model: torch.nn.Module, size: int, group: Any) -> None:
     from transformers import AttentionInterface
 
     base = _base_model(model)
+    check_native(type(base), "sequence_parallel_size", size)
     counts = head_counts(base.config)
     if counts is None:
         raise ConfigError(f"sequence_parallel_size: {size} needs a model whose config names its attention heads "

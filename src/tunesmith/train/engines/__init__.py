@@ -17,7 +17,7 @@ from tunesmith.config import Config
 from tunesmith.errors import ConfigError
 from tunesmith.logging import get_logger
 from tunesmith.runenv import launched_by_torchrun
-from tunesmith.train import sequence_parallel
+from tunesmith.train import sequence_parallel, tensor_parallel
 from tunesmith.train.distributed import Collectives, dist_info, join_process_group, rank_device
 from tunesmith.train.engines.base import Engine, TorchEngine, clip_and_step
 from tunesmith.train.optimizers import check_optimizer
@@ -62,10 +62,10 @@ def _check_model_parallel(cfg: Config, world_size: int) -> None:
         mesh_sizes(world_size, cfg)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    for key in ("tensor_parallel_size", "pipeline_parallel_size"):
-        if getattr(cfg, key) > 1:  # wired in by the tensor / pipeline parallel modules as they land
-            raise ConfigError(f"{key}: {getattr(cfg, key)} is not wired into the training loop in this build; "
-                              f"set {key}: 1")
+    tensor_parallel.validate(cfg, world_size)  # the heads split over the TP ranks
+    from tunesmith.train import pipeline_parallel
+
+    pipeline_parallel.validate(cfg, world_size)  # a stage per rank of each group, at least a layer per stage
 
 
 def create_engine(cfg: Config, device: torch.device | str | None = None) -> Engine:

@@ -47,6 +47,11 @@ class Engine(Protocol):
         """Raise a ConfigError, before anything is loaded, when this engine cannot run ``cfg``."""
 
     @property
+    def data_replicas(self) -> int:
+        """How many ranks run each batch and compute the same loss (tensor parallel's group): the loop counts
+        the window's units, losses and metrics once per group."""
+
+    @property
     def whole_model_on_each_rank(self) -> bool:
         """Whether one rank can run the model alone (rank 0 generating sample answers); False where every
         forward is a collective over sharded parameters (fsdp2, ZeRO-3)."""
@@ -100,6 +105,8 @@ def clip_and_step(
     grads = [p.grad for p in params if p.grad is not None]
     if any(grad.is_sparse for grad in grads):  # BAdam's ratio mode: torch's clipping takes dense gradients only
         norm = _clip_sparse(grads, max_grad_norm)
+    elif len(meshes := _grad_meshes(grads)) > 1:  # FSDP2 × tensor parallel: DTensors on two meshes
+        norm = _clip_across_meshes(meshes, max_grad_norm)
     else:
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
     if scaler is not None:
@@ -109,6 +116,31 @@ def clip_and_step(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm
+
+
+def _grad_meshes(grads: list[torch.Tensor]) -> dict[Any, list[torch.Tensor]]:
+    """The gradients grouped by the DeviceMesh of their DTensor (None: plain tensors)."""
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for grad in grads:
+        groups.setdefault(getattr(grad, "device_mesh", None), []).append(grad)
+    return groups
+
+
+def _clip_across_meshes(groups: dict[Any, list[torch.Tensor]], max_grad_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ over DTensor gradients on different meshes (a 2-D dp × tp mesh for the split weights, its
+    dp dimension for the rest), which torch's cannot stack: each group's norm made whole on its own mesh, then
+    combined; the same norm and scaling."""
+    squares = []
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        squares.append(norm.float().square())
+    total = torch.stack(squares).sum().sqrt()
+    if max_grad_norm > 0 and float(total) > max_grad_norm:
+        scale = max_grad_norm / (float(total) + 1e-6)
+        for grads in groups.values():
+            torch._foreach_mul_(grads, scale)
+    return total
 
 
 def _clip_sparse(grads: list[torch.Tensor], max_grad_norm: float) -> torch.Tensor:
@@ -146,6 +178,10 @@ class TorchEngine:
     @property
     def whole_model_on_each_rank(self) -> bool:
         return True
+
+    @property
+    def data_replicas(self) -> int:
+        return 1
 
     def load_device(self, quantized: bool) -> torch.device:
         return self.device

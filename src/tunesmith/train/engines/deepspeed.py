@@ -120,6 +120,10 @@ class DeepSpeedEngine:
     def whole_model_on_each_rank(self) -> bool:
         return self.resolved is not None and self.resolved.stage < 3  # ZeRO-3 partitions the parameters
 
+    @property
+    def data_replicas(self) -> int:
+        return 1
+
     def load_device(self, quantized: bool) -> torch.device:
         # ZeRO moves only what the rank keeps to the device; a quantized base is quantized where it computes
         return self.device if quantized else torch.device("cpu")

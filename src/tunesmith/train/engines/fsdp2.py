@@ -6,6 +6,10 @@ Each decoder layer is one FSDP unit (all-gathered for its forward/backward, resh
 model was loaded into onto this rank's device. Master weights stay float32; with ``bf16`` the layers compute in
 bfloat16 (``MixedPrecisionPolicy``) and gradients are reduced in float32.
 
+With ``tensor_parallel_size: N`` the ranks form a 2-D mesh ``dp × tp``: the blocks are first split over ``tp``
+(:mod:`tunesmith.train.tensor_parallel`), then sharded over ``dp``; gradients are reduced over ``dp`` only, and the
+N ranks of a TP group, which compute the same loss, count it once (``data_replicas``).
+
 Checkpoints hold ``dcp/`` (the shards, torch.distributed.checkpoint: resumable on any number of ranks) plus the
 consolidated HF/PEFT weights gathered on rank 0, so export and ``adapter_name_or_path`` keep working.
 """
@@ -59,9 +63,19 @@ class FSDP2Engine(TorchEngine):
                 "bitsandbytes keeps on each weight); use quantization_bit: 4, or engine: ddp or deepspeed"
             )
 
+    tensor_parallel: int = 1
+
     @property
     def whole_model_on_each_rank(self) -> bool:
         return False
+
+    @property
+    def data_replicas(self) -> int:
+        return self.tensor_parallel
+
+    def setup(self, model: torch.nn.Module, train: Any, total_steps: int) -> None:
+        self.tensor_parallel = getattr(train, "tensor_parallel_size", 1)
+        super().setup(model, train, total_steps)
 
     def load_device(self, quantized: bool) -> torch.device:
         # fully_shard moves each rank's shard from the CPU copy onto the device: no rank holds the whole model
@@ -82,7 +96,15 @@ class FSDP2Engine(TorchEngine):
                 "(its _no_split_modules is empty); use engine: ddp"
             )
         self._broadcast_from_rank0(model)
-        mesh = init_device_mesh(self.device.type, (self.comm.world_size,))
+        if self.tensor_parallel > 1:
+            from tunesmith.train.tensor_parallel import parallelize
+
+            tp = self.tensor_parallel
+            grid = init_device_mesh(self.device.type, (self.comm.world_size // tp, tp), mesh_dim_names=("dp", "tp"))
+            parallelize(model, grid["tp"])
+            mesh = grid["dp"]
+        else:
+            mesh = init_device_mesh(self.device.type, (self.comm.world_size,))
         policy = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16 if self.precision == "bf16" else None, reduce_dtype=torch.float32
         )
@@ -108,11 +130,12 @@ class FSDP2Engine(TorchEngine):
         return _gradient_sync(self.model, last)
 
     def backward(self, loss: torch.Tensor) -> None:
-        super().backward(loss * self.comm.world_size)  # FSDP averages gradients over ranks
+        # FSDP averages gradients over the data-parallel ranks (the world, or its dp dimension beside tp)
+        super().backward(loss * (self.comm.world_size // self.tensor_parallel))
 
     def step(self) -> float:
         norm = clip_and_step(self.optimizer, self.params, self.max_grad_norm)
-        return float(norm.full_tensor())  # a DTensor: the norm over every rank's shards
+        return float(norm.full_tensor()) if hasattr(norm, "full_tensor") else float(norm)
 
     # ---------------------------------------------------------------------------------------- checkpoints
 

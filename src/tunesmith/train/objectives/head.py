@@ -83,7 +83,8 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, chunk_size: int, grads: bool, dtype: torch.dtype) -> torch.Tensor:
+                targets: torch.Tensor, chunk_size: int, grads: bool, dtype: torch.dtype,
+                vocab: VocabShard | None = None) -> torch.Tensor:
         want_h = grads and hidden.requires_grad
         want_w = grads and weight.requires_grad
         want_b = grads and bias is not None and bias.requires_grad
@@ -97,12 +98,21 @@ class LinearCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + chunk_size].to(dtype)
             t = targets[start : start + chunk_size]
             logits = F.linear(h, w, b).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if vocab is None:
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                here, t_local = None, t
+            else:
+                lse, target_logit, here, t_local = vocab.lse_and_target(logits, t)
+                total += (lse - target_logit).sum()
             if not (want_h or want_w or want_b):
                 continue
             g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits: one [chunk, V] buffer
-            g[torch.arange(t.numel(), device=t.device), t] -= 1.0
+            rows = torch.arange(t.numel(), device=t.device)
+            if here is None:
+                g[rows, t_local] -= 1.0
+            else:  # only the rank holding a target's row of the vocabulary subtracts its one-hot
+                g[rows[here], t_local[here]] -= 1.0
             if grad_b is not None:
                 grad_b += g.sum(dim=0)
             g = g.to(dtype)
@@ -113,6 +123,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad_w.addmm_(g.t(), h)
                 else:
                     grad_w += (g.t() @ h).float()
+        if vocab is not None and grad_h is not None:
+            vocab.all_reduce(grad_h)  # each rank's part of the hidden states' gradient: its slice of the vocabulary
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(grad_h, grad_w, grad_b)
@@ -126,8 +138,51 @@ class LinearCrossEntropy(torch.autograd.Function):
             None if grad_h is None else grad_h * scale.to(grad_h.dtype),
             None if grad_w is None else (grad_w * scale).to(ctx.weight_dtype),
             None if grad_b is None else (grad_b * scale).to(ctx.bias_dtype),
-            None, None, None, None,
+            None, None, None, None, None,
         )
+
+
+@dataclass
+class VocabShard:
+    """This rank's rows ``[start, start + size)`` of a head split over the vocabulary (tensor parallel) and the
+    process group that holds the others: the cross entropy's softmax is taken over the whole vocabulary with three
+    all-reduces per chunk (max, sum of exponentials, the target's logit), as Megatron's vocab-parallel loss does."""
+
+    start: int
+    size: int
+    group: Any
+
+    def all_reduce(self, tensor: torch.Tensor, op: Any = None) -> torch.Tensor:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM, group=self.group)
+        return tensor
+
+    def lse_and_target(self, logits: torch.Tensor, targets: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logsumexp over the whole vocabulary, each target's logit, which targets this rank holds, their local
+        column) for this rank's logits [n, size]."""
+        import torch.distributed as dist
+
+        peak = self.all_reduce(logits.max(dim=-1).values, dist.ReduceOp.MAX)
+        sums = self.all_reduce((logits - peak[:, None]).exp().sum(dim=-1))
+        here = (targets >= self.start) & (targets < self.start + self.size)
+        local = (targets - self.start).clamp(0, self.size - 1)
+        picked = logits.gather(1, local[:, None]).squeeze(1) * here
+        return peak + sums.log(), self.all_reduce(picked), here, local
+
+
+def vocab_shard(weight: torch.Tensor) -> tuple[torch.Tensor, VocabShard | None]:
+    """(the local weight, its :class:`VocabShard`) for a head weight that is a DTensor split over its rows, else
+    (weight, None). ``to_local`` is differentiable: the local gradient becomes the DTensor's."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(weight, DTensor) or weight.placements != (Shard(0),):
+        return weight, None
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
+    return weight.to_local(), VocabShard(int(offset[0]), int(shape[0]), weight.device_mesh.get_group())
 
 
 def _compute_dtype(device: torch.device, fallback: torch.dtype) -> torch.dtype:
@@ -156,21 +211,36 @@ class HeadSwitch:
         self.liger: torch.nn.Module | None = None
         head.forward = self  # an instance attribute: the class (and every hook on the module) stays
 
+    @property
+    def vocab_parallel(self) -> bool:
+        """Whether the head's weight is split over the vocabulary (tensor parallel)."""
+        return vocab_shard(self.head.weight)[1] is not None
+
     def __call__(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         request, self.request = self.request, None
-        original = type(self.head).forward
         if request is None:
-            return original(self.head, hidden, *args, **kwargs)
+            return self._logits(hidden, *args, **kwargs)
         selected = hidden[request.mask.to(hidden.device)]
         if request.targets is None:
-            return original(self.head, selected, *args, **kwargs)
-        weight, bias = self.head.weight, self.head.bias
+            return self._logits(selected, *args, **kwargs)
+        weight, vocab = vocab_shard(self.head.weight)
+        bias = self.head.bias
         targets = request.targets.to(hidden.device)
-        if self.liger is not None and hidden.is_cuda:
+        if self.liger is not None and hidden.is_cuda and vocab is None:
             return self.liger(weight, selected, targets, bias)
-        return LinearCrossEntropy.apply(selected, weight, bias, targets,
-                                        request.chunk_size, torch.is_grad_enabled(),
-                                        _compute_dtype(hidden.device, weight.dtype))
+        chunk = request.chunk_size or max(targets.numel(), 1)
+        return LinearCrossEntropy.apply(selected, weight, bias, targets, chunk, torch.is_grad_enabled(),
+                                        _compute_dtype(hidden.device, weight.dtype), vocab)
+
+    def _logits(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The head's own forward; with a vocab-split weight, each rank's slice of the logits gathered whole."""
+        if not self.vocab_parallel:
+            return type(self.head).forward(self.head, hidden, *args, **kwargs)
+        from torch.distributed.tensor import DTensor, Replicate
+
+        weight = self.head.weight
+        whole = DTensor.from_local(hidden, weight.device_mesh, [Replicate()], run_check=False)
+        return F.linear(whole, weight).redistribute(placements=[Replicate()]).to_local()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> HeadSwitch:  # a frozen reference copy: a switch of its own
         clone = HeadSwitch.__new__(HeadSwitch)
@@ -237,7 +307,7 @@ class LMHead:
         if self.switch is None:
             return token_loss_sum(model(**inputs).logits, labels)
         targets = shifted_targets(labels)
-        if self.chunk_size > 0:
+        if self.chunk_size > 0 or self.switch.vocab_parallel:  # fused: a vocab-split head never gathers logits
             mask = target_mask(labels, _positions(inputs))
             with self.switch.pending(_Request(mask, targets, self.chunk_size)):
                 return model(**inputs).logits
@@ -290,5 +360,5 @@ def _fused_refusal(model: torch.nn.Module, head: torch.nn.Module) -> str | None:
     return None
 
 
-__all__ = ["HeadSwitch", "LMHead", "lm_head", "LinearCrossEntropy", "shifted_labels", "shifted_targets", "target_mask",
+__all__ = ["HeadSwitch", "LMHead", "lm_head", "LinearCrossEntropy", "VocabShard", "vocab_shard", "shifted_labels", "shifted_targets", "target_mask",
            "token_loss_sum"]
