@@ -15,7 +15,10 @@ sample is longer than the cutoff, so each row is exactly cutoff_len tokens), no 
 Qwen2: 2 layers, hidden 64, vocab ~400; 125 K parameters) and ``smollm2`` (SmolLM2-135M-Instruct, the packaged
 alias). Runs: full, LoRA (r 8, all linear layers), QLoRA (4-bit nf4 + double quantization via bitsandbytes),
 ZeRO-2 and ZeRO-3 on 2 ranks (DeepSpeed presets ds_z2 / ds_z3, full fine-tuning), full with gradient checkpointing,
-and (with ``--runs ...,ddp,fsdp2``) DDP and FSDP2 on 2 ranks.
+and (with ``--runs ...,ddp,fsdp2``) DDP and FSDP2 on 2 ranks. The mesh layouts: ``sp2``, ``sp2_lora``,
+``sp2_fsdp2`` (sequence_parallel_size 2 on 2 ranks; measure them on long rows, e.g. ``--models tiny --runs
+ddp,sp2,sp2_lora,sp2_fsdp2 --cutoff 4096``), and ``tp2``, ``tp2_lora`` (tensor_parallel_size 2 on 2 ranks) and
+``dp2_tp2`` (4 ranks), which run once the engines run tensor parallel.
 Each run is its own process (``--worker``); 2-rank runs go through torchrun exactly as ``tunesmith train
 --nproc-per-node 2`` starts its workers (the worker calls ``tunesmith.train.train``, the function torchrun's
 tunesmith workers run), with a step callback that reads the high-water mark.
@@ -45,6 +48,15 @@ RUNS = {  # name → (config overrides, ranks)
     "full_ckpt": (["finetuning_type=full", "gradient_checkpointing=true"], 1),
     "ddp": (["finetuning_type=full", "engine=ddp"], 2),
     "fsdp2": (["finetuning_type=full", "engine=fsdp2"], 2),
+    "ddp_lora": (["finetuning_type=lora", "engine=ddp"], 2),
+    # sequence parallel (Ulysses): 2 ranks, one SP group, each holding half of every row
+    "sp2": (["finetuning_type=full", "engine=ddp", "sequence_parallel_size=2"], 2),
+    "sp2_lora": (["finetuning_type=lora", "engine=ddp", "sequence_parallel_size=2"], 2),
+    "sp2_fsdp2": (["finetuning_type=full", "engine=fsdp2", "sequence_parallel_size=2"], 2),
+    # tensor parallel on fsdp2's 2-D mesh: ready for when the engines run it (--runs tp2,tp2_lora,dp2_tp2)
+    "tp2": (["finetuning_type=full", "tensor_parallel_size=2"], 2),
+    "tp2_lora": (["finetuning_type=lora", "tensor_parallel_size=2"], 2),
+    "dp2_tp2": (["finetuning_type=full", "tensor_parallel_size=2"], 4),
 }
 BASE = [
     "template=chatml", "gradient_accumulation_steps=1",

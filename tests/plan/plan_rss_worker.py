@@ -1,16 +1,15 @@
 """Subprocess worker for test_plan_accuracy.py: train with tunesmith and print the peak resident set it added
-beyond the imports (the definition bench/plan_accuracy.py uses)."""
+beyond the imports (the definition bench/plan_accuracy.py uses); run by torchrun, one line per rank."""
 
 from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
 
 
 def rss_now() -> int:
-    import os
-
     with open("/proc/self/statm", encoding="ascii") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -41,7 +40,8 @@ def main() -> None:
     baseline = rss_now()
     peaks: list[int] = []
     pipeline.train(cfg, callbacks=[lambda _state: peaks.append(high_water_mark())])
-    print(json.dumps({"added": peaks[-1] - baseline}))
+    # under torchrun every rank prints its own line (the test takes the larger)
+    print(json.dumps({"rank": int(os.environ.get("RANK", "0")), "added": peaks[-1] - baseline}), flush=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,21 @@ from tunesmith.plan import plan_config
 WORKER = Path(__file__).with_name("plan_rss_worker.py")
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def long_rows(path: Path, rows: int, repeats: int) -> Path:
+    text = "The planner counts every byte of the run, and the run proves it right. " * repeats
+    items = [{"instruction": f"Tell story {i}.", "input": "", "output": text} for i in range(rows)]
+    path.write_text("\n".join(json.dumps(row) for row in items) + "\n", encoding="utf-8")
+    return path
+
+
 @pytest.mark.slow
 def test_tiny_model_full_finetune_peak_memory_within_15_percent(tiny_model_dir, tmp_path):
     text = "The planner counts every byte of the run, and the run proves it right. " * 30
@@ -33,3 +48,24 @@ def test_tiny_model_full_finetune_peak_memory_within_15_percent(tiny_model_dir, 
     measured = json.loads(result.stdout.strip().splitlines()[-1])["added"]
     predicted = plan_config(load_config(None, args)).peak
     assert predicted == pytest.approx(measured, rel=0.15), (predicted / 2**20, measured / 2**20)
+
+
+@pytest.mark.slow
+def test_sequence_parallel_two_ranks_peak_memory_within_15_percent(tiny_model_dir, tmp_path):
+    # 2 processes under torchrun (gloo), one SP group: each rank holds half of every 4096-token row
+    data = long_rows(tmp_path / "long.jsonl", rows=8, repeats=400)
+    args = [f"model_name_or_path={tiny_model_dir}", f"dataset={data}", f"output_dir={tmp_path / 'run'}",
+            "template=chatml", "finetuning_type=full", "engine=ddp", "sequence_parallel_size=2",
+            "cutoff_len=4096", "per_device_train_batch_size=2", "max_steps=2", "save_strategy=no",
+            "eval_strategy=no", "device=cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TUNESMITH_DATA_CACHE": "0", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+               f"--master-port={free_port()}", str(WORKER), *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"rank"')]
+    assert sorted(line["rank"] for line in lines) == [0, 1]
+    measured = max(line["added"] for line in lines)
+    report = plan_config(load_config(None, args), nproc_per_node=2)
+    assert report.setup.mesh == {"dp": 1, "sp": 2, "tp": 1, "pp": 1}
+    assert report.peak == pytest.approx(measured, rel=0.15), (report.peak / 2**20, measured / 2**20)

@@ -39,6 +39,12 @@ STAGE_VARIANTS = {
     "qwen2_5_1_5b_lora_reward": "Qwen/Qwen2.5-1.5B-Instruct",
     "qwen7b_chat_lora_dpo": "Qwen/Qwen-7B-Chat",
 }
+# Guide 002's MindFormers layouts and guide 003's sequence-parallel key as tunesmith meshes: (model, mesh)
+MESH_RECIPES = {
+    "qwen1_5_7b_lora_tp2": ("Qwen/Qwen1.5-7B", {"dp": 4, "sp": 1, "tp": 2, "pp": 1}),
+    "qwen1_5_7b_full_tp4": ("Qwen/Qwen1.5-7B", {"dp": 4, "sp": 1, "tp": 4, "pp": 1}),
+    "internlm2_20b_qlora_sp2": ("internlm/internlm2-chat-20b", {"dp": 1, "sp": 2, "tp": 1, "pp": 1}),
+}
 CPU_RECIPES = ("smollm2_lora_identity_cpu", "smollm2_full_alpaca_cpu", "smollm2_qlora_alpaca_cpu",
                "smollm2_lora_dpo_identity_cpu", "smollm2_lora_pretrain_cpu")
 
@@ -98,7 +104,7 @@ def _config(name: str, overrides: list[str] | None = None):
 
 
 def test_the_catalog_holds_every_seed_setup_and_the_cpu_recipes():
-    assert set(SEED_MODELS) | set(STAGE_VARIANTS) | set(CPU_RECIPES) == set(NAMES)
+    assert set(SEED_MODELS) | set(STAGE_VARIANTS) | set(MESH_RECIPES) | set(CPU_RECIPES) == set(NAMES)
     assert {get_recipe(name).values.get("stage", "sft") for name in NAMES} == {"sft", "pt", "dpo", "kto", "rm"}
     guides = {get_recipe(name).guide_number for name in SEED_MODELS}
     assert guides == {"000", "001", "002", "003", "004"}
@@ -119,8 +125,9 @@ def test_recipe_header_names_guide_hardware_launch_and_what_to_edit(name):
     assert recipe.title and recipe.edit
     assert isinstance(recipe.hardware, Hardware)
     assert f"{name}.yaml" in recipe.launch and recipe.launch.startswith("tunesmith ")
-    if name in SEED_MODELS or name in STAGE_VARIANTS:
-        assert recipe.values["model_name_or_path"] == {**SEED_MODELS, **STAGE_VARIANTS}[name]
+    models = {**SEED_MODELS, **STAGE_VARIANTS, **{n: model for n, (model, _) in MESH_RECIPES.items()}}
+    if name in models:
+        assert recipe.values["model_name_or_path"] == models[name]
         assert "never downloads" in recipe.text.split("###")[0]  # said in the header comment
         assert "model_name_or_path" in recipe.edit
     else:
@@ -140,6 +147,36 @@ def test_guide_002_global_batch_is_kept_on_16_ranks():
     cfg = _config(recipe.name)
     # MindFormers: batch_size 2 x data_parallel 2 x micro_batch_num 16 = 64 sequences per step
     assert cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * recipe.hardware.world_size == 64
+
+
+@pytest.mark.parametrize("name", sorted(MESH_RECIPES))
+def test_mesh_recipes_plan_the_guides_split_on_their_hardware(name):
+    recipe = get_recipe(name)
+    report = plan_recipe(recipe)
+    mesh = MESH_RECIPES[name][1]
+    assert report.setup.mesh == mesh and report.fits is True
+    assert mesh["dp"] * mesh["sp"] * mesh["tp"] * mesh["pp"] == recipe.hardware.world_size
+    if mesh["tp"] > 1:  # a tensor-parallel group stays inside one server
+        assert mesh["tp"] <= recipe.hardware.count and recipe.guide_number == "002"
+    else:
+        assert recipe.guide_number == "003" and "sequence_parallel_size" in recipe.guide
+    # without the split, the same config needs more memory per device
+    plain = plan_recipe(recipe, ["tensor_parallel_size=1", "sequence_parallel_size=1"])
+    assert plain.peak > report.peak
+
+
+def test_mesh_recipes_keep_their_guides_global_batch():
+    # guide 002 full: 64 sequences per step; guide 003: XTuner multiplies the accumulation by the SP size
+    full = _config("qwen1_5_7b_full_tp4")
+    assert full.per_device_train_batch_size * full.gradient_accumulation_steps * 4 == 64
+    sp = _config("internlm2_20b_qlora_sp2")
+    zero2 = _config("internlm2_20b_qlora_zero2")
+    assert sp.gradient_accumulation_steps == zero2.gradient_accumulation_steps * sp.sequence_parallel_size
+    lora = _config("qwen1_5_7b_lora_tp2")
+    for key in GUIDE_VALUES["qwen1_5_7b_lora_ascend"]:
+        if key not in ("fp16", "device"):  # tensor parallel's fsdp2 mesh trains in bf16
+            assert getattr(lora, key) == GUIDE_VALUES["qwen1_5_7b_lora_ascend"][key], key
+    assert lora.bf16 and lora.device == "npu"
 
 
 def test_guide_001_deepspeed_config_is_the_guides_file(shared_dir):
@@ -270,7 +307,8 @@ def test_pytorchjob_recipe_renders_the_job_its_hardware_names(capsys):
     assert limits["nvidia.com/gpu"] == str(hw.count) and limits["memory"] == "256Gi"
 
 
-@pytest.mark.parametrize("name", ["qwen1_5_7b_lora_ascend", "qwen1_5_7b_full_ascend"])
+@pytest.mark.parametrize("name", ["qwen1_5_7b_lora_ascend", "qwen1_5_7b_full_ascend", "qwen1_5_7b_lora_tp2",
+                                  "qwen1_5_7b_full_tp4"])
 def test_ascend_recipes_render_as_ascend_pytorchjobs(capsys, name):
     recipe = get_recipe(name)
     hw = recipe.hardware

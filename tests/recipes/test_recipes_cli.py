@@ -99,7 +99,7 @@ def _hardware_flags(name: str) -> list[str]:
 
 
 def _expected_engine(name: str) -> str:
-    engine = get_recipe(name).engine
+    engine = get_recipe(name).engine.split(" (")[0]  # without the mesh: "fsdp2 (dp 4 × tp 2)"
     return "deepspeed" if engine.startswith("deepspeed") else engine
 
 
@@ -116,8 +116,12 @@ def test_dry_run_resolves_the_launch_of_every_recipe(name, tmp_path, capsys):
     world = recipe.hardware.world_size
     assert f"engine: {_expected_engine(name)}" in out
     assert f"world size: {world} " in out
+    split = 1
+    for key in ("sequence_parallel_size", "tensor_parallel_size", "pipeline_parallel_size"):
+        split *= cfg_values.get(key, 1)
+    assert f"mesh: dp {world // split} × " in out  # the ranks of a split group train the same rows
     batch = cfg_values.get("per_device_train_batch_size", 8) * cfg_values.get("gradient_accumulation_steps", 1)
-    assert f"global batch: {batch * world} " in out
+    assert f"global batch: {batch * world // split} " in out
     assert not (tmp_path / "runs").exists() and not Path(cfg_values["output_dir"]).exists()
 
 

@@ -110,23 +110,26 @@ def dry_run_report(
     config_path: str | None = None,
     overrides: list[str] | tuple[str, ...] = (),
 ) -> str:
-    """What ``tunesmith train --dry-run`` prints: the resolved engine, ranks, global batch, the torchrun command
-    it would run, and the memory plan on this machine's devices."""
+    """What ``tunesmith train --dry-run`` prints: the resolved engine, ranks, the mesh (checked: it must divide
+    the world size), global batch, the torchrun command it would run, and the memory plan on this machine's
+    devices."""
     from tunesmith.launch.torchrun import launch_spec, torchrun_command
+    from tunesmith.plan.mesh import check_mesh, mesh_line
 
     spec = launch_spec(nproc_per_node, nnodes, count_gpus=_counts_gpus(cfg))
     world = spec.nproc_per_node * spec.nnodes
     engine = cfg.resolved_engine(world)
-    sp = cfg.sequence_parallel_size
-    readers = world // sp if world % sp == 0 else world  # the ranks of a sequence-parallel group share samples
-    mesh = f"; {readers} data-parallel × {sp} sequence-parallel" if sp > 1 else ""
+    sizes = check_mesh(cfg, world, f"{spec.nnodes} node(s) × {spec.nproc_per_node} process(es)")
+    readers = sizes["dp"]  # the ranks of a sequence / tensor / pipeline group train the same samples
+    split = readers < world
     global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * readers
     source = cfg.deepspeed if isinstance(cfg.deepspeed, str) else "inline mapping"
     lines = [
         f"engine: {engine}" + (f" ({source})" if engine == "deepspeed" else ""),
-        f"world size: {world} ({spec.nnodes} node(s) × {spec.nproc_per_node} process(es){mesh})",
+        f"world size: {world} ({spec.nnodes} node(s) × {spec.nproc_per_node} process(es))",
+        mesh_line(sizes),
         f"global batch: {global_batch} = {cfg.per_device_train_batch_size} per device × "
-        f"{cfg.gradient_accumulation_steps} accumulation × {readers}{' data-parallel' if sp > 1 else ''} rank(s)",
+        f"{cfg.gradient_accumulation_steps} accumulation × {readers}{' data-parallel' if split else ''} rank(s)",
     ]
     worker = ["train", config_path or "CONFIG", *overrides]
     if spec.needs_launch:

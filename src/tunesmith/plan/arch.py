@@ -9,7 +9,7 @@ id, its last path component, or an alias such as ``smollm2-135m-instruct``). Not
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -36,6 +36,10 @@ class ArchFacts:
     qkv_bias: bool = False
     source: str = ""  # where the facts came from, for the report
     checkpoint_bytes: int = 2  # bytes per weight in the saved checkpoint (config.json's dtype / torch_dtype)
+    # A pipeline stage's share (:func:`shard_view`): the first stage holds the embedding, the last the final norm
+    # and the output head (its own copy when the embeddings are tied). A whole model holds both.
+    holds_embedding: bool = True
+    holds_head: bool = True
 
     # ---------------------------------------------------------------------------------------- shapes
 
@@ -69,16 +73,24 @@ class ArchFacts:
 
     @property
     def embedding_params(self) -> int:
-        return self.vocab_size * self.hidden_size
+        return self.vocab_size * self.hidden_size if self.holds_embedding else 0
 
     @property
     def lm_head_params(self) -> int:
-        return 0 if self.tied_embeddings else self.vocab_size * self.hidden_size
+        if not self.holds_head or (self.tied_embeddings and self.holds_embedding):
+            return 0
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def head_weight_params(self) -> int:
+        """The output head's weight as the forward uses it (tied or not); 0 on a stage without the head."""
+        return self.vocab_size * self.hidden_size if self.holds_head else 0
 
     @property
     def total_params(self) -> int:
         """All parameters, tied embeddings counted once (as ``model.num_parameters()`` does)."""
-        return self.num_layers * self.layer_params + self.embedding_params + self.lm_head_params + self.hidden_size
+        norm = self.hidden_size if self.holds_head else 0
+        return self.num_layers * self.layer_params + self.embedding_params + self.lm_head_params + norm
 
     @property
     def quantizable_params(self) -> int:
@@ -114,6 +126,31 @@ class ArchFacts:
             "total_params": self.total_params,
             "source": self.source,
         }
+
+
+def _split(value: int, parts: int) -> int:
+    return -(-value // parts)  # a rank holds the larger share when the split is uneven
+
+
+def shard_view(arch: ArchFacts, tp: int = 1, pp: int = 1, stage: int = 0) -> ArchFacts:
+    """What one rank of a tensor-parallel group of ``tp`` in pipeline stage ``stage`` of ``pp`` holds, as the
+    facts of a smaller model: Megatron's column/row plans split the query and key/value heads and the MLP width,
+    the vocabulary-parallel embedding and head split the vocabulary, the norms stay whole; a stage holds its
+    consecutive share of the layers (the first stage the larger share), the first the embedding, the last the
+    final norm and the head."""
+    if tp == 1 and pp == 1:
+        return arch
+    layers = arch.num_layers // pp + (1 if stage < arch.num_layers % pp else 0)
+    return replace(
+        arch,
+        num_heads=_split(arch.num_heads, tp),
+        num_kv_heads=_split(arch.num_kv_heads, tp),
+        intermediate_size=_split(arch.intermediate_size, tp),
+        vocab_size=_split(arch.vocab_size, tp),
+        num_layers=max(layers, 1),
+        holds_embedding=arch.holds_embedding and stage == 0,
+        holds_head=arch.holds_head and stage == pp - 1,
+    )
 
 
 def _targeted(name: str, targets: list[str] | str) -> bool:

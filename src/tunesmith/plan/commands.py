@@ -1,4 +1,5 @@
-"""``tunesmith plan CONFIG [KEY=VALUE ...] [--gpus 4x24GB] [--nodes N] [--nproc-per-node N] [--json]``."""
+"""``tunesmith plan CONFIG [KEY=VALUE ...] [--gpus 4x24GB] [--nodes N] [--nproc-per-node N] [--seq-len N]
+[--json]``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from tunesmith.config import load_config
     from tunesmith.plan.planner import plan_config
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = [*args.overrides, *([f"cutoff_len={args.seq_len}"] if args.seq_len else [])]
+    cfg = load_config(args.config, overrides)
     cfg.require("model_name_or_path")
     report = plan_config(
         cfg,
@@ -35,6 +37,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus", metavar="NxMEM", help="devices per node, e.g. 4x24GB, 8x64GB, 1x80GB, 8xA100")
     p.add_argument("--nodes", type=int, metavar="N", help="nodes (default 1)")
     p.add_argument("--nproc-per-node", type=int, metavar="N", help="processes per node (default: the --gpus count)")
+    p.add_argument("--seq-len", type=int, metavar="N",
+                   help="plan rows of N tokens (sets cutoff_len): where sequence parallel becomes necessary")
     p.add_argument("--gpu-type", metavar="TYPE", help="accelerator for the FLOPs estimate: h100, a100, 4090, 910b, ...")
     p.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilisation assumed for tokens/s (0.40)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")

@@ -27,6 +27,16 @@ It follows what tunesmith actually allocates, item by item:
   gradients do not refill, and the checkpoint pages a copying loader (QLoRA, DeepSpeed) leaves resident
   (all measured in ``bench/plan_accuracy.py``).
 
+**The mesh** (``world = dp × sp × tp × pp``; see :func:`estimate`). Sequence parallel holds 1/sp of every row's
+tokens (activations and logits fall by 1/sp) plus the full row's T×T attention mask it builds, and SDPA's float
+copy of it that backward keeps per layer. Tensor parallel holds the facts of a model with 1/tp of the heads, the
+MLP width and the vocabulary (:func:`~tunesmith.plan.arch.shard_view`): the attention/MLP/embedding/head weights,
+their gradients, optimizer states and LoRA adapters, the activations inside the blocks and the vocabulary-parallel
+logits fall by 1/tp; the norms and the block inputs stay whole. Pipeline parallel holds a stage's layers, the
+first stage the embedding and up to pp micro-batches' activations in flight (1F1B), the last the norm, the head
+and the loss; the peak is the larger of the two. fsdp2 shards over the rest of the mesh (dp × sp). The chunked
+loss (``loss_chunk_size``) keeps chunk × vocab logits instead of tokens × vocab.
+
 Gradients are freed after each optimizer step (``zero_grad(set_to_none=True)``), so with one micro-batch per
 step the activations and the gradients do not peak together: peak = persistent states + max(activations +
 first gradients, gradients + optimizer-step temporaries). With accumulation the gradients persist across
@@ -38,7 +48,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from tunesmith.plan.arch import ArchFacts
+from tunesmith.plan.arch import ArchFacts, shard_view
 
 GIB = 1024**3
 CUDA_RUNTIME = 0.8 * GIB  # CUDA context + cuBLAS/cuDNN workspaces + NCCL, typical for one process
@@ -87,6 +97,10 @@ class Setup:
     device: str = "cuda"  # cuda | npu | cpu
     world_size: int = 1
     ranks_per_node: int = 1
+    sp: int = 1  # sequence_parallel_size
+    tp: int = 1  # tensor_parallel_size
+    pp: int = 1  # pipeline_parallel_size
+    loss_chunk: int = 0  # loss_chunk_size (0: the whole tokens × vocab logits)
 
     def with_changes(self, **changes: Any) -> Setup:
         return replace(self, **changes)
@@ -98,6 +112,13 @@ class Setup:
     @property
     def deepspeed(self) -> bool:
         return self.engine == "deepspeed"
+
+    @property
+    def mesh(self) -> dict[str, int]:
+        """{"dp", "sp", "tp", "pp"}: the mesh this setup's ranks form (dp rounds down when the rest does not
+        divide the world size; :func:`tunesmith.plan.mesh.check_mesh` refuses that before a launch)."""
+        model = self.sp * self.tp * self.pp
+        return {"dp": max(self.world_size // model, 1), "sp": self.sp, "tp": self.tp, "pp": self.pp}
 
 
 @dataclass
@@ -194,7 +215,35 @@ def per_layer_activation_bytes(s: Setup) -> float:
 
 
 def estimate(s: Setup) -> Breakdown:
-    """The per-device breakdown of ``s``."""
+    """The per-device breakdown of ``s``: of the rank that peaks highest (with pipeline stages, the first stage's
+    or the last's)."""
+    if s.tp == 1 and s.pp == 1:
+        return _estimate_rank(s)
+    stages = (0,) if s.pp == 1 else (0, s.pp - 1)
+    full = s.arch
+    found = []
+    for stage in stages:
+        # a rank's share as a smaller model, sharded (fsdp2) over the ranks that hold the same share
+        view = s.with_changes(arch=shard_view(full, s.tp, s.pp, stage),
+                              world_size=max(s.world_size // (s.tp * s.pp), 1))
+        b = _estimate_rank(view)
+        b.host_load *= full.total_params / max(view.arch.total_params, 1)  # every rank loads the whole model
+        b.trainable, b.total_params = trainable_params(s), full.total_params
+        if s.pp > 1:
+            first = "first" if stage == 0 else "last"
+            b.notes.append(f"pipeline: the {first} stage of {s.pp} peaks highest ({view.arch.num_layers} of "
+                           f"{full.num_layers} layers{_stage_extras(view.arch)})")
+        found.append(b)
+    return max(found, key=lambda b: b.peak)
+
+
+def _stage_extras(a: ArchFacts) -> str:
+    extras = [name for name, held in (("the embedding", a.holds_embedding), ("the head and the loss",
+                                                                               a.holds_head)) if held]
+    return ", " + " and ".join(extras) if extras else ""
+
+
+def _estimate_rank(s: Setup) -> Breakdown:
     b = Breakdown(total_params=s.arch.total_params)
     b.trainable = trainable_params(s)
     half = 2 if s.mixed else 4
@@ -241,35 +290,59 @@ def _torch_states(s: Setup, b: Breakdown, half: int) -> None:
     if s.mixed and not (s.engine == "fsdp2" and s.precision == "bf16") and (s.method != "lora" or not on_gpu_half):
         # autocast casts float32 weights to 16 bits and keeps the copies that backward needs
         linear = 0 if s.quant_bits else a.layer_linear_params  # 4/8-bit weights dequantize per call
-        head = a.vocab_size * a.hidden_size
+        head = a.head_weight_params
         layers = 1 if s.grad_ckpt else a.num_layers
         b.autocast_copies = 2.0 * (layers * linear + head)
 
 
 def _activations(s: Setup, b: Breakdown) -> None:
-    """Activations of a micro-batch, the logits and their loss, and the gradients alive at that peak."""
-    a, tokens = s.arch, s.micro_batch * s.rows_per_example * s.seq_len
+    """Activations of a micro-batch (of each micro-batch in flight on a first pipeline stage), the logits and
+    their loss, and the gradients alive at that peak."""
+    a = s.arch
+    tokens = -(-s.micro_batch * s.rows_per_example * s.seq_len // s.sp)  # sequence parallel: this rank's slice
     full_layer = per_layer_activation_bytes(s) * tokens
     if s.grad_ckpt:
         residual = 2 if (s.deepspeed and s.mixed) else 4
         b.activations = a.num_layers * residual * a.hidden_size * tokens + full_layer
     else:
         b.activations = a.num_layers * full_layer
+    if s.pp > 1 and a.holds_embedding:
+        b.activations *= min(s.pp, max(s.accumulation, 1))  # 1F1B: up to pp micro-batches in flight
     if s.device == "cpu":
         b.heap_slack = max(0.0, CPU_ACTIVATION_SLACK * b.activations - b.gradients)
         if s.quant_bits or s.deepspeed or (s.engine == "fsdp2" and s.world_size > 1):
             # quantizing, and DeepSpeed's / fsdp2's flattening and sharding, copy the weights out of the
             # memory-mapped checkpoint, whose pages stay resident; plain loading adopts them as the parameters
             b.loaded_copy = a.total_params * a.checkpoint_bytes
-    b.logits = tokens * a.vocab_size * (18 if s.mixed else 16)
+    if s.sp > 1:
+        _sequence_parallel_mask(s, b)
+    if a.holds_head:
+        if s.loss_chunk:  # chunked loss: one chunk's logits at a time, and the hidden states' gradient
+            b.logits = min(tokens, s.loss_chunk) * a.vocab_size * (18 if s.mixed else 16) + tokens * a.hidden_size * 4
+        else:
+            b.logits = tokens * a.vocab_size * (18 if s.mixed else 16)
     # gradients alive at the activation peak: all of them while accumulating, else the output head's
     if s.accumulation > 1:
         b.first_grads = b.gradients
     else:
         # full fine-tuning: the output head's gradient is the first one backward allocates
         per = b.gradients / max(b.trainable, 1)
-        head = per * a.vocab_size * a.hidden_size if s.method == "full" else 0.0
+        head = per * a.head_weight_params if s.method == "full" else 0.0
         b.first_grads = min(head, b.gradients)
+
+
+def _sequence_parallel_mask(s: Setup, b: Breakdown) -> None:
+    """The full rows' T×T bool mask sequence parallel builds once per forward, and the float copy SDPA makes of
+    it and keeps for backward in every layer (one with checkpointing): blocks this large are mmapped, no heap
+    slack, but building the mask leaves a mask-sized hole in glibc's heap (measured: SP2 on 2K-4K-token rows)."""
+    square = s.micro_batch * s.rows_per_example * float(s.seq_len) ** 2
+    mask = square * (1 + (2 if s.mixed else 4) * (1 if s.grad_ckpt else s.arch.num_layers))
+    b.activations += mask
+    if s.device == "cpu":
+        b.heap_slack += square
+    b.notes.append(f"sequence parallel: {mask / 1024**3:.2f} GiB of the activations are the full rows' "
+                   f"{s.seq_len}×{s.seq_len} attention mask and SDPA's copies of it (they grow with the square of "
+                   "the row length)")
 
 
 def _largest_param(a: ArchFacts, s: Setup) -> int:

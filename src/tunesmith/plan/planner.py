@@ -94,6 +94,10 @@ def setup_from_config(cfg: Config, arch: ArchFacts, world_size: int, ranks_per_n
         device=device,
         world_size=world_size,
         ranks_per_node=ranks_per_node,
+        sp=cfg.sequence_parallel_size,
+        tp=cfg.tensor_parallel_size,
+        pp=cfg.pipeline_parallel_size,
+        loss_chunk=cfg.resolved_chunk_size(),
         **extra,
     )
 
@@ -107,19 +111,14 @@ def _keeps_reference_copy(cfg: Config) -> bool:
 # ------------------------------------------------------------------------------------------- suggestions
 
 
-def candidate_changes(s: Setup) -> list[Change]:
-    """Single changes in order of cost: checkpointing, smaller micro-batch (same global batch), ZeRO stage up,
-    optimizer offload, parameter offload, LoRA, QLoRA."""
-    out: list[Change] = []
-    if not s.grad_ckpt:
-        out.append(Change("gradient checkpointing", ("gradient_checkpointing=true",), s.with_changes(grad_ckpt=True)))
-    if s.micro_batch > 1:
-        accumulation = s.accumulation * s.micro_batch
-        out.append(Change(
-            f"micro-batch 1 with accumulation {accumulation} (same global batch)",
-            ("per_device_train_batch_size=1", f"gradient_accumulation_steps={accumulation}"),
-            s.with_changes(micro_batch=1, accumulation=accumulation),
-        ))
+CHUNK = 4096  # the chunk the planner proposes: tunesmith's default for loss_chunk_size (enable_liger_kernel)
+
+
+def candidate_changes(s: Setup, devices: DeviceSpec | None = None) -> list[Change]:
+    """Single changes in order of cost: the chunked loss, checkpointing, smaller micro-batch (same global batch),
+    sequence parallel (long rows), ZeRO stage up, tensor / pipeline parallel (when the weights do not fit even
+    sharded), optimizer offload, parameter offload, LoRA, QLoRA. Changes the config would refuse are left out."""
+    out = _activation_changes(s, devices)
     h = s.arch.hidden_size
     presets = {name: ds_settings(name, h) for name in ("ds_z1", "ds_z2", "ds_z3", "ds_z2_offload", "ds_z3_offload")}
 
@@ -132,6 +131,9 @@ def candidate_changes(s: Setup) -> list[Change]:
             out.append(zero("ds_z2", "ZeRO-2 (shard gradients and optimizer states)"))
         if not s.deepspeed or s.zero_stage < 3:
             out.append(zero("ds_z3", "ZeRO-3 (also shard the weights)"))
+        sharded = s.with_changes(engine="deepspeed", sp=1, tp=1, pp=1, **presets["ds_z3"])
+        if devices is not None and not fits(sharded, devices):  # the weights do not fit even sharded
+            out += _mesh_change(s, devices, "tp") + _mesh_change(s, devices, "pp")
     if not s.offload_optimizer and not (s.deepspeed and s.zero_stage == 3):
         out.append(zero("ds_z2_offload", "ZeRO-2 + optimizer offload to CPU"))
     if not (s.deepspeed and s.zero_stage == 3 and s.offload_param):
@@ -142,13 +144,100 @@ def candidate_changes(s: Setup) -> list[Change]:
     if not s.quant_bits:
         out.append(Change("QLoRA 4-bit", ("finetuning_type=lora", "quantization_bit=4"),
                           s.with_changes(method="lora", quant_bits=4)))
+    return [change for change in out if mesh_allowed(change.setup)]
+
+
+def _activation_changes(s: Setup, devices: DeviceSpec | None) -> list[Change]:
+    """The changes that lower the activations and logits."""
+    out: list[Change] = []
+    tokens = s.micro_batch * s.rows_per_example * s.seq_len // s.sp
+    if not s.loss_chunk and s.rows_per_example == 1 and tokens > CHUNK:
+        out.append(Change(f"chunked loss ({CHUNK} tokens × vocab logits at a time)",
+                          (f"loss_chunk_size={CHUNK}",), s.with_changes(loss_chunk=CHUNK)))
+    if not s.grad_ckpt:
+        out.append(Change("gradient checkpointing", ("gradient_checkpointing=true",), s.with_changes(grad_ckpt=True)))
+    if s.micro_batch > 1:
+        accumulation = s.accumulation * s.micro_batch
+        out.append(Change(
+            f"micro-batch 1 with accumulation {accumulation} (same global batch)",
+            ("per_device_train_batch_size=1", f"gradient_accumulation_steps={accumulation}"),
+            s.with_changes(micro_batch=1, accumulation=accumulation),
+        ))
+    if _activation_bound(s):
+        out += _mesh_change(s, devices, "sp")
     return out
+
+
+def _activation_bound(s: Setup) -> bool:
+    """Activations and logits are the larger part of the peak: what sequence parallel divides."""
+    b = estimate(s)
+    return b.activation_total > b.model_states
+
+
+MESH_KEYS = {"sp": "sequence_parallel_size", "tp": "tensor_parallel_size", "pp": "pipeline_parallel_size"}
+MESH_LABELS = {
+    "sp": "sequence parallel {n} (1/{n} of every row per rank)",
+    "tp": "tensor parallel {n} (1/{n} of attention, MLP, vocab per rank)",
+    "pp": "pipeline parallel {n} (1/{n} of the layers per rank)",
+}
+
+
+def _mesh_change(s: Setup, devices: DeviceSpec | None, dim: str) -> list[Change]:
+    """One change of the mesh dimension ``dim``: the smallest size (2, 4, 8, ...) that fits, else the largest the
+    model and the world allow. Tensor parallel stays inside a node on fsdp2's 2-D mesh (not in fp16), pipeline
+    stages run on ddp."""
+    sizes = []
+    n = 2
+    limit = s.ranks_per_node if dim == "tp" else s.world_size
+    while n <= limit:
+        engine = s.engine
+        if dim == "pp":
+            engine = "ddp"
+        elif dim == "tp":
+            engine = "fsdp2"  # the data-parallel dimension of tensor parallel's 2-D mesh
+        elif s.deepspeed or engine == "single":
+            engine = "fsdp2" if s.precision != "fp16" else "ddp"
+        setup = s.with_changes(engine=engine, zero_stage=0, offload_optimizer=False, offload_param=False,
+                               **{dim: n})
+        if mesh_allowed(setup):
+            sizes.append((n, setup))
+        n *= 2
+    if not sizes:
+        return []
+    n, setup = next(((n, x) for n, x in sizes if devices is not None and fits(x, devices)), sizes[-1])
+    overrides = [f"{MESH_KEYS[dim]}={n}"]
+    if setup.engine != s.engine:
+        overrides.append(f"engine={setup.engine}")
+    if s.deepspeed:
+        overrides.append("deepspeed=null")
+    return [Change(MESH_LABELS[dim].format(n=n), tuple(overrides), setup)]
+
+
+def mesh_allowed(s: Setup) -> bool:
+    """The mesh rules the config and the engines enforce (tunesmith.config.schema, tunesmith.train), mirrored so
+    the planner never proposes a layout ``tunesmith train`` would refuse."""
+    a = s.arch
+    if s.sp == s.tp == s.pp == 1:
+        return True
+    if s.deepspeed or s.rows_per_example != 1 or s.reference_copy or s.world_size % (s.sp * s.tp * s.pp):
+        return False
+    if s.engine == "fsdp2" and s.precision == "fp16":
+        return False
+    if a.num_heads % s.sp or a.num_heads % s.tp or a.num_kv_heads % s.tp:
+        return False
+    if s.tp > 1 and (s.sp > 1 or s.engine != "fsdp2" or s.quant_bits or a.intermediate_size % s.tp
+                     or a.vocab_size % s.tp):
+        return False
+    if s.pp > 1:
+        return (s.tp == s.sp == 1 and s.method == "full" and not s.quant_bits and s.engine == "ddp"
+                and s.pp <= a.num_layers)
+    return True
 
 
 def find_suggestion(s: Setup, devices: DeviceSpec | None) -> tuple[Change | None, list[WhatIf]]:
     """The first single change that fits; if none does, the first cumulative one (each change on top of the
     previous)."""
-    changes = candidate_changes(s)
+    changes = candidate_changes(s, devices)
     what_ifs = []
     chosen = None
     for change in changes:
@@ -164,6 +253,8 @@ def find_suggestion(s: Setup, devices: DeviceSpec | None) -> tuple[Change | None
             # re-apply the change's differences on top of what was accumulated so far
             diff = {k: getattr(change.setup, k) for k in change.setup.__dataclass_fields__
                     if getattr(change.setup, k) != getattr(s, k)}
+            if not mesh_allowed(current.with_changes(**diff)):
+                continue  # e.g. ZeRO on top of sequence parallel: the config would refuse it
             current = current.with_changes(**diff)
             overrides = [o for o in overrides if o.split("=")[0] not in {c.split("=")[0] for c in change.overrides}]
             overrides += list(change.overrides)
@@ -229,6 +320,11 @@ def plan_config(
     if setup.deepspeed and (setup.offload_optimizer or setup.offload_param) and report.tokens_per_s:
         report.notes.append("with CPU offload the step is often bound by the host's Adam and PCIe copies, not "
                             "by FLOPs: expect less than the tokens/s above")
+    split = setup.sp * setup.tp * setup.pp
+    if setup.world_size % split:
+        report.notes.append(f"sequence × tensor × pipeline parallel = {split} does not divide the {setup.world_size} "
+                            f"rank(s) planned: the launch would refuse it; plan a multiple of {split} (--gpus, "
+                            "--nodes, --nproc-per-node)")
     if setup.quant_bits and setup.deepspeed:
         report.notes.append("QLoRA with DeepSpeed: the quantized base is not sharded; only the adapters are")
     return report

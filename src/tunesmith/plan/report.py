@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from tunesmith.config.parallel import format_mesh
 from tunesmith.plan.hardware import GIB, DeviceSpec
 from tunesmith.plan.memory import FITS_HEADROOM, Breakdown, Setup, estimate
 
@@ -74,6 +75,8 @@ class PlanReport:
                 "device": s.device,
                 "world_size": s.world_size,
                 "ranks_per_node": s.ranks_per_node,
+                "mesh": s.mesh,
+                "loss_chunk_size": s.loss_chunk,
             },
             "devices": None if self.devices is None else {
                 "count_per_node": self.devices.count,
@@ -110,7 +113,9 @@ class PlanReport:
             f"({arch.num_layers} layers, hidden {arch.hidden_size}, vocab {arch.vocab_size}; {arch.source})",
             f"setup: {_method(s)}, {_engine(s)}, {s.world_size} rank(s) ({self.nodes} node(s) × "
             f"{s.ranks_per_node}), {s.precision}, micro-batch {s.micro_batch} × {s.seq_len} tokens, accumulation "
-            f"{s.accumulation}, gradient checkpointing {'on' if s.grad_ckpt else 'off'}",
+            f"{s.accumulation}, gradient checkpointing {'on' if s.grad_ckpt else 'off'}"
+            + (f", chunked loss ({s.loss_chunk} tokens)" if s.loss_chunk else ""),
+            *([f"mesh: {format_mesh(s.mesh)}{_mesh_words(s)}"] if s.world_size > 1 else []),
             f"trainable: {b.trainable:,} parameters",
             f"devices: {self.devices.describe() if self.devices else 'unknown (pass --gpus, e.g. 4x24GB)'}",
             "",
@@ -151,6 +156,18 @@ class PlanReport:
         for note in [*self.notes, *b.notes]:
             lines.append(f"note: {note}")
         return "\n".join(lines)
+
+
+def _mesh_words(s: Setup) -> str:
+    """What each dimension of the mesh holds per rank, in words."""
+    words = []
+    if s.sp > 1:
+        words.append(f"1/{s.sp} of every row's tokens")
+    if s.tp > 1:
+        words.append(f"1/{s.tp} of the attention, MLP and vocabulary")
+    if s.pp > 1:
+        words.append(f"1/{s.pp} of the layers")
+    return f" (each rank: {', '.join(words)})" if words else ""
 
 
 def _method(s: Setup) -> str:
@@ -199,6 +216,9 @@ def flops_per_token(s: Setup) -> float:
 
 
 def tokens_per_second(s: Setup, devices: DeviceSpec | None, mfu: float) -> float | None:
+    """FLOPs-bound tokens/s; pipeline stages idle in 1F1B's bubble, (pp - 1) of (micro-batches + pp - 1) slots."""
     if devices is None or devices.accelerator is None or devices.kind == "cpu":
         return None
-    return s.world_size * devices.accelerator.peak_tflops * 1e12 * mfu / flops_per_token(s)
+    micro = max(s.accumulation, 1)
+    bubble = micro / (micro + s.pp - 1)
+    return s.world_size * devices.accelerator.peak_tflops * 1e12 * mfu * bubble / flops_per_token(s)

@@ -144,8 +144,21 @@ class Recipe:
                        and (k == "offload_optimizer" or stage == 3)]
             return f"deepspeed zero{stage}" + (f" + offload {'/'.join(offload)}" if offload else "")
         if engine == "auto":
-            return "ddp" if self.hardware.world_size > 1 else "single"
-        return engine
+            engine = "fsdp2" if values.get("tensor_parallel_size", 1) > 1 else (
+                "ddp" if self.hardware.world_size > 1 else "single")
+        return engine + self.mesh_text
+
+    @property
+    def mesh_text(self) -> str:
+        """`` (dp 4 × tp 2)``: the dimensions of the mesh this recipe splits the model over, on its hardware."""
+        values = self.values
+        sizes = {dim: int(values.get(key, 1) or 1) for dim, key in (
+            ("sp", "sequence_parallel_size"), ("tp", "tensor_parallel_size"), ("pp", "pipeline_parallel_size"))}
+        split = sizes["sp"] * sizes["tp"] * sizes["pp"]
+        if split == 1:
+            return ""
+        dims = [f"dp {self.hardware.world_size // split}"] + [f"{d} {n}" for d, n in sizes.items() if n > 1]
+        return f" ({' × '.join(dims)})"
 
     def text_for_copy(self) -> str:
         """The recipe as ``copy`` writes it: a ``data: packaged`` recipe gets the installed data folder."""

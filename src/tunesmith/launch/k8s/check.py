@@ -101,6 +101,7 @@ class CheckedK8s:
     options: CheckedOptions
     config_text: str  # the ConfigMap's file, with a header saying where it came from
     warnings: tuple[str, ...]
+    mesh: str = ""  # "mesh: dp 4 × sp 1 × tp 2 × pp 1 (8 ranks)", checked against the job's world size
 
     @property
     def config_map(self) -> str:
@@ -285,10 +286,10 @@ def config_yaml(cfg: Config) -> str:
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
-def _config_text(cfg: Config, source: str | None) -> str:
+def _config_text(cfg: Config, source: str | None, mesh: str = "") -> str:
     header = (
         f"# resolved by `tunesmith launch k8s`{f' from {source}' if source else ''}; pods read it as "
-        f"{CONFIG_MOUNT}/{CONFIG_FILE}\n"
+        f"{CONFIG_MOUNT}/{CONFIG_FILE}\n" + (f"# {mesh}\n" if mesh else "")
     )
     text = header + config_yaml(cfg)
     if len(text.encode()) > MAX_CONFIG_MAP:
@@ -362,6 +363,26 @@ def check(cfg: Config, opts: K8sOptions, source: str | None = None) -> CheckedK8
     cfg.require("model_name_or_path", "dataset", "output_dir")
     options = check_options(opts)
     name = job_name(cfg, opts.name)
-    text = _config_text(cfg, source)
+    mesh = check_job_mesh(cfg, options)
+    text = _config_text(cfg, source, mesh)
     warnings = path_warnings(cfg, options.pvcs, options.workdir) + _device_warnings(cfg, options.accelerator)
-    return CheckedK8s(name=name, options=options, config_text=text, warnings=tuple(warnings))
+    return CheckedK8s(name=name, options=options, config_text=text, warnings=tuple(warnings), mesh=mesh)
+
+
+def check_job_mesh(cfg: Config, options: CheckedOptions) -> str:
+    """The mesh line of the job's world (pods × --nproc-per-node); with --elastic, every node count in its range
+    must tile too, since the job may run on any of them. A mesh that does not divide is refused here."""
+    from tunesmith.plan.mesh import check_mesh, mesh_line
+
+    nodes = sum(count for _, count in options.replicas)
+
+    def tile(count: int) -> dict[str, int]:
+        where = f"--nnodes {count} × --nproc-per-node {options.nproc_per_node}"
+        if options.elastic:
+            where += f", within --elastic {options.elastic[0]}:{options.elastic[1]}"
+        return check_mesh(cfg, count * options.nproc_per_node, where)
+
+    sizes = tile(nodes)
+    for count in range(options.elastic[0], options.elastic[1] + 1) if options.elastic else ():
+        tile(count)
+    return mesh_line(sizes)

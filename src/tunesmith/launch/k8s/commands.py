@@ -20,7 +20,9 @@ def _cmd_launch_k8s(args: argparse.Namespace) -> int:
 
     require_cluster_packages()
     cfg = load_config(args.config, args.overrides)
-    rendered = render(check(cfg, options_from_args(args), source=args.config))
+    checked = check(cfg, options_from_args(args), source=args.config)
+    rendered = render(checked)
+    log.info("%s", checked.mesh)
     for warning in rendered.warnings:
         log.warning("warning: %s", warning)
     text = rendered.to_yaml()
@@ -34,7 +36,8 @@ def _cmd_launch_k8s(args: argparse.Namespace) -> int:
     cluster = connect(args.kubeconfig, args.context, args.namespace)
     submit(cluster, rendered)
     print(
-        f"submitted PyTorchJob {rendered.name} to namespace {cluster.namespace} ({cluster.host}); follow it "
+        f"submitted PyTorchJob {rendered.name} to namespace {cluster.namespace} ({cluster.host}), {checked.mesh}; "
+        f"follow it "
         f"with `tunesmith jobs status {rendered.name}` and `tunesmith jobs logs {rendered.name}`"
     )
     return 0

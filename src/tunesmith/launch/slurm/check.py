@@ -4,11 +4,15 @@ the :class:`CheckedSlurm` job that is all the script is rendered from."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tunesmith.errors import ConfigError
 from tunesmith.launch.slurm.options import LOG_PATTERN, SCRIPT_NAME, SlurmOptions
+
+if TYPE_CHECKING:
+    from tunesmith.config.schema import Config
 
 # Slurm's --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (and the words for no limit)
 _TIME = re.compile(r"^(\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|infinite|unlimited|UNLIMITED|INFINITE)$")
@@ -35,6 +39,7 @@ class CheckedSlurm:
     script_path: Path
     log_path: Path  # with sbatch's %j for the job id
     train_command: tuple[str, ...]  # what each node's task runs
+    mesh: str = ""  # "mesh: dp 4 × sp 1 × tp 2 × pp 1 (8 ranks)": :func:`with_mesh` checks it against the job
 
     @property
     def rendezvous(self) -> bool:
@@ -95,3 +100,13 @@ def check(opts: SlurmOptions) -> CheckedSlurm:
         log_path=opts.output_dir / LOG_PATTERN,
         train_command=(opts.python, "-m", "tunesmith.cli", *verbose, "train", str(opts.config_path)),
     )
+
+
+def with_mesh(job: CheckedSlurm, cfg: Config) -> CheckedSlurm:
+    """``job`` with the mesh of its world (--nodes × processes per node), refused in one sentence naming the keys
+    when sequence × tensor × pipeline parallel does not divide it, before anything is written or submitted."""
+    from tunesmith.plan.mesh import check_mesh, mesh_line
+
+    procs = "--nproc-per-node" if job.gpus_per_node == 0 or job.procs != job.gpus_per_node else "--gpus-per-node"
+    sizes = check_mesh(cfg, job.nodes * job.procs, f"--nodes {job.nodes} × {procs} {job.procs}")
+    return replace(job, mesh=mesh_line(sizes))

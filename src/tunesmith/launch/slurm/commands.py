@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from tunesmith.launch.slurm.check import check
+from tunesmith.launch.slurm.check import check, with_mesh
 from tunesmith.launch.slurm.options import add_launch_arguments, options_from_args
 from tunesmith.launch.slurm.render import render
 from tunesmith.launch.slurm.submit import require_tool, submit, write_job_files
@@ -19,6 +19,7 @@ def _cmd_launch_slurm(args: argparse.Namespace) -> int:
     cfg.require("model_name_or_path", "dataset", "output_dir")
     workdir = Path.cwd().resolve()
     job = check(options_from_args(args, (workdir / str(cfg.output_dir)).resolve(), workdir))
+    job = with_mesh(job, cfg)  # the mesh divides the world before anything is written or submitted
     script = render(job)
     if args.dry_run:
         print(script, end="")
@@ -26,7 +27,7 @@ def _cmd_launch_slurm(args: argparse.Namespace) -> int:
     require_tool("sbatch")  # fail before writing anything when this is not a Slurm machine
     path = write_job_files(job, script, dump_config(cfg))
     job_id = submit(path)
-    print(f"submitted Slurm job {job_id}: {job.nodes} node(s) x {job.procs} process(es); script {path}")
+    print(f"submitted Slurm job {job_id}: {job.nodes} node(s) x {job.procs} process(es), {job.mesh}; script {path}")
     print(f"log: {str(job.log_path).replace('%j', job_id)}; state: tunesmith jobs status {job_id}")
     return 0
 

@@ -53,8 +53,8 @@ def directives(job: CheckedSlurm) -> list[str]:
 
 
 def render(job: CheckedSlurm) -> str:
-    """The sbatch script of ``job``."""
-    return _template().render(
+    """The sbatch script of ``job`` (its mesh, when checked, as a comment under the first line's)."""
+    script = _template().render(
         script_path=shlex.quote(str(job.script_path)),
         directives=directives(job),
         port_base=SLURM_PORT_BASE,
@@ -63,3 +63,7 @@ def render(job: CheckedSlurm) -> str:
         rendezvous=job.rendezvous,
         train_command=" ".join(shlex.quote(word) for word in job.train_command),
     )
+    if not job.mesh:
+        return script
+    shebang, comment, rest = script.split("\n", 2)
+    return "\n".join([shebang, comment, f"# {job.mesh}", rest])
