@@ -171,7 +171,9 @@ def test_elastic_job_logs_default_to_worker_zero(cli, api):
 
 def test_a_broken_job_is_refused_before_anything_is_sent(workdir, api):
     before = len(api.requests)
-    no_image = tunesmith(workdir, "launch", "k8s", "my.yaml", "--nnodes", "2")
+    # Ascend has no published image (GPU and CPU jobs default to tunesmith's): --image stays required there
+    ascend = ["--accelerator", "huawei.com/Ascend910"]
+    no_image = tunesmith(workdir, "launch", "k8s", "my.yaml", "--nnodes", "2", *ascend)
     assert "--image is missing" in one_error_line(no_image.returncode, no_image.stdout, no_image.stderr)
     bad = tunesmith(workdir, "launch", "k8s", "my.yaml", "--image", "i", "--nnodes", "0")
     error = one_error_line(bad.returncode, bad.stdout, bad.stderr)

@@ -12,12 +12,14 @@ import pytest
 import yaml
 from k8s_helpers import crd_schema, schema_violations
 
+from tunesmith import __version__
 from tunesmith.cli import main
 from tunesmith.config import load_config
 from tunesmith.errors import ConfigError
 from tunesmith.launch.k8s import (
     ASCEND,
     ASCEND_DRIVER,
+    GPU,
     POD_COMMAND,
     K8sOptions,
     check_options,
@@ -287,10 +289,24 @@ def test_dry_run_prints_configmap_and_job_and_submits_nothing(tmp_path, monkeypa
     assert capsys.readouterr().out == ""  # with --out the YAML goes to the file only
 
 
+def test_without_image_gpu_and_cpu_jobs_run_the_published_image_of_this_version(tmp_path, capsys):
+    config = tmp_path / "my.yaml"
+    config.write_text("model_name_or_path: /m\ndataset: identity\noutput_dir: /data/r\n")
+    images = {}
+    for accelerator in (GPU, "none"):
+        assert main(["launch", "k8s", str(config), "--accelerator", accelerator, "--dry-run"]) == 0
+        job = list(yaml.safe_load_all(capsys.readouterr().out))[1]
+        pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+        images[accelerator] = pod["containers"][0]["image"]
+    assert images == {GPU: f"ghcr.io/tunesmith/tunesmith:{__version__}",
+                      "none": f"ghcr.io/tunesmith/tunesmith:{__version__}-cpu"}  # fmt: skip
+
+
 def test_cli_refuses_a_broken_job_with_one_line_and_exit_2(tmp_path, capsys):
     config = tmp_path / "my.yaml"
     config.write_text("model_name_or_path: /m\ndataset: identity\noutput_dir: /data/r\n")
-    assert main(["launch", "k8s", str(config), "--nnodes", "2", "--dry-run"]) == 2
+    # no published Ascend (CANN) image: there --image is still required
+    assert main(["launch", "k8s", str(config), "--nnodes", "2", "--accelerator", ASCEND, "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("tunesmith: error: --image is missing")
     assert main(["launch", "k8s", str(config), "--image", "i", "--nproc-per-node", "0", "--dry-run"]) == 2

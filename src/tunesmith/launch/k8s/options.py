@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
+from tunesmith import __version__
+
 GPU = "nvidia.com/gpu"
 ASCEND = "huawei.com/Ascend910"
 ACCELERATORS = (GPU, ASCEND, "none")
@@ -13,6 +15,19 @@ RESTART_POLICIES = ("OnFailure", "Never", "Always", "ExitCode")
 # Where the pods find the resolved config: the ConfigMap's one file, mounted read-only.
 CONFIG_MOUNT = "/config"
 CONFIG_FILE = "train.yaml"
+# The images docker/Dockerfile (CUDA) and docker/Dockerfile.cpu build, as the release pushes them (README
+# "Container images"): the tag is the package version, so a job runs the tunesmith that rendered it.
+IMAGE_REPOSITORY = "ghcr.io/tunesmith/tunesmith"
+
+
+def default_image(accelerator: str) -> str | None:
+    """The published image for ``--accelerator``: the CUDA one for GPUs, the CPU one for `none`. None for
+    Ascend: there is no published CANN image, so ``--image`` stays required there (the check says so)."""
+    if accelerator == GPU:
+        return f"{IMAGE_REPOSITORY}:{__version__}"
+    if accelerator == "none":
+        return f"{IMAGE_REPOSITORY}:{__version__}-cpu"
+    return None
 
 
 @dataclass(frozen=True)
@@ -40,7 +55,7 @@ class K8sOptions:
 
 def options_from_args(args: argparse.Namespace) -> K8sOptions:
     return K8sOptions(
-        image=args.image,
+        image=args.image if args.image is not None else default_image(args.accelerator),
         nnodes=args.nnodes,
         nproc_per_node=args.nproc_per_node,
         accelerator=args.accelerator,
@@ -79,7 +94,11 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. learning_rate=5e-4"
     )
-    p.add_argument("--image", help="container image with tunesmith installed (required)")
+    p.add_argument(
+        "--image",
+        help=f"container image with tunesmith installed (default: {IMAGE_REPOSITORY}:{__version__} for GPUs, "
+        f"its -cpu tag with --accelerator none; required for {ASCEND})",
+    )
     p.add_argument(
         "--nnodes",
         type=int,
