@@ -1,16 +1,18 @@
 """API server throughput and latency: requests/s, time to first token, p50 / p99 latency at 1 / 4 / 16 clients.
 
     python bench/serve.py [--model smollm2-135m-instruct] [--levels 1,4,16] [--requests N] [--max-tokens 32]
-                          [--threads N] [--json]
+                          [--threads N] [--max-batch-size N] [--json]
 
 The server is the real `tunesmith serve` (tunesmith.cli.main) in its own process on 127.0.0.1 and a
 free port; the clients are threads of this process using the official `openai` client, streaming, greedy
 (temperature 0), each with ``--max-tokens`` and stream usage on. After one warm-up request, each level runs
 ``--requests`` requests (default: 2 per client, at least 4) with that many clients at once; each client sends
-its next request when the previous one ends. Per request: time to the first content chunk (TTFT) and to the end
-of the stream (latency). Per level: requests/s and generated tokens/s over the level's wall time, and
-nearest-rank p50 / p99 (with few requests p99 is the slowest one). The server queues requests for one
-generation worker, so at N clients a request mostly waits: latency grows with N while requests/s stays flat.
+its next request when the previous one ends. Each question is first asked alone; the last column counts the
+batched answers equal to it (greedy: batching must not change a token). Per request: time to the first content
+chunk (TTFT) and to the end of the stream (latency). Per level: requests/s and generated tokens/s over the level's wall time, and
+nearest-rank p50 / p99 (with few requests p99 is the slowest one). The server batches continuously (up to
+``--max-batch-size`` sequences decode together, a new request joins at the next step), so requests/s grows with
+the number of clients while the time to the first token stays short.
 
 Everything is bounded: requests time out after 300 s, the server is stopped at the end (and on errors).
 The machine may be shared; the 1-minute load average before and after is printed: compare quiet runs only.
@@ -29,6 +31,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -44,10 +47,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(model: str, port: int, log_path: Path, threads: int | None) -> subprocess.Popen:
+def start_server(model: str, port: int, log_path: Path, threads: int | None, batch: int | None) -> subprocess.Popen:
     code = "import sys; from tunesmith.cli import main; sys.exit(main(sys.argv[1:]))"
     log = log_path.open("w")
     extra = ["--threads", str(threads)] if threads else []
+    extra += ["--max-batch-size", str(batch)] if batch else []
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "serve", model, "--port", str(port), "--max-queue", "1024", *extra],
         stdout=log, stderr=subprocess.STDOUT,
@@ -74,10 +78,11 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def one_request(client, model_id: str, question: str, max_tokens: int) -> dict[str, float]:
+def one_request(client, model_id: str, question: str, max_tokens: int) -> dict[str, Any]:
     start = time.perf_counter()
     first = None
     tokens = 0
+    pieces = []
     stream = client.chat.completions.create(
         model=model_id,
         messages=[{"role": "user", "content": question}],
@@ -87,16 +92,20 @@ def one_request(client, model_id: str, question: str, max_tokens: int) -> dict[s
         stream_options={"include_usage": True},
     )
     for chunk in stream:
-        if first is None and chunk.choices and chunk.choices[0].delta.content:
-            first = time.perf_counter()
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.perf_counter()
+            pieces.append(chunk.choices[0].delta.content)
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
     end = time.perf_counter()
-    return {"ttft": (first or end) - start, "latency": end - start, "tokens": tokens}
+    return {"ttft": (first or end) - start, "latency": end - start, "tokens": tokens, "text": "".join(pieces),
+            "question": question}
 
 
-def run_level(client, model_id: str, clients: int, requests: int, max_tokens: int) -> dict[str, float]:
-    results: list[dict[str, float]] = []
+def run_level(
+    client, model_id: str, clients: int, requests: int, max_tokens: int, alone: dict[str, str]
+) -> dict[str, float]:
+    results: list[dict[str, Any]] = []
     lock = threading.Lock()
     counter = iter(range(requests))
 
@@ -128,6 +137,7 @@ def run_level(client, model_id: str, clients: int, requests: int, max_tokens: in
         "ttft_p99_s": percentile(ttft, 99),
         "latency_p50_s": percentile(latency, 50),
         "latency_p99_s": percentile(latency, 99),
+        "same_as_alone": sum(r["text"] == alone[r["question"]] for r in results),
     }
 
 
@@ -144,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=None, help="requests per level (default 2 per client, ≥ 4)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="the server's --threads (default: torch's)")
+    parser.add_argument("--max-batch-size", type=int, default=None, help="the server's --max-batch-size (default 16)")
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
     args = parser.parse_args(argv)
     import openai  # a dev extra
@@ -152,26 +163,32 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         print(f"load average (1 min) before: {os.getloadavg()[0]:.2f}", file=sys.stderr)
-        proc = start_server(args.model, port, Path(tmp) / "serve.log", args.threads)
+        proc = start_server(args.model, port, Path(tmp) / "serve.log", args.threads, args.max_batch_size)
         try:
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=300,
                                    max_retries=0)
             model_id = client.models.list().data[0].id
             one_request(client, model_id, QUESTIONS[0], args.max_tokens)  # warm-up
+            # each question's greedy answer asked alone: batching must not change a single token of it
+            alone = {q: one_request(client, model_id, q, args.max_tokens)["text"] for q in QUESTIONS}
             rows = [
-                run_level(client, model_id, n, args.requests or max(4, 2 * n), args.max_tokens) for n in levels
+                run_level(client, model_id, n, args.requests or max(4, 2 * n), args.max_tokens, alone)
+                for n in levels
             ]
         finally:
             stop_server(proc)
         print(f"load average (1 min) after: {os.getloadavg()[0]:.2f}", file=sys.stderr)
 
     threads = f"{args.threads} thread(s)" if args.threads else "torch's default threads"
-    print(f"model {args.model}, max_tokens {args.max_tokens}, greedy, streaming, {threads}; times in seconds")
-    print("| clients | requests | req/s | tokens/s | TTFT p50 | TTFT p99 | latency p50 | latency p99 |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    batch = f"max batch {args.max_batch_size or 16}"
+    print(f"model {args.model}, max_tokens {args.max_tokens}, greedy, streaming, {threads}, {batch}; "
+          "times in seconds")
+    print("| clients | requests | req/s | tokens/s | TTFT p50 | TTFT p99 | latency p50 | latency p99 | = alone |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['clients']} | {r['requests']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
-              f"{r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | {r['latency_p50_s']:.3f} | {r['latency_p99_s']:.3f} |")
+              f"{r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | {r['latency_p50_s']:.3f} | {r['latency_p99_s']:.3f} | "
+              f"{r['same_as_alone']}/{r['requests']} |")
     if args.json:
         print(json.dumps(rows, indent=1))
     return 0

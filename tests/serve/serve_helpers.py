@@ -83,9 +83,7 @@ def live_server_fixture(name: str = "live_server", model_fixture: str = "tiny_mo
 
 
 def _live_server(model_dir):
-    import uvicorn
-
-    from tunesmith.serve.app import ServerSettings, create_app
+    from tunesmith.serve.app import ServerSettings
     from tunesmith.serve.chat import load_for_inference
     from tunesmith.serve.server import context_length
 
@@ -99,6 +97,15 @@ def _live_server(model_dir):
         max_messages=20,
         context_length=context_length(model),
     )
+    yield from serving(model, tokenizer, template, settings)
+
+
+def serving(model, tokenizer, template, settings):
+    """Serve ``model`` with ``settings`` on a free port in a background thread; yields the LiveServer, then stops."""
+    import uvicorn
+
+    from tunesmith.serve.app import create_app
+
     app = create_app(model, tokenizer, template, settings)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -113,7 +120,7 @@ def _live_server(model_dir):
     stopper.daemon = True
     stopper.start()
     try:
-        yield LiveServer(f"http://127.0.0.1:{port}", port, API_KEY, model, tokenizer, template, settings)
+        yield LiveServer(f"http://127.0.0.1:{port}", port, settings.api_key, model, tokenizer, template, settings)
     finally:
         stopper.cancel()
         server.should_exit = True

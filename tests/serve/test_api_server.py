@@ -14,7 +14,7 @@ import serve_helpers
 from serve_helpers import QUESTION, REPLY
 
 from tunesmith.model.detokenize import decode_complete
-from tunesmith.model.generate import generate_reply
+from tunesmith.model.generate import generate_reply, generate_stream
 
 live_server = serve_helpers.live_server_fixture()
 speaking_model_dir = serve_helpers.speaking_model_fixture()
@@ -137,7 +137,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(live_server
     assert_openai_error(post(server, {**good, "messages": [{"role": "assistant", "content": "hi"}]}), 400,
                         "messages")
     assert_openai_error(post(server, {**good, "stream": "yes"}), 400, "stream")
-    assert_openai_error(post(server, {**good, "n": 2}), 400, "n")
+    assert_openai_error(post(server, {**good, "n": 0}), 400, "n")
+    assert_openai_error(post(server, {**good, "n": 17}), 400, "n")
     too_many = [{"role": r, "content": "hi"} for _ in range(11) for r in ("user", "assistant")][:-1]
     assert_openai_error(post(server, {**good, "messages": too_many}), 400, "messages")
 
@@ -253,3 +254,51 @@ def test_a_stop_string_of_multi_byte_characters_cuts_at_a_whole_character(speaki
             reason = "stop" if found >= 0 or n > len(ids) else "length"
             assert ask_speaking(speaking_server, n, [stop]) == ((expected, reason), (expected, reason)), n
     assert expected == REPLY[: REPLY.find(stop)]
+
+
+def continuation(server, prompt: str, max_tokens: int) -> str:
+    ids = server.tokenizer.encode(prompt, add_special_tokens=True)
+    return "".join(generate_stream(server.model, server.tokenizer, server.template, [], prompt_ids=ids,
+                                   max_new_tokens=max_tokens))
+
+
+def test_text_completions_continue_the_prompt_without_a_template(live_server, client):
+    prompt = "The capital of France is"
+    result = client.completions.create(model="tiny-qwen2", prompt=prompt, max_tokens=10, temperature=0)
+    assert result.object == "text_completion" and result.choices[0].text == continuation(live_server, prompt, 10)
+    assert result.usage.prompt_tokens == len(live_server.tokenizer.encode(prompt))
+    assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
+    chunks = list(client.completions.create(model="tiny-qwen2", prompt=prompt, max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == result.choices[0].text
+    assert chunks[-1].usage.completion_tokens == result.usage.completion_tokens
+    many = client.completions.create(model="tiny-qwen2", prompt=[prompt, "Paris"], max_tokens=5, temperature=0)
+    assert [c.text for c in many.choices] == [continuation(live_server, p, 5) for p in (prompt, "Paris")]
+
+
+def test_n_choices_are_separate_sequences_with_usage(live_server, client):
+    greedy = client.chat.completions.create(model="tiny-qwen2", messages=ask(7), max_tokens=8, temperature=0, n=3)
+    assert [c.index for c in greedy.choices] == [0, 1, 2]
+    assert {c.message.content for c in greedy.choices} == {reference(live_server, ask(7), 8)}
+    one = client.chat.completions.create(model="tiny-qwen2", messages=ask(7), max_tokens=8, temperature=0)
+    assert greedy.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counts once
+    assert greedy.usage.completion_tokens == 3 * one.usage.completion_tokens
+
+    kwargs = {"model": "tiny-qwen2", "messages": ask(8), "max_tokens": 12, "temperature": 1.0, "seed": 5, "n": 3}
+    sampled = client.chat.completions.create(**kwargs)
+    texts = [c.message.content for c in sampled.choices]
+    assert len(set(texts)) > 1  # choice j samples with seed + j
+    assert 3 <= sampled.usage.completion_tokens <= 36
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    streamed = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+                for i in range(3)]
+    assert streamed == texts
+    assert chunks[-1].usage.completion_tokens == sampled.usage.completion_tokens
+
+
+def test_an_unknown_model_is_a_404(live_server, client):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="gpt-4o", messages=ask(9), max_tokens=2)
+    assert err.value.body["code"] == "model_not_found" and err.value.body["param"] == "model"
+    assert_openai_error(live_server.request("GET", "/v1/models/gpt-4o",
+                                            headers={"Authorization": f"Bearer {live_server.api_key}"}), 404)

@@ -40,13 +40,13 @@ def test_the_earliest_of_several_stops_wins():
 def test_queue_limit_and_cancelled_jobs():
     async def scenario() -> None:
         worker = GenerationWorker(model=None, tokenizer=None, template=None, max_queue=2)
-        await worker.start()
         jobs = [GenerationJob([1], 4, 0.0, 1.0, None) for _ in range(2)]
         for job in jobs:
             job.cancel.set()  # both clients already gone: the worker must skip them without generating
-            worker.submit(job)
+            worker.submit(job)  # (before start: the jobs wait until the engine runs)
         with pytest.raises(QueueFull):
             worker.submit(GenerationJob([1], 4, 0.0, 1.0, None))
+        await worker.start()
         for job in jobs:
             assert await asyncio.wait_for(job.events.get(), 5) == ("done", "cancelled")
         assert (worker.queued, worker.cancelled, worker.completed) == (0, 2, 0)

@@ -71,7 +71,7 @@ def generate_stream(
     stats.prompt_tokens, stats.completion_tokens, stats.finish_reason = len(prompt), 0, None
     stops = set(chat_template.stop_token_ids(tokenizer))
     decoder = IncrementalDecoder(tokenizer)
-    tokens = _token_loop(model, prompt, max_new_tokens, _Sampler(model, temperature, top_p, seed), cancel, stats)
+    tokens = _token_loop(model, prompt, max_new_tokens, Sampler(model, temperature, top_p, seed), cancel, stats)
     was_training = model.training
     model.eval()
     try:
@@ -88,8 +88,9 @@ def generate_stream(
         model.train(was_training)
 
 
-class _Sampler:
-    """Picks the next token: greedy at temperature 0, else top-p sampling from a private seeded generator."""
+class Sampler:
+    """Picks the next token: greedy at temperature 0, else top-p sampling from a private seeded generator
+    (one per request, so requests batched together never share random state)."""
 
     def __init__(self, model: Any, temperature: float, top_p: float, seed: int | None) -> None:
         self.temperature, self.top_p = temperature, top_p
@@ -100,24 +101,21 @@ class _Sampler:
             self.generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor) -> int:
-        return _next_token(logits, self.temperature, self.top_p, self.generator)
+        return next_token(logits, self.temperature, self.top_p, self.generator)
+
 
 
 def _token_loop(
     model: Any,
     prompt: list[int],
     max_new_tokens: int,
-    sample: _Sampler,
+    sample: Sampler,
     cancel: CancelFlag | None,
     stats: GenerationStats,
 ) -> Iterator[int]:
     """The KV-cache loop: yields each sampled token id; sets stats.finish_reason to "length" or "cancelled"
     when it ends by itself (the caller sets "stop" when it stops reading at a stop token)."""
-    params = _forward_parameters(model)
-    # transformers >= 5.2x names the KV cache `cache` (and deprecates `past_key_values`); older ones do not.
-    cache_kw = "cache" if "cache" in params else "past_key_values"
-    # Only the last position's logits are needed; skipping the rest saves prompt_len × vocab floats.
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    cache_kw, extra = forward_options(model)
     device = next(model.parameters()).device
     input_ids, past = torch.tensor([prompt], device=device), None
     for _ in range(max_new_tokens):
@@ -161,7 +159,16 @@ def generate_reply(
     )
 
 
-def _next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+def forward_options(model: Any) -> tuple[str, dict[str, Any]]:
+    """(the forward keyword of the KV cache, extra keywords that keep only the last position's logits)."""
+    params = _forward_parameters(model)
+    # transformers >= 5.2x names the KV cache `cache` (and deprecates `past_key_values`); older ones do not.
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    # Only the last position's logits are needed; skipping the rest saves prompt_len × vocab floats.
+    return cache_kw, ({"logits_to_keep": 1} if "logits_to_keep" in params else {})
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
     if temperature <= 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -172,6 +179,7 @@ def _next_token(logits: torch.Tensor, temperature: float, top_p: float, generato
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
+
 
 
 def _forward_parameters(model: Any) -> set[str]:

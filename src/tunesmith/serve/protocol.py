@@ -1,4 +1,5 @@
-"""The OpenAI chat-completions wire format: request validation, response / chunk bodies, error bodies.
+"""The OpenAI wire format (chat completions and legacy completions): request validation, response / chunk
+bodies, error bodies.
 
 Requests are validated strictly (a string where a number belongs is a 400, as OpenAI answers it, not coerced);
 fields tunesmith does not use (``user``, ``frequency_penalty``, ``logit_bias``, ...) are accepted and ignored so
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -34,8 +35,14 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+MAX_N = 16  # the most choices one request may ask for (each is its own sequence in the batch)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+
+
+_Req = TypeVar("_Req", bound="_Sampling")
 
 
 class TextPart(_Strict):
@@ -57,9 +64,10 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class ChatRequest(_Strict):
-    model: str | None = None  # one model per server: any name is answered by it (as llama.cpp's server does)
-    messages: list[ChatMessage] = Field(min_length=1)
+class _Sampling(_Strict):
+    """The fields chat and text completions share."""
+
+    model: str | None = None  # picks the base model or an adapter; omitted: the server's first model
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
@@ -68,17 +76,42 @@ class ChatRequest(_Strict):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=MAX_N)
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return [s for s in stops if s]
 
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class CompletionRequest(_Sampling):
+    """``/v1/completions``: the prompt is plain text, continued as is (no chat template)."""
+
+    prompt: str | list[str] = Field(min_length=1)
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
 
 def parse_chat_request(raw: bytes) -> ChatRequest:
     """The request body → ChatRequest, or an APIError(400) naming the offending field."""
+    return _parse(ChatRequest, raw)
+
+
+def parse_completion_request(raw: bytes) -> CompletionRequest:
+    """The request body → CompletionRequest, or an APIError(400) naming the offending field."""
+    return _parse(CompletionRequest, raw)
+
+
+def _parse(kind: type[_Req], raw: bytes) -> _Req:
     try:
-        request = ChatRequest.model_validate_json(raw)
+        request = kind.model_validate_json(raw)
     except ValidationError as err:
         first = err.errors()[0]
         if first["type"] == "json_invalid":
@@ -87,8 +120,6 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
             raise APIError(400, "the request body must be a JSON object") from None
         param = ".".join(str(part) for part in first["loc"] if not _is_union_tag(part))
         raise APIError(400, f"{first['msg']} at {param!r}", param=param, code="invalid_value") from None
-    if request.n != 1:
-        raise APIError(400, "only n=1 is supported", param="n", code="invalid_value")
     if len(request.stop_strings()) > 4:
         raise APIError(400, "at most 4 stop sequences are allowed", param="stop", code="invalid_value")
     return request
@@ -99,46 +130,56 @@ def _is_union_tag(part: Any) -> bool:
     return isinstance(part, str) and (part in ("str", "list[TextPart]", "list[str]") or "[" in part)
 
 
-def new_completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+def new_completion_id(kind: str = "chatcmpl") -> str:
+    return f"{kind}-{uuid.uuid4().hex[:24]}"
 
 
 def completion_body(
-    completion_id: str, model: str, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int
+    completion_id: str,
+    model: str,
+    choices: list[tuple[str, str | None]],
+    prompt_tokens: int,
+    completion_tokens: int,
+    chat: bool = True,
 ) -> dict[str, Any]:
+    """A whole response: ``choices`` are (text, finish_reason) in index order; chat or text completion."""
     return {
         "id": completion_id,
-        "object": "chat.completion",
+        "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
         "model": model,
         "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
+            {"index": i, **_content(text, chat), "logprobs": None, "finish_reason": reason}
+            for i, (text, reason) in enumerate(choices)
         ],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
+def _content(text: str, chat: bool) -> dict[str, Any]:
+    return {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+
+
 def chunk_body(
     completion_id: str,
     model: str,
-    delta: dict[str, Any],
+    delta: dict[str, Any] | None,
     finish_reason: str | None = None,
     usage_info: dict[str, int] | None = None,
+    index: int = 0,
+    text: str | None = None,
 ) -> dict[str, Any]:
-    """One server-sent ``chat.completion.chunk``; a usage-only chunk has no choices (OpenAI's shape)."""
+    """One server-sent chunk: a chat ``delta`` (chat.completion.chunk), or for text completions ``text``
+    (``delta`` None); a usage-only chunk has no choices (OpenAI's shape)."""
+    chat = delta is not None
+    choice = {"index": index, **({"delta": delta} if chat else {"text": text or ""}), "logprobs": None,
+              "finish_reason": finish_reason}
     body: dict[str, Any] = {
         "id": completion_id,
-        "object": "chat.completion.chunk",
+        "object": "chat.completion.chunk" if chat else "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [] if usage_info else [
-            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        ],
+        "choices": [] if usage_info else [choice],
     }
     if usage_info:
         body["usage"] = usage_info

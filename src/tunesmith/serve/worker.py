@@ -1,23 +1,39 @@
-"""One generation worker behind an asyncio queue: requests wait their turn, every client is answered.
+"""The generation worker: iteration-level (continuous) batching behind a bounded waiting line.
 
-On a CPU one generation at a time uses the cores fully (a second concurrent one would only slow both down and
-double the memory), so the server queues requests instead of running them side by side. The worker takes the
-next job from the queue and runs its token loop in a thread, so the event loop keeps accepting requests and
-streaming other output. Text reaches the job's own asyncio queue through ``call_soon_threadsafe``.
+One engine thread owns the model. Each iteration it (1) admits waiting requests while the batch has free slots
+(``max_batch_size`` rows in all) and their prompts fit ``prefill_tokens`` (at least one), prefills them together and samples their first token, merging their KV cache
+rows into the running batch (tunesmith.serve.batch), then (2) runs one decode step for every running row. A row
+whose request is finished (stop token, stop string, max_tokens) or cancelled (its client went away) leaves the
+batch at once, so a request that arrives while others are generating starts within one step, not after them.
 
-A job whose client has gone (``job.cancel`` set) is skipped if still queued, and stops before its next token
-if running, so the slot frees at once.
+Every request keeps its own sampling: temperature, top_p and a private torch.Generator seeded from its ``seed``,
+its own stop strings and max_tokens. Greedy rows are not affected by their neighbours: in fp32 a batched reply is
+token for token the single-request reply (padding is masked; positions are per row).
+
+Adapters: several LoRA adapters share one copy of the base model (PEFT adapters loaded under names). Rows are
+grouped by adapter: each adapter (and the base model without adapter) has its own running batch, and an
+iteration steps each group in turn after ``activate(adapter)`` switches PEFT's active adapter, so rows of
+different adapters never share a forward pass (correct for every adapter kind; the price is one forward per
+active adapter per step).
+
+Text reaches each request's asyncio queue through one ``call_soon_threadsafe`` per iteration: ("text", str)
+pieces, then exactly one ("done", finish_reason) or ("error", exception).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections import deque
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 from tunesmith.logging import get_logger
-from tunesmith.model.generate import GenerationStats, generate_stream
+from tunesmith.model.detokenize import IncrementalDecoder
+from tunesmith.model.generate import GenerationStats, Sampler
+from tunesmith.serve.batch import DecodeBatch
 
 log = get_logger("serve")
 
@@ -34,10 +50,11 @@ class GenerationJob:
     top_p: float
     seed: int | None
     stop: list[str] = field(default_factory=list)
+    adapter: str | None = None  # the PEFT adapter name; None: the base model (or the only model)
+    stop_token_ids: set[int] | None = None  # None: the chat template's stop tokens
     cancel: threading.Event = field(default_factory=threading.Event)
     stats: GenerationStats = field(default_factory=GenerationStats)
     finish_reason: str | None = None  # set by the response once the job is done
-    # ("text", str) pieces, then exactly one ("done", finish_reason) or ("error", exception)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
 
 
@@ -72,98 +89,245 @@ class StopMatcher:
         return out
 
 
+@dataclass
+class _Row:
+    """A request while it is in the batch."""
+
+    job: GenerationJob
+    sampler: Sampler
+    decoder: IncrementalDecoder
+    matcher: StopMatcher
+    stops: set[int]
+    generated: int = 0
+    pending: int = 0  # the last sampled token: the next step's input
+
+
+def adapter_switch(model: Any) -> Callable[[str | None], AbstractContextManager]:
+    """``activate(name)`` for the worker: PEFT's named adapter, or the bare base model for None."""
+    if not hasattr(model, "peft_config"):
+        return lambda name: nullcontext()
+
+    def activate(name: str | None) -> AbstractContextManager:
+        if name is None:
+            return model.disable_adapter()
+        if model.active_adapter != name:
+            model.set_adapter(name)
+        return nullcontext()
+
+    return activate
+
+
+def _deliver(events: list[tuple[GenerationJob, tuple[str, Any]]]) -> None:
+    for job, event in events:
+        job.events.put_nowait(event)
+
+
 class GenerationWorker:
-    def __init__(self, model: Any, tokenizer: Any, template: Any, max_queue: int = 64) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        template: Any,
+        max_queue: int = 64,
+        max_batch_size: int = 16,
+        activate: Callable[[str | None], AbstractContextManager] | None = None,
+        prefill_tokens: int = 256,
+    ) -> None:
         self.model, self.tokenizer, self.template = model, tokenizer, template
-        self.max_queue = max_queue
-        self.queue: asyncio.Queue[GenerationJob] | None = None
-        self.task: asyncio.Task | None = None
-        self.busy = False
+        self.max_queue, self.max_batch_size = max_queue, max_batch_size
+        self.prefill_tokens = prefill_tokens  # prompt tokens admitted per iteration (at least one prompt)
+        self.activate = activate or adapter_switch(model)
+        self.waiting: deque[GenerationJob] = deque()
+        self.cond = threading.Condition()
+        self.batches: dict[str | None, DecodeBatch] = {}
+        self.running = 0
         self.completed = 0
         self.cancelled = 0
+        self.closing = False
+        self._outbox: list[tuple[GenerationJob, tuple[str, Any]]] = []  # events of this iteration
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread: threading.Thread | None = None
 
     async def start(self) -> None:
-        self.queue = asyncio.Queue()
-        self.task = asyncio.create_task(self._run(), name="tunesmith-generation-worker")
+        self.loop = asyncio.get_running_loop()
+        self.closing = False
+        self.thread = threading.Thread(target=self._run, name="tunesmith-generation-worker", daemon=True)
+        self.thread.start()
 
     async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            try:
-                await self.task
-            except asyncio.CancelledError:
-                pass
-            self.task = None
+        with self.cond:
+            self.closing = True
+            self.cond.notify_all()
+        if self.thread is not None:
+            await asyncio.to_thread(self.thread.join, 30)
+            self.thread = None
 
     @property
     def queued(self) -> int:
-        return self.queue.qsize() if self.queue is not None else 0
+        return len(self.waiting)
+
+    @property
+    def busy(self) -> bool:
+        return self.running > 0
 
     def submit(self, job: GenerationJob) -> GenerationJob:
-        if self.queue is None:
-            raise RuntimeError("GenerationWorker.start() was not awaited")
-        if self.queued >= self.max_queue:
-            raise QueueFull(f"{self.queued} requests are already waiting")
-        self.queue.put_nowait(job)
+        self.submit_all([job])
         return job
 
-    async def _run(self) -> None:
-        assert self.queue is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            job = await self.queue.get()
+    def submit_all(self, jobs: list[GenerationJob]) -> None:
+        """Queue every job or none (a request with n choices); QueueFull when the line is too long."""
+        with self.cond:
+            if len(self.waiting) + len(jobs) > self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            self.waiting.extend(jobs)
+            self.cond.notify()
+
+    # --- the engine thread ---------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while (jobs := self._take()) is not None:
+                if jobs:
+                    self._admit(jobs)
+                    self._flush()
+                self._step_all()
+                self._flush()
+        except Exception:  # noqa: BLE001 - a bug here must not leave clients waiting forever
+            log.exception("the generation worker stopped")
+            self._fail_everything(RuntimeError("the generation worker stopped"))
+            self._flush()
+
+    def _take(self) -> list[GenerationJob] | None:
+        """Waiting jobs for the free slots (blocks while there is nothing to do); None once stopping."""
+        with self.cond:
+            while not self.closing and not self.waiting and self.running == 0:
+                self.cond.wait()
+            if self.closing:
+                return None
+            free, budget, taken = self.max_batch_size - self.running, self.prefill_tokens, []
+            # A burst is prefilled a few prompts an iteration, with decode steps between: the first prompts'
+            # tokens start flowing while the rest wait, instead of everyone waiting for one huge prefill.
+            while self.waiting and len(taken) < free and (not taken or len(self.waiting[0].prompt_ids) <= budget):
+                budget -= len(self.waiting[0].prompt_ids)
+                taken.append(self.waiting.popleft())
+            return taken
+
+    def _admit(self, jobs: list[GenerationJob]) -> None:
+        groups: dict[str | None, list[_Row]] = {}
+        for job in jobs:
             if job.cancel.is_set():  # the client left while waiting
                 self.cancelled += 1
-                job.events.put_nowait(("done", "cancelled"))
+                self._emit(job, "done", "cancelled")
                 continue
-            self.busy = True
+            groups.setdefault(job.adapter, []).append(self._new_row(job))
+        for adapter, rows in groups.items():
+            batch = self.batches.get(adapter)
+            if batch is None:
+                batch = self.batches[adapter] = DecodeBatch(self.model, self._pad_id(), self._chat_prefix())
+            before = len(batch)
             try:
-                # The thread is awaited even if this task is cancelled (server shutdown): set the flag so it ends.
-                await asyncio.shield(asyncio.to_thread(self._generate, job, loop))
-            except asyncio.CancelledError:
-                job.cancel.set()
-                raise
-            finally:
-                self.busy = False
+                with self.activate(adapter):
+                    logits = batch.add([row.job.prompt_ids for row in rows], rows)
+            except Exception as err:  # noqa: BLE001 - reported to these requests' clients; the server goes on
+                log.exception("prefill failed")
+                for row in rows:
+                    self._emit(row.job, "error", err)
+                continue
+            self.running += len(rows)
+            advanced = [self._advance(row, row_logits) for row, row_logits in zip(rows, logits, strict=True)]
+            batch.keep([True] * before + advanced)
+            self._count()
 
-    def _generate(self, job: GenerationJob, loop: asyncio.AbstractEventLoop) -> None:
-        """The token loop, in a worker thread; every event goes back to the event loop thread."""
+    def _step_all(self) -> None:
+        for adapter, batch in self.batches.items():
+            batch.keep([not row.job.cancel.is_set() or self._finish(row, "cancelled") for row in batch.rows])
+            if not batch.rows:
+                continue
+            try:
+                with self.activate(adapter):
+                    logits = batch.step([row.pending for row in batch.rows])
+            except Exception as err:  # noqa: BLE001 - reported to these requests' clients; the server goes on
+                log.exception("generation failed")
+                for row in batch.rows:
+                    self._emit(row.job, "error", err)
+                batch.keep([False] * len(batch))
+                continue
+            batch.keep([self._advance(row, row_logits) for row, row_logits in zip(batch.rows, logits, strict=True)])
+        self._count()
 
-        def emit(kind: str, value: Any) -> None:
-            loop.call_soon_threadsafe(job.events.put_nowait, (kind, value))
+    def _new_row(self, job: GenerationJob) -> _Row:
+        job.stats.prompt_tokens, job.stats.completion_tokens = len(job.prompt_ids), 0
+        stops = job.stop_token_ids if job.stop_token_ids is not None else self._template_stops()
+        return _Row(job, Sampler(self.model, job.temperature, job.top_p, job.seed),
+                    IncrementalDecoder(self.tokenizer), StopMatcher(job.stop), stops)
 
-        matcher = StopMatcher(job.stop)
-        stream = generate_stream(
-            self.model,
-            self.tokenizer,
-            self.template,
-            [],
-            max_new_tokens=job.max_new_tokens,
-            temperature=job.temperature,
-            top_p=job.top_p,
-            seed=job.seed,
-            prompt_ids=job.prompt_ids,
-            stats=job.stats,
-            cancel=job.cancel,
-        )
-        try:
-            for piece in stream:
-                shown = matcher.feed(piece)
-                if shown:
-                    emit("text", shown)
-                if matcher.stopped:
-                    break
-            stream.close()  # a stop string ended it early: release the KV cache now
-            rest = matcher.flush()
-            if rest:
-                emit("text", rest)
-        except Exception as err:  # noqa: BLE001 - reported to this request's client; the server goes on
-            log.exception("generation failed")
-            emit("error", err)
-            return
-        reason = "stop" if matcher.stopped else job.stats.finish_reason
+    def _advance(self, row: _Row, logits: Any) -> bool:
+        """Sample the row's next token and send its text; False when the row is finished."""
+        token = row.sampler(logits)
+        row.generated += 1
+        if token in row.stops:
+            return self._finish(row, "stop")
+        row.job.stats.completion_tokens += 1
+        piece = row.decoder.add(token)
+        shown = row.matcher.feed(piece) if piece else ""
+        if shown:
+            self._emit(row.job, "text", shown)
+        if row.matcher.stopped:
+            return self._finish(row, "stop")
+        if row.generated >= row.job.max_new_tokens:
+            return self._finish(row, "length")
+        row.pending = token
+        return True
+
+    def _finish(self, row: _Row, reason: str) -> bool:
+        row.job.stats.finish_reason = reason
         if reason == "cancelled":
             self.cancelled += 1
         else:
+            rest = row.matcher.flush()
+            if rest:
+                self._emit(row.job, "text", rest)
             self.completed += 1
-        emit("done", reason)
+        self._emit(row.job, "done", reason)
+        return False
+
+    def _count(self) -> None:
+        self.running = sum(len(batch) for batch in self.batches.values())
+
+    def _emit(self, job: GenerationJob, kind: str, value: Any) -> None:
+        self._outbox.append((job, (kind, value)))
+
+    def _flush(self) -> None:
+        """Hand the step's events to the event loop in one wake-up (not one per token: with 16 streams the
+        wake-ups would keep preempting the CPU threads that run the next step)."""
+        if self._outbox:
+            assert self.loop is not None
+            events, self._outbox = self._outbox, []
+            self.loop.call_soon_threadsafe(_deliver, events)
+
+    def _fail_everything(self, err: Exception) -> None:
+        with self.cond:
+            waiting, self.waiting = list(self.waiting), deque()
+        for job in [*waiting, *(row.job for batch in self.batches.values() for row in batch.rows)]:
+            self._emit(job, "error", err)
+        self.batches.clear()
+        self.running = 0
+
+    def _template_stops(self) -> set[int]:
+        if not hasattr(self, "_stops"):
+            self._stops = set(self.template.stop_token_ids(self.tokenizer))
+        return self._stops
+
+    def _chat_prefix(self) -> list[int]:
+        """The token ids every chat prompt of the template starts with (those of two different messages share)."""
+        try:
+            one, two = (self.template.encode_prompt(self.tokenizer, [{"role": "user", "content": text}])
+                        for text in ("a", "b"))
+        except Exception:  # noqa: BLE001 - no shared prefix is only slower
+            return []
+        size = next((i for i, (x, y) in enumerate(zip(one, two, strict=False)) if x != y), min(len(one), len(two)))
+        return list(one[:size])
+
+    def _pad_id(self) -> int:
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        return int(pad) if pad is not None else 0
