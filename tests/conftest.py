@@ -155,6 +155,23 @@ def identity_rows() -> list[dict]:
 
 
 
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`tunesmith demo --name Orla --author "Acme Lab"` run once per session, as a user runs it (the console
+    script, offline): (its completed process, the run folder). The demo test reads its answers; the GGUF export
+    test exports its adapter."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("demo")
+    exe = Path(sys.executable).parent / "tunesmith"
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "tunesmith.cli"]
+    cmd += ["demo", "--name", "Orla", "--author", "Acme Lab", "--output-dir", str(root / "run")]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=900,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return result, root / "run"
+
+
 @pytest.fixture(autouse=True)
 def _fresh_tunesmith_logger():
     """Tests that call the CLI in-process run setup_logging(), which stops propagation to the root logger;

@@ -5,13 +5,11 @@ from __future__ import annotations
 import re
 
 import pytest
-from test_e2e import tunesmith
 
 
 @pytest.mark.slow
-def test_demo_teaches_the_new_identity_and_keeps_knowledge(tmp_path):
-    result = tunesmith("demo", "--name", "Orla", "--author", "Acme Lab", "--output-dir", str(tmp_path / "run"),
-                       cwd=tmp_path, timeout=900)
+def test_demo_teaches_the_new_identity_and_keeps_knowledge(demo_run):
+    result, run = demo_run  # `tunesmith demo --name Orla --author "Acme Lab"`, once per session (conftest.py)
     assert result.returncode == 0, result.stderr[-3000:]
     before, after = re.split(r"=== after \d+ LoRA steps", result.stdout, maxsplit=1)
     answers = dict(re.findall(r"Q: (.+?)\nA: (.*?)(?=\nQ: |\n\n|\Z)", after, flags=re.S))
@@ -19,5 +17,5 @@ def test_demo_teaches_the_new_identity_and_keeps_knowledge(tmp_path):
     assert "Orla" in answers["Who are you?"] and "Acme Lab" in answers["Who are you?"]
     assert "Orla" in answers["你是谁？"]
     assert "Paris" in answers["What is the capital of France?"]
-    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
-    assert (tmp_path / "run" / "training_loss.png").is_file()
+    assert (run / "adapter_model.safetensors").is_file()
+    assert (run / "training_loss.png").is_file()

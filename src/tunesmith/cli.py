@@ -40,16 +40,46 @@ def _cmd_export(args: argparse.Namespace) -> int:
         extra.append(f"export_dtype={args.dtype}")
     if args.template:
         extra.append(f"template={args.template}")
+    if args.format:
+        extra.append(f"export_format={args.format}")
+    if args.quantization:
+        extra.append(f"export_quantization={args.quantization}")
     cfg = load_config(args.config, [*args.overrides, *extra])
     cfg.require("model_name_or_path", "export_dir")
     from tunesmith.export.merge import export_from_config
 
     out = export_from_config(cfg)
-    log.info("exported to %s (try: tunesmith chat %s)", out, out)
+    if cfg.export_format == "gguf":
+        log.info("exported to %s (try: cd %s && ollama create NAME -f Modelfile)", out, out)
+    else:
+        log.info("exported to %s (try: tunesmith chat %s)", out, out)
     return 0
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if args.to == "mindspore" and args.from_ == "mindspore":
+        raise TunesmithError("--to mindspore and --from mindspore exclude each other; give one direction")
+    if args.to == "mindspore":
+        from tunesmith.export.mindspore import hf_to_mindspore
+
+        print(hf_to_mindspore(args.checkpoint, Path(args.out), args.dtype).describe("MindSpore checkpoint"))
+        return 0
+    if args.from_ == "mindspore":
+        if not args.config_from:
+            raise TunesmithError(
+                "--from mindspore needs --config-from HF_MODEL (the model the checkpoint was made from: its "
+                "config.json and tokenizer go into the HF folder)"
+            )
+        from tunesmith.export.mindspore import mindspore_to_hf
+
+        out = mindspore_to_hf(Path(args.checkpoint), Path(args.out), args.config_from, args.dtype)
+        print(out.describe("HF folder"))
+        return 0
+    if args.dtype or args.config_from:
+        flag = "--dtype" if args.dtype else "--config-from"
+        raise TunesmithError(f"{flag} applies to --to mindspore / --from mindspore only; drop it here")
     from tunesmith.export.convert import convert_checkpoint, describe
 
     print(describe(convert_checkpoint(args.checkpoint, args.out)))
@@ -137,6 +167,34 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
 def _cmd_data_convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    if args.to == "mindrecord":  # a YAML config (datasets, template, tokenizer), or one file with --model
+        from tunesmith.config import load_config
+
+        if Path(args.input).suffix.lower() in (".yaml", ".yml"):
+            cfg = load_config(args.input, args.overrides)
+            cfg.require("model_name_or_path", "dataset")
+            if args.model:
+                cfg.model_name_or_path = args.model
+        elif args.model:
+            cfg = load_config(None, [*args.overrides, f"model_name_or_path={args.model}"])
+            cfg.dataset = [args.input]
+        else:
+            raise TunesmithError(
+                f"{args.input} is not a YAML config; give a config, or add --model MODEL (its tokenizer) for a bare file"
+            )
+        if args.template:
+            cfg.template = args.template
+        from tunesmith.data.mindrecord import check_out, write_mindrecord
+        from tunesmith.model.load import load_tokenizer
+
+        check_out(Path(args.out))  # before the tokenizer loads: a wrong --out fails at once
+        tokenizer = load_tokenizer(cfg.model_name_or_path, cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code)
+        print(write_mindrecord(cfg, tokenizer, Path(args.out), args.seq_length, args.label_column).describe())
+        return 0
+    stray = [flag for flag, value in (("--seq-length", args.seq_length), ("--model", args.model),
+             ("--template", args.template), ("KEY=VALUE", args.overrides)) if value]
+    if stray:
+        raise TunesmithError(f"{stray[0]} applies to --to mindrecord only; drop it when writing {args.to} rows")
     from tunesmith.data.convert import convert_file
 
     written, extra = convert_file(Path(args.input), args.to, Path(args.out))
@@ -210,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("export", help="merge an adapter into its base and write an HF folder")
+    p = sub.add_parser("export", help="merge an adapter into its base and write an HF folder or a GGUF file")
     _add_config_args(p, required=False)
     p.add_argument("--model", help="base model (folder, .gguf, or packaged alias)")
     p.add_argument("--adapter", help="LoRA adapter folder, e.g. RUN/checkpoint-N")
@@ -218,13 +276,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, help="largest shard in GB (export_size)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="export_dtype")
     p.add_argument("--template", help="chat template written into the tokenizer (default: the config's)")
+    p.add_argument("--format", choices=["hf", "gguf"],
+                   help="export_format: hf (safetensors folder) or gguf (llama.cpp / Ollama file + Modelfile)")
+    p.add_argument("--quantization", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="export_quantization: GGUF weight type (default f16)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser(
-        "convert", help="turn a checkpoint of any engine (ddp, fsdp2, deepspeed ZeRO) into an HF or PEFT folder"
+        "convert",
+        help="turn a checkpoint of any engine (ddp, fsdp2, deepspeed ZeRO) into an HF or PEFT folder; HF models "
+        "to and from MindSpore checkpoints (MindFormers names)",
     )
-    p.add_argument("checkpoint", help="an output_dir/checkpoint-N (or a run's output_dir)")
-    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument(
+        "checkpoint",
+        help="an output_dir/checkpoint-N (or a run's output_dir); with --to mindspore an HF model (folder, .gguf, "
+        "alias); with --from mindspore a MindSpore .ckpt",
+    )
+    p.add_argument("--out", required=True, help="the folder to write (with --to mindspore: the .ckpt file)")
+    p.add_argument("--to", choices=["mindspore"], help="write a MindSpore checkpoint with MindFormers' names")
+    p.add_argument("--from", dest="from_", choices=["mindspore"], help="read a MindFormers checkpoint, write HF")
+    p.add_argument("--config-from", metavar="HF_MODEL",
+                   help="with --from mindspore: the HF model (folder, .gguf, alias) whose config and tokenizer "
+                   "the checkpoint belongs to")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+                   help="with --to/--from mindspore: the saved dtype (default: the source's)")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser(
@@ -271,10 +346,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plot", default="token_lengths.png", help="histogram PNG path (default: token_lengths.png)")
     q.add_argument("--no-plot", action="store_true", help="do not write the histogram")
     q.set_defaults(func=_cmd_data_inspect)
-    q = data_sub.add_parser("convert", help="rewrite a dataset file as openai, alpaca or sharegpt rows")
-    q.add_argument("input", metavar="IN", help="a .json/.jsonl/.csv/.parquet dataset file")
-    q.add_argument("--to", required=True, choices=["openai", "alpaca", "sharegpt"], help="the output format")
-    q.add_argument("--out", required=True, help="output .json (list) or .jsonl file")
+    q = data_sub.add_parser(
+        "convert",
+        help="rewrite a dataset file as openai, alpaca or sharegpt rows, or encode a config's datasets as "
+        "MindRecord for MindFormers",
+    )
+    q.add_argument("input", metavar="IN", help="a .json/.jsonl/.csv/.parquet dataset file (--to mindrecord: a YAML "
+                   "config, or a dataset file with --model)")
+    q.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="--to mindrecord: override config keys")
+    q.add_argument("--to", required=True, choices=["openai", "alpaca", "sharegpt", "mindrecord"],
+                   help="the output format")
+    q.add_argument("--out", required=True, help="output .json (list) or .jsonl file, or X.mindrecord")
+    q.add_argument("--seq-length", type=int, metavar="N",
+                   help="--to mindrecord: the model's seq_length; rows are N+1 tokens (default: cutoff_len)")
+    q.add_argument("--label-column", default="target_ids", choices=["target_ids", "labels"],
+                   help="--to mindrecord: name of the labels column (guide 002's Qwen YAML: target_ids; "
+                   "MindFormers' Llama YAML: labels)")
+    q.add_argument("--model", help="--to mindrecord: the tokenizer's model (needed for a bare dataset file)")
+    q.add_argument("--template", help="--to mindrecord: chat template (default: the config's)")
     q.set_defaults(func=_cmd_data_convert)
 
     p = sub.add_parser("env", help="versions of tunesmith and its libraries, and the devices found")

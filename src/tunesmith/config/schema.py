@@ -406,6 +406,16 @@ class ExportArgs(_Section):
     export_legacy_format: bool = Field(
         False, description="Must stay false: tunesmith exports safetensors, never pickled .bin files."
     )
+    export_format: Literal["hf", "gguf"] = Field(
+        "hf",
+        description="What `tunesmith export` writes: `hf` (a merged safetensors folder) or `gguf` (one .gguf file "
+        "for llama.cpp / Ollama with the tokenizer and chat template inside, and an Ollama Modelfile beside it). "
+        "In a training config, `gguf` makes `tunesmith train` check the model can be exported before it trains.",
+    )
+    export_quantization: Literal["f32", "f16", "bf16", "q8_0"] = Field(
+        "f16", description="GGUF weight type (export_format: gguf): f32, f16, bf16 or q8_0 (8-bit blocks, about a "
+        "quarter of f32's size); norms and biases stay f32."
+    )
 
     @field_validator("export_legacy_format")
     @classmethod

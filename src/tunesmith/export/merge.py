@@ -44,6 +44,7 @@ def export_model(
     allow_pickle: bool = False,
     reward_model: bool = False,
     gptq: GptqSpec | None = None,
+    gguf_quantization: str | None = None,
 ) -> Path:
     """Write base (+ merged LoRA adapter) to `out_dir`; returns it.
 
@@ -54,6 +55,8 @@ def export_model(
     `default_system` (the training config's) becomes the exported chat template's default system prompt, so chat
     on the merged model sees the same prompt the model was trained with.
     `gptq`: the merged model is then GPTQ-quantized in the folder (:mod:`tunesmith.export.quantize`).
+    `gguf_quantization` (f32, f16, bf16, q8_0): the folder holds one .gguf and an Ollama Modelfile instead of
+    safetensors (:mod:`tunesmith.export.gguf`).
     """
     from tunesmith.data.loader import pad_token_id
     from tunesmith.model.adapt import load_adapter
@@ -63,6 +66,13 @@ def export_model(
     out = Path(out_dir).expanduser()
     _check_out_dir(out)
     base_dir = resolve_model_path(model_name_or_path, cache_dir)
+    if gguf_quantization is not None:
+        from tunesmith.export.gguf import check_gguf_support
+
+        if gptq is not None or reward_model:
+            raise ModelError("export_format: gguf writes causal language models without GPTQ; unset "
+                             "export_quantization_bit (and use stage sft/pt/dpo models), or set export_format: hf.")
+        check_gguf_support(base_dir)  # before the (long) merge
     if adapter:
         _refuse_quantized_base(base_dir)
     torch_dtype = resolve_dtype(dtype, base_dir)
@@ -80,18 +90,28 @@ def export_model(
         model = load_adapter(model, adapter, trainable=False, allow_pickle=allow_pickle).merge_and_unload()
         logger.info("merged adapter %s into %s", adapter, base_dir)
 
+    chat_template, stop_ids = None, []
     if not reward_model:  # a scorer has no chat template or generation settings
-        _set_chat_template(model, tokenizer, template, default_system, base_dir)
+        chat_template, stop_ids = _set_chat_template(model, tokenizer, template, default_system, base_dir)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written beside out_dir and renamed in at the end: a crash never leaves a half export that looks whole.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     tmp.chmod(0o755)
     try:
-        model.save_pretrained(tmp, max_shard_size=_shard_size(export_size_gb))
-        tokenizer.save_pretrained(tmp)
+        marker: dict[str, Any] = {}
+        if gguf_quantization is not None:
+            from tunesmith.export.gguf import gguf_file_name, write_gguf
+            from tunesmith.export.modelfile import write_modelfile
+
+            name = gguf_file_name(out, gguf_quantization)
+            marker |= write_gguf(model, tokenizer, tmp / name, gguf_quantization, base_dir, stop_ids)
+            write_modelfile(tmp / "Modelfile", name, chat_template, tokenizer, default_system)
+        else:
+            model.save_pretrained(tmp, max_shard_size=_shard_size(export_size_gb))
+            tokenizer.save_pretrained(tmp)
         del model  # saved: GPTQ (when asked) loads it again from the folder, without a second copy in memory
-        marker = {
+        marker |= {
             "base": str(base_dir),
             "adapter": str(Path(adapter).expanduser().resolve()) if adapter else None,
             "dtype": str(torch_dtype).removeprefix("torch."),
@@ -111,9 +131,9 @@ def export_model(
 
 
 def _set_chat_template(model: Any, tokenizer: Any, template: str | None, default_system: str | None,
-                       base_dir: Path) -> None:
+                       base_dir: Path) -> tuple[Any, list[int]]:
     """The training template (with its default system prompt) as the tokenizer's chat_template, and its stop
-    tokens as the generation config's eos."""
+    tokens as the generation config's eos; returns the template (None without one) and the stop ids."""
     from tunesmith.data.templates import Template
     from tunesmith.model.generate import get_chat_template
 
@@ -128,10 +148,12 @@ def _set_chat_template(model: Any, tokenizer: Any, template: str | None, default
         tokenizer.chat_template = chat_template.jinja()  # for auto: the tokenizer's own, unchanged
         stop_ids = chat_template.stop_token_ids(tokenizer)
     else:
+        chat_template = None
         logger.warning("the tokenizer of %s has no chat template; the export will have none either", base_dir)
         stop_ids = [tokenizer.eos_token_id]
     model.generation_config.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else stop_ids
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return chat_template, stop_ids
 
 
 def export_from_config(cfg: Config) -> Path:
@@ -140,6 +162,10 @@ def export_from_config(cfg: Config) -> Path:
 
     cfg.require("model_name_or_path", "export_dir")
     gptq = gptq_spec(cfg)  # its refusals come before anything is merged or written
+    gguf_quantization = cfg.export_quantization if cfg.export_format == "gguf" else None
+    dtype = cfg.export_dtype
+    if gguf_quantization in ("f32", "q8_0") and dtype == "auto":
+        dtype = "float32"  # merge and quantize from full precision, rounding once
     if cfg.quantization_bit is not None and cfg.adapter_name_or_path:
         # QLoRA: the adapter learned against dequantized weights, which approximate these full-precision ones;
         # merging into the quantized base would round the merged weights to 4/8 bits again.
@@ -153,7 +179,7 @@ def export_from_config(cfg: Config) -> Path:
         cfg.export_dir,
         cfg.adapter_name_or_path,
         export_size_gb=cfg.export_size,
-        dtype=cfg.export_dtype,
+        dtype=dtype,
         device=cfg.export_device,
         template=cfg.template,
         default_system=cfg.default_system,
@@ -162,6 +188,7 @@ def export_from_config(cfg: Config) -> Path:
         allow_pickle=cfg.allow_pickle,
         reward_model=cfg.stage == "rm",
         gptq=gptq,
+        gguf_quantization=gguf_quantization,
     )
 
 

@@ -37,6 +37,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         log.info("do_predict without do_train: predicting with the configured model, not training")
         return cmd_eval(args)
     cfg.require("model_name_or_path", "dataset", "output_dir")
+    if cfg.export_format == "gguf":  # refuse a model GGUF export cannot write before training it, not after
+        from tunesmith.export.gguf import check_training_config
+
+        check_training_config(cfg)
     if args.dry_run:  # validate, resolve the launch, plan memory; load and train nothing
         print(dry_run_report(cfg, args.nproc_per_node or cfg.ray_num_workers, args.nnodes, config_path=args.config,
                              overrides=args.overrides))
