@@ -6,7 +6,8 @@ figures vs DeepSpeed's own estimators, and the 7B figures people quote.
 
 Measured peak memory (one definition everywhere): per process, ``VmHWM`` (the kernel's high-water mark of
 the resident set) at the end of the last training step, minus the resident set right after the imports (torch,
-transformers, peft, tunesmith's train/data/model modules, and deepspeed for ZeRO runs). So it counts everything
+transformers, peft, tunesmith's train/data/model modules, deepspeed for ZeRO runs, and the modules PEFT's LoRA
+dispatch imports on first use for LoRA runs). So it counts everything
 a run adds: model load, tokenizer and data, weights, gradients, optimizer states, activations, buffers and
 allocator slack; it excludes the final save. Runs with 2 ranks report the larger of the two ranks.
 
@@ -101,6 +102,8 @@ def worker(config: str, overrides: list[str], out: str) -> None:
     if cfg.engine == "deepspeed":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed  # noqa: F401
+    if cfg.finetuning_type == "lora":
+        _import_peft_dispatch()
     gc.collect()
     baseline = rss_now()
     marks: list[int] = []
@@ -118,6 +121,15 @@ def worker(config: str, overrides: list[str], out: str) -> None:
     Path(f"{out}.rank{rank}.json").write_text(json.dumps({
         "baseline": baseline, "peak": marks[-1], "steps": len(marks), "how": how,
     }))
+
+
+def _import_peft_dispatch() -> None:
+    """PEFT imports its LoRA layer dispatchers' backends on the first ``get_peft_model`` (with gptqmodel installed,
+    as scripts/setup.sh does, that import adds ~83 MiB of modules): an import, so it belongs to the baseline."""
+    import peft
+    import torch
+
+    peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), peft.LoraConfig(r=1, target_modules=["0"]))
 
 
 def _source(fn) -> str:

@@ -69,3 +69,25 @@ def test_sequence_parallel_two_ranks_peak_memory_within_15_percent(tiny_model_di
     report = plan_config(load_config(None, args), nproc_per_node=2)
     assert report.setup.mesh == {"dp": 1, "sp": 2, "tp": 1, "pp": 1}
     assert report.peak == pytest.approx(measured, rel=0.15), (report.peak / 2**20, measured / 2**20)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_two_ranks_peak_memory_within_15_percent(tiny_model_dir, tmp_path):
+    # 2 processes under torchrun (gloo), one TP group on fsdp2's dp × tp mesh: each rank holds half of the heads,
+    # the MLP width and the vocabulary, the vocab-parallel loss never gathers whole logits
+    data = long_rows(tmp_path / "long.jsonl", rows=8, repeats=300)
+    args = [f"model_name_or_path={tiny_model_dir}", f"dataset={data}", f"output_dir={tmp_path / 'run'}",
+            "template=chatml", "finetuning_type=full", "tensor_parallel_size=2", "cutoff_len=2048",
+            "per_device_train_batch_size=2", "max_steps=2", "save_strategy=no", "eval_strategy=no", "device=cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TUNESMITH_DATA_CACHE": "0", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+               f"--master-port={free_port()}", str(WORKER), *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"rank"')]
+    assert sorted(line["rank"] for line in lines) == [0, 1]
+    measured = max(line["added"] for line in lines)
+    report = plan_config(load_config(None, args), nproc_per_node=2)
+    assert report.setup.mesh == {"dp": 1, "sp": 1, "tp": 2, "pp": 1}
+    assert report.peak == pytest.approx(measured, rel=0.15), (report.peak / 2**20, measured / 2**20)

@@ -32,7 +32,9 @@ tokens (activations and logits fall by 1/sp) plus the full row's T×T attention 
 copy of it that backward keeps per layer. Tensor parallel holds the facts of a model with 1/tp of the heads, the
 MLP width and the vocabulary (:func:`~tunesmith.plan.arch.shard_view`): the attention/MLP/embedding/head weights,
 their gradients, optimizer states and LoRA adapters, the activations inside the blocks and the vocabulary-parallel
-logits fall by 1/tp; the norms and the block inputs stay whole. Pipeline parallel holds a stage's layers, the
+logits fall by 1/tp; the norms and the block inputs stay whole, and so do the buffers its all-reduces allocate
+(on a CPU, heap holes: ``CPU_TP_WHOLE_BUFFERS``); every rank still tokenizes with the whole vocabulary and, on
+a CPU, keeps the checkpoint pages it split the weights out of. Pipeline parallel holds a stage's layers, the
 first stage the embedding and up to pp micro-batches' activations in flight (1F1B), the last the norm, the head
 and the loss; the peak is the larger of the two. fsdp2 shards over the rest of the mesh (dp × sp). The chunked
 loss (``loss_chunk_size``) keeps chunk × vocab logits instead of tokens × vocab.
@@ -63,6 +65,17 @@ CPU_RUNTIME_PER_VOCAB = 480
 # (SmolLM2: 1.57× after the first forward). The gradients backward allocates fill those holes first, so only
 # the rest adds up (this one rule fits LoRA, full, checkpointed and ZeRO runs from 256 to 2048 tokens).
 CPU_ACTIVATION_SLACK = 0.5
+# Tensor parallel on a CPU: per layer and token, the whole [tokens, hidden] float buffers its redistributions
+# allocate and free, which glibc's heap keeps as holes like the forward temporaries above: the row-split
+# projections' partial outputs and their all-reduced copies (o_proj, down_proj: 4), the column-split groups'
+# partial input gradients and their all-reduced copies (attention, MLP: 4). Measured: TP2 on the tiny model at
+# 1K-4K-token rows keeps ~4 KiB per token more than the split activations (hidden 64, 2 layers: 8 × 4 × 64 B).
+CPU_TP_WHOLE_BUFFERS = 8
+# ... and with LoRA, as many again: the row-split layers' whole lora_B outputs, their scaled copies and sums, the
+# column-split layers' partial lora_A input gradients (measured: TP2 LoRA on the tiny model, 1K-4K-token rows,
+# ~4 KiB per token over full TP2). DDP LoRA on long rows shows a similar gap that is not modelled here: SmolLM2
+# LoRA at 256 tokens is predicted within 1 % without it.
+CPU_TP_LORA_WHOLE_BUFFERS = 8
 # DeepSpeed's own objects on a CPU (process groups, engine, bookkeeping), measured on the tiny model: +8 MiB.
 CPU_DEEPSPEED_RUNTIME = 8 * 1024**2
 FITS_HEADROOM = 0.95  # allocator fragmentation: a plan "fits" when its peak stays under 95 % of the memory
@@ -228,6 +241,9 @@ def estimate(s: Setup) -> Breakdown:
                               world_size=max(s.world_size // (s.tp * s.pp), 1))
         b = _estimate_rank(view)
         b.host_load *= full.total_params / max(view.arch.total_params, 1)  # every rank loads the whole model
+        if s.device == "cpu":  # every rank tokenizes with the whole vocabulary, and splits the whole checkpoint
+            b.runtime = _cpu_runtime(s)
+            b.loaded_copy = _cpu_loaded_copy(s)
         b.trainable, b.total_params = trainable_params(s), full.total_params
         if s.pp > 1:
             first = "first" if stage == 0 else "last"
@@ -255,11 +271,22 @@ def _estimate_rank(s: Setup) -> Breakdown:
         b.weights += s.arch.total_params * 4.0
         b.notes.append("the reference model is a frozen float32 copy of the weights (LoRA would need none)")
     _activations(s, b)
-    cpu_runtime = CPU_RUNTIME_BASE + CPU_RUNTIME_PER_VOCAB * s.arch.vocab_size
-    if s.deepspeed:
-        cpu_runtime += CPU_DEEPSPEED_RUNTIME
-    b.runtime = {"cuda": CUDA_RUNTIME, "npu": NPU_RUNTIME}.get(s.device, cpu_runtime)
+    b.runtime = {"cuda": CUDA_RUNTIME, "npu": NPU_RUNTIME}.get(s.device) or _cpu_runtime(s)
     return b
+
+
+def _cpu_runtime(s: Setup) -> float:
+    runtime = CPU_RUNTIME_BASE + CPU_RUNTIME_PER_VOCAB * s.arch.vocab_size
+    return runtime + (CPU_DEEPSPEED_RUNTIME if s.deepspeed else 0.0)
+
+
+def _cpu_loaded_copy(s: Setup) -> float:
+    """Quantizing, and DeepSpeed's / fsdp2's flattening and sharding (tensor parallel's splitting too), copy the
+    weights out of the memory-mapped checkpoint, whose pages stay resident; plain loading adopts them as the
+    parameters."""
+    if s.quant_bits or s.deepspeed or (s.engine == "fsdp2" and s.world_size > 1):
+        return s.arch.total_params * s.arch.checkpoint_bytes
+    return 0.0
 
 
 def _torch_states(s: Setup, b: Breakdown, half: int) -> None:
@@ -310,10 +337,10 @@ def _activations(s: Setup, b: Breakdown) -> None:
         b.activations *= min(s.pp, max(s.accumulation, 1))  # 1F1B: up to pp micro-batches in flight
     if s.device == "cpu":
         b.heap_slack = max(0.0, CPU_ACTIVATION_SLACK * b.activations - b.gradients)
-        if s.quant_bits or s.deepspeed or (s.engine == "fsdp2" and s.world_size > 1):
-            # quantizing, and DeepSpeed's / fsdp2's flattening and sharding, copy the weights out of the
-            # memory-mapped checkpoint, whose pages stay resident; plain loading adopts them as the parameters
-            b.loaded_copy = a.total_params * a.checkpoint_bytes
+        if s.tp > 1:  # (tunesmith runs tensor parallel without pipeline stages)
+            whole = CPU_TP_WHOLE_BUFFERS + (CPU_TP_LORA_WHOLE_BUFFERS if s.method == "lora" else 0)
+            b.heap_slack += whole * 4.0 * a.hidden_size * tokens * (1 if s.grad_ckpt else a.num_layers)
+        b.loaded_copy = _cpu_loaded_copy(s)
     if s.sp > 1:
         _sequence_parallel_mask(s, b)
     if a.holds_head:

@@ -13,7 +13,9 @@ Which layers split how is a table (:data:`PLAN`) of module-name suffixes, shared
 families (and their look-alikes: Mistral, SmolLM2, ...) and InternLM2. A LoRA layer (PEFT) follows its base:
 under a column-split base, ``lora_B`` is split the same way and ``lora_A`` is whole; under a row-split base,
 ``lora_A`` is split over its input and ``lora_B`` is whole. The layers compute with DTensors inside and hand plain
-tensors to the rest of the model, so HF's attention code sees a model with H/N heads and changes nothing.
+tensors to the rest of the model, so HF's attention code sees a model with H/N heads and changes nothing. The
+column-split projections of one attention (MLP) module share one Replicate DTensor of its input, so backward sums
+their partial input gradients and all-reduces once per module, not once per projection.
 
 Gradients. Every rank of a TP group runs the same batch and the same loss (the loop counts it once: the
 engine's ``data_replicas``); DTensor's redistributions make each rank's gradients those of its own slice, and the
@@ -160,6 +162,41 @@ def _split_linear(module: torch.nn.Module, style: str, mesh: Any) -> None:
     distribute_module(module, mesh, input_fn=input_fn, output_fn=output_fn)
 
 
+# the attention / MLP modules whose column-split projections all read the module's one input (hidden_states)
+_SHARED_INPUT = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"wqkv"}, {"w1", "w3"})
+
+
+def _share_block_inputs(model: torch.nn.Module, targets: list[tuple[str, torch.nn.Module, str]], mesh: Any) -> None:
+    """Make an attention or MLP module's input a Replicate DTensor once, before its column-split projections read
+    it. Each projection converting it on its own gives each one its own DTensor, so backward all-reduces q's, k's
+    and v's (gate's, up's) input gradients one by one, each into a new whole [tokens, hidden] buffer; one shared
+    DTensor sums the partial gradients first and all-reduces once per module."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    colwise: dict[str, set[str]] = {}
+    for name, _, style in targets:
+        parent, _, leaf = name.rpartition(".")
+        if style == "colwise":
+            colwise.setdefault(parent, set()).add(leaf)
+    modules = dict(model.named_modules())
+
+    def to_replicate(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and not isinstance(x, DTensor):
+            return DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+        return x
+
+    def pre_hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (to_replicate(args[0]), *args[1:]), kwargs
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": to_replicate(kwargs["hidden_states"])}
+        return args, kwargs
+
+    for parent, leaves in colwise.items():
+        if leaves in _SHARED_INPUT and parent in modules:
+            modules[parent].register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+
 def _split_vocab(model: torch.nn.Module, mesh: Any) -> None:
     """Embeddings split over vocabulary rows (torch's RowwiseParallel: masked lookup, all-reduced); the LM head's
     weight the same rows. The head runs through a :class:`HeadSwitch`, which gathers whole logits where they are
@@ -204,6 +241,7 @@ def parallelize(model: torch.nn.Module, mesh: Any) -> int:
                           f"{type(base).__name__} (names {sorted(PLAN)}); set tensor_parallel_size: 1")
     for _, module, style in targets:
         _split_linear(module, style, mesh)
+    _share_block_inputs(base, targets, mesh)
     _split_vocab(base, mesh)
     log.info("tensor parallel over %d ranks: %d projections split (attention and MLP), embeddings and LM head "
              "split over the vocabulary, vocab-parallel loss", mesh.size(), len(targets))

@@ -185,6 +185,17 @@ def vocab_shard(weight: torch.Tensor) -> tuple[torch.Tensor, VocabShard | None]:
     return weight.to_local(), VocabShard(int(offset[0]), int(shape[0]), weight.device_mesh.get_group())
 
 
+def _split_over_tp(weight: torch.Tensor) -> bool:
+    """A DTensor on a mesh whose last dimension is named ``tp`` and splits its rows (FSDP2's sharded head weight
+    under tensor parallel; the forward sees the ``tp`` part only, which :func:`vocab_shard` recognises)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(weight, DTensor):
+        return False
+    names = weight.device_mesh.mesh_dim_names or ()
+    return bool(names) and names[-1] == "tp" and weight.placements[-1] == Shard(0)
+
+
 def _compute_dtype(device: torch.device, fallback: torch.dtype) -> torch.dtype:
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
@@ -213,8 +224,10 @@ class HeadSwitch:
 
     @property
     def vocab_parallel(self) -> bool:
-        """Whether the head's weight is split over the vocabulary (tensor parallel)."""
-        return vocab_shard(self.head.weight)[1] is not None
+        """Whether the head's weight is split over the vocabulary (tensor parallel): a DTensor split on the mesh
+        dimension named ``tp`` (outside the forward, FSDP2 on a ``dp × tp`` mesh holds it as a 2-D DTensor whose
+        last placement is that split; plain FSDP2's row shards over ``dp`` are not a vocabulary split)."""
+        return _split_over_tp(self.head.weight)
 
     def __call__(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         request, self.request = self.request, None
