@@ -4,6 +4,7 @@ the way guide 002's preprocessing pads (pad id, label -100, attention 0)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -13,9 +14,11 @@ from bad_input_helpers import assert_refused, run_cli, write_config
 
 from tunesmith.config import load_config
 from tunesmith.data import encode_conversation, get_template, load_conversations
+from tunesmith.data.mindrecord import import_mindspore
 
-pytest.importorskip("mindspore", reason="MindSpore is an optional extra: pip install 'tunesmith[mindspore]'")
-from mindspore.mindrecord import FileReader  # noqa: E402
+if importlib.util.find_spec("mindspore") is None:
+    pytest.skip("MindSpore is an optional extra: pip install 'tunesmith[mindspore]'", allow_module_level=True)
+FileReader = import_mindspore().mindrecord.FileReader  # without MindSpore's process-wide limits (see there)
 
 ROWS = 24
 SEQ = 160
@@ -96,3 +99,12 @@ def test_packing_and_a_wrong_out_are_refused_in_one_sentence(config, tmp_path, c
                    capsys, "--model")
     assert_refused(["data", "convert", data, "--to", "alpaca", "--out", tmp_path / "x.json", "--seq-length", "8"],
                    capsys, "--seq-length")
+
+
+def test_importing_mindspore_leaves_the_process_csv_field_limit_alone():
+    """MindSpore's import sets csv.field_size_limit to 10 MiB for its own tools; tunesmith's import restores it, so
+    a CSV cell over the standard 128 KiB limit is still named as bad input later in the same process."""
+    import csv
+
+    import_mindspore()
+    assert csv.field_size_limit() == 128 * 1024

@@ -58,12 +58,28 @@ class MindrecordReport:
         )
 
 
-def _file_writer() -> Any:
+def import_mindspore(purpose: str = "this command") -> Any:
+    """``import mindspore``, leaving the process as it was: MindSpore's import sets process-wide limits for its own
+    cluster tools (``csv.field_size_limit`` to 10 MiB, ``sys.setrecursionlimit(10000)``), which would silently
+    change how everything else in the process reads CSV files (tunesmith names a cell over the csv module's
+    128 KiB limit) and recurses. A missing package is one sentence."""
+    import csv
+    import sys
+
+    field_limit, recursion_limit = csv.field_size_limit(), sys.getrecursionlimit()
     try:
-        from mindspore.mindrecord import FileWriter
+        import mindspore
+        import mindspore.mindrecord  # noqa: F401
     except ImportError:
-        raise DataError(f"writing MindRecord needs MindSpore, which is not installed; install it with {INSTALL}") from None
-    return FileWriter
+        raise DataError(f"{purpose} needs MindSpore, which is not installed; install it with {INSTALL}") from None
+    finally:
+        csv.field_size_limit(field_limit)
+        sys.setrecursionlimit(recursion_limit)
+    return mindspore
+
+
+def _file_writer() -> Any:
+    return import_mindspore("writing MindRecord").mindrecord.FileWriter
 
 
 def pad_row(input_ids: Any, labels: Any, length: int, pad_id: int) -> dict[str, np.ndarray]:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from tunesmith.data import mindrecord
 from tunesmith.errors import TunesmithError
 from tunesmith.export import mindspore_names as names
 from tunesmith.logging import get_logger
@@ -38,11 +39,8 @@ _SKIP_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "
 
 
 def import_mindspore() -> Any:
-    try:
-        import mindspore
-    except ImportError:
-        raise TunesmithError(f"MindSpore is not installed; install it with {INSTALL}") from None
-    return mindspore
+    """MindSpore, imported without its process-wide side effects (see :func:`tunesmith.data.mindrecord.import_mindspore`)."""
+    return mindrecord.import_mindspore("converting MindSpore checkpoints")
 
 
 @dataclass
