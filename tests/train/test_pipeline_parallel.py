@@ -12,7 +12,6 @@ as in the SP test: losses 4.2e-7, weights 6.6e-7.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,9 @@ import torch
 from bad_input_helpers import assert_refused, make_run
 from pp_worker import build_llama
 from pp_worker import train as train_in_process
-from safetensors.torch import load_file
+from torchrun_helpers import logged as _losses
+from torchrun_helpers import weights_diff as _weights_diff
+from torchrun_helpers import worker_env
 
 from tunesmith.data.loader import collate
 from tunesmith.data.pack import PackedSample, block_causal
@@ -30,7 +31,6 @@ from tunesmith.errors import ConfigError
 from tunesmith.runenv import free_port
 from tunesmith.train import pipeline_parallel as pp
 from tunesmith.train.mesh import Mesh
-from tunesmith.train.observe import read_log
 
 WORKER = Path(__file__).with_name("pp_worker.py")
 LOSS_TOL = 2e-5
@@ -138,23 +138,6 @@ def test_what_pipeline_parallel_cannot_run_is_one_sentence_before_launch(tmp_pat
 # ------------------------------------------------------------------------------------------- slow: processes
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(WORKER.parent), env.get("PYTHONPATH", "")]))
-    return env
-
-
-def _losses(out: Path) -> dict[int, float]:
-    return {e["step"]: e["loss"] for e in read_log(out) if "loss" in e}
-
-
-def _weights_diff(a: Path, b: Path) -> float:
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
-
-
 # name → overrides; each trained on 2 stages (one torchrun launch for all) and on one rank (in this process)
 RUNS = {
     "1f1b": "gradient_accumulation_steps=2 save_steps=3",
@@ -191,7 +174,7 @@ def two_stages(llama_dir, one_rank, tmp_path_factory) -> dict[str, Path]:
     runs.append(f"{root / 'from-one'} pipeline_parallel_size=2 {RUNS['1f1b']} resume_from_checkpoint={checkpoint}")
     launcher = ["-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}"]
     result = subprocess.run([sys.executable, *launcher, str(WORKER), str(llama_dir), *runs], capture_output=True,
-                            text=True, env=_env(), timeout=600)
+                            text=True, env=worker_env(WORKER), timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     (root / "stderr.txt").write_text(result.stderr, encoding="utf-8")
     return {name: root / name for name in [*RUNS, "from-one"]}

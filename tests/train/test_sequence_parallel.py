@@ -17,24 +17,22 @@ gradient scale) moves the losses by ≥ 1e-2.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from bad_input_helpers import assert_refused, make_run
-from safetensors.torch import load_file
+from torchrun_helpers import logged as _losses
+from torchrun_helpers import run_worker
+from torchrun_helpers import weights_diff as _weights_diff
 
 from tunesmith.config import Config
 from tunesmith.data.loader import collate, count_targets
 from tunesmith.data.pack import PackedSample, packed_inputs, row_segments
 from tunesmith.errors import ConfigError
-from tunesmith.runenv import free_port
 from tunesmith.train import sequence_parallel as sp
 from tunesmith.train.objectives.head import shifted_targets, target_mask, token_loss_sum
-from tunesmith.train.observe import read_log
 
 WORKER = Path(__file__).with_name("sp_worker.py")
 LOSS_TOL = 2e-5
@@ -181,28 +179,8 @@ def test_what_sequence_parallel_cannot_run_is_one_sentence_before_launch(tmp_pat
 # ------------------------------------------------------------------------------------------- slow: processes
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(WORKER.parent), env.get("PYTHONPATH", "")]))
-    return env
-
-
 def _worker(*args: str, nproc: int = 1) -> subprocess.CompletedProcess:
-    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-                                      f"--master-port={free_port()}"]
-    return subprocess.run([sys.executable, *launcher, str(WORKER), *args], capture_output=True, text=True,
-                          env=_env(), timeout=300)
-
-
-def _losses(out: Path, key: str = "loss") -> dict[int, float]:
-    return {e["step"]: e[key] for e in read_log(out) if key in e}
-
-
-def _weights_diff(a: Path, b: Path, name: str) -> float:
-    wa, wb = load_file(a / name), load_file(b / name)
-    assert wa.keys() == wb.keys()
-    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    return run_worker(WORKER, *args, nproc=nproc)
 
 
 @pytest.mark.slow
