@@ -29,6 +29,30 @@ logger = get_logger("export")
 EXPORT_MARKER = "tunesmith_export.json"
 
 
+def _check_gguf_request(base_dir: Path, gptq: Any, reward_model: bool) -> None:
+    """What a GGUF export cannot write, refused before the merge (:func:`tunesmith.export.gguf.check_gguf_support`)."""
+    from tunesmith.export.gguf import check_gguf_support
+
+    if gptq is not None or reward_model:
+        raise ModelError("export_format: gguf writes causal language models without GPTQ; unset "
+                         "export_quantization_bit (and use stage sft/pt/dpo models), or set export_format: hf.")
+    check_gguf_support(base_dir)
+
+
+def _write_gguf_folder(tmp: Path, out: Path, model: Any, tokenizer: Any, quantization: str, base_dir: Path,
+                       chat: tuple[str | None, list[int], str | None]) -> dict[str, Any]:
+    """One .gguf and an Ollama Modelfile into ``tmp`` (``chat``: template, stop ids, default system); the
+    settings for the export marker."""
+    from tunesmith.export.gguf import gguf_file_name, write_gguf
+    from tunesmith.export.modelfile import write_modelfile
+
+    chat_template, stop_ids, default_system = chat
+    name = gguf_file_name(out, quantization)
+    settings = write_gguf(model, tokenizer, tmp / name, quantization, base_dir, stop_ids)
+    write_modelfile(tmp / "Modelfile", name, chat_template, tokenizer, default_system)
+    return settings
+
+
 def export_model(
     model_name_or_path: str,
     out_dir: str | os.PathLike,
@@ -67,12 +91,7 @@ def export_model(
     _check_out_dir(out)
     base_dir = resolve_model_path(model_name_or_path, cache_dir)
     if gguf_quantization is not None:
-        from tunesmith.export.gguf import check_gguf_support
-
-        if gptq is not None or reward_model:
-            raise ModelError("export_format: gguf writes causal language models without GPTQ; unset "
-                             "export_quantization_bit (and use stage sft/pt/dpo models), or set export_format: hf.")
-        check_gguf_support(base_dir)  # before the (long) merge
+        _check_gguf_request(base_dir, gptq, reward_model)  # before the (long) merge
     if adapter:
         _refuse_quantized_base(base_dir)
     torch_dtype = resolve_dtype(dtype, base_dir)
@@ -101,12 +120,8 @@ def export_model(
     try:
         marker: dict[str, Any] = {}
         if gguf_quantization is not None:
-            from tunesmith.export.gguf import gguf_file_name, write_gguf
-            from tunesmith.export.modelfile import write_modelfile
-
-            name = gguf_file_name(out, gguf_quantization)
-            marker |= write_gguf(model, tokenizer, tmp / name, gguf_quantization, base_dir, stop_ids)
-            write_modelfile(tmp / "Modelfile", name, chat_template, tokenizer, default_system)
+            marker |= _write_gguf_folder(tmp, out, model, tokenizer, gguf_quantization, base_dir,
+                                         (chat_template, stop_ids, default_system))
         else:
             model.save_pretrained(tmp, max_shard_size=_shard_size(export_size_gb))
             tokenizer.save_pretrained(tmp)
