@@ -290,15 +290,3 @@ def test_compiled_blocks_keep_the_sequence_parallel_attention_eager_and_exact(ru
     ref, got = _losses(reference), _losses(out)
     assert list(got) == list(range(1, 7)) and max(abs(ref[s] - got[s]) for s in ref) < LOSS_TOL, (ref, got)
     assert _weights_diff(reference, out, "model.safetensors") < WEIGHT_TOL
-
-
-def test_unpacked_rows_attend_causally_without_building_the_full_row_mask():
-    """One sample per row (then padding, each pad its own segment): plain causal attention is exact there, so no
-    T × T mask is built; packed rows and sliding windows keep theirs."""
-    attention = sp.UlyssesAttention(group=None, size=2)
-    unpacked = row_segments([[5], [8]], 8)
-    assert sp.one_sample_rows(unpacked) and attention.mask(unpacked, None) is None
-    packed = row_segments([[5, 3], [8]], 8)
-    assert not sp.one_sample_rows(packed)
-    assert torch.equal(attention.mask(packed, None), sp.full_row_mask(packed))
-    assert attention.mask(unpacked, 4) is not None

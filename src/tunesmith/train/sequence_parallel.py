@@ -311,13 +311,6 @@ def full_row_mask(segments: torch.Tensor, sliding_window: int | None = None) -> 
     return allowed[:, None]
 
 
-def one_sample_rows(segments: torch.Tensor) -> bool:
-    """Whether every row of :func:`~tunesmith.data.pack.row_segments` ids is one sample (segment 0) followed only
-    by padding (a new segment per token)."""
-    before, after = segments[:, :-1], segments[:, 1:]
-    return bool((((after == before) & (before == 0)) | (after == before + 1)).all())
-
-
 class UlyssesAttention:
     """A transformers attention function (see the module docstring) for the SP group ``group`` of ``size``
     ranks. The mask of the rows being trained is built once per forward and shared by the layers."""
@@ -325,17 +318,12 @@ class UlyssesAttention:
     def __init__(self, group: Any, size: int) -> None:
         self.group = group
         self.size = size
-        self._cached: tuple[torch.Tensor, int | None, torch.Tensor | None] | None = None
+        self._cached: tuple[torch.Tensor, int | None, torch.Tensor] | None = None
 
-    def mask(self, segments: torch.Tensor, sliding_window: int | None) -> torch.Tensor | None:
-        """The full rows' mask, or None where plain causal attention is exact: every row one sample followed by
-        padding (each pad token its own segment; pads carry no labels, so what they attend to does not matter).
-        SDPA then needs no ``T × T`` mask, nor its float copy in every layer (1.3 GB per layer at 16k tokens)."""
+    def mask(self, segments: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
         cached = self._cached
         if cached is None or cached[0] is not segments or cached[1] != sliding_window:
-            mask = None if sliding_window is None and one_sample_rows(segments) else full_row_mask(
-                segments, sliding_window)
-            cached = self._cached = (segments, sliding_window, mask)
+            cached = self._cached = (segments, sliding_window, full_row_mask(segments, sliding_window))
         return cached[2]
 
     # torch_compile compiles whole decoder blocks; this part stays eager, the rest of the block compiled (traced by
@@ -370,9 +358,8 @@ class UlyssesAttention:
         if k.size(1) != q.size(1):  # this rank's query heads share its key/value heads as in the model
             k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
             v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
-        mask = self.mask(segments, sliding_window)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
-                                             is_causal=mask is None)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask(segments, sliding_window),
+                                             dropout_p=dropout, scale=scaling)
         return gather_heads(out, self.group, self.size).transpose(1, 2).contiguous(), None
 
 
