@@ -72,7 +72,8 @@ def test_padding_rows_are_finite_and_positions_restart(model, tiny_tokenizer):
     samples = _samples(tiny_tokenizer)
     rows, _ = pack_samples(samples, 100)
     batch = collate(rows, tiny_tokenizer.pad_token_id)
-    assert batch.attention_mask.shape == (len(rows), 1, batch.input_ids.shape[1], batch.input_ids.shape[1])
+    width = batch.input_ids.shape[1]
+    assert batch.model_inputs()["attention_mask"].shape == (len(rows), 1, width, width)  # block-diagonal, 4-D
     assert batch.position_ids is not None
     first = rows[0].seq_lens[0]
     assert batch.position_ids[0, first] == 0 and batch.position_ids[0, first - 1] == first - 1

@@ -48,7 +48,7 @@ def test_varlen_inputs_cut_the_rows_into_exactly_the_packed_samples():
     rows, _ = pack_samples(samples, 128)
     batch = collate(rows, pad_token_id=0)
     assert batch.packed and "attention_mask" in batch.model_inputs()
-    varlen = batch.model_inputs(varlen=True)
+    varlen = batch.model_inputs("varlen")
     assert set(varlen) == {"input_ids", "position_ids"}  # no 4-D mask: flash-attention cannot take one
 
     (cu_seqlens, _), _ = prepare_fa_kwargs_from_position_ids(varlen["position_ids"])

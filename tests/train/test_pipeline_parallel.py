@@ -61,7 +61,7 @@ def _rows() -> list[PackedSample]:
 
 def test_segment_ids_rebuild_the_mask_one_process_uses():
     packed = collate(_rows()[:1], pad_token_id=0)
-    assert torch.equal(block_causal(pp.segment_ids(packed)), packed.attention_mask[:, 0] == 0)
+    assert torch.equal(block_causal(pp.segment_ids(packed)), packed.model_inputs()["attention_mask"][:, 0] == 0)
     both = collate([_rows()[1], PackedSample([4] * 9, [5] * 9)], pad_token_id=0)  # the first row padded by 2
     allowed = block_causal(pp.segment_ids(both))
     real = both.attention_mask.bool()

@@ -48,9 +48,21 @@ def test_the_target_only_and_chunked_heads_train_to_the_full_heads_losses(tmp_pa
         runs[name] = _losses(config, caplog)
     assert runs["targets"][0] == pytest.approx(runs["full"][0], abs=1e-5)
     assert runs["chunked"][0] == pytest.approx(runs["full"][0], abs=1e-5)
-    assert "speed: float32; packing without cross-attention; LM head on every position" in runs["full"][1]
+    assert ("speed: float32; packing without cross-attention; attention sample by sample (no T×T mask); "
+            "LM head on every position") in runs["full"][1]
     assert "LM head on target positions only; activation" in runs["targets"][1]
     assert "fused with the loss in chunks of 16" in runs["chunked"][1]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_attention_sample_by_sample_trains_to_the_masked_attentions_losses(tmp_path, tiny_model_dir, identity_rows,
+                                                                         caplog, method):
+    common = dict(finetuning_type=method, max_steps=4, packing=True, cutoff_len=96)
+    masked = _losses(_config(tmp_path / "sdpa", tiny_model_dir, identity_rows * 3, flash_attn="sdpa", **common),
+                     caplog)
+    ours = _losses(_config(tmp_path / "auto", tiny_model_dir, identity_rows * 3, **common), caplog)
+    assert "attention with masks" in masked[1] and "attention sample by sample (no T×T mask)" in ours[1]
+    assert ours[0] == pytest.approx(masked[0], abs=1e-5) and len(ours[0]) == 4
 
 
 def test_enable_liger_kernel_without_a_gpu_uses_the_chunked_loss_and_says_so(tiny_model_dir, caplog):

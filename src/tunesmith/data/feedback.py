@@ -162,7 +162,7 @@ class TaggedBatch(Batch):
         moved = super().to(device)
         tags = None if self.desirable is None else self.desirable.to(device)
         return TaggedBatch(moved.input_ids, moved.labels, moved.attention_mask, moved.position_ids,
-                           moved.reference_logps, tags)
+                           moved.reference_logps, moved.segments, desirable=tags)
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,7 @@ class FeedbackCollator:
                         self.pad_token_id)
         tags = torch.tensor([s.desirable for s in samples], dtype=torch.bool)
         return TaggedBatch(batch.input_ids, batch.labels, batch.attention_mask, None,
-                           stacked_reference(samples), tags)
+                           stacked_reference(samples), batch.segments, desirable=tags)
 
     def masked(self, sample: FeedbackSample) -> TaggedBatch:
         batch = self.collate([sample])

@@ -32,7 +32,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from tunesmith.data.pack import packed_inputs
+from tunesmith.data.pack import block_mask, packed_positions, row_segments, segment_carrier
 
 IGNORE_INDEX = -100
 T = TypeVar("T")
@@ -71,9 +71,10 @@ def rank_slices(window: Sequence[T], batch_size: int, rank: int, world_size: int
 class Batch:
     """A padded micro-batch (CPU tensors); ``num_targets`` counts the tokens the loss is computed on.
 
-    Packed rows (see :mod:`tunesmith.data.pack`) carry ``position_ids`` and a 4-D float ``attention_mask``
-    ``[batch, 1, seq, seq]``; plain batches a 2-D 0/1 mask and no position ids. :meth:`model_inputs` is what the
-    model's forward takes either way.
+    ``attention_mask`` is the 2-D 0/1 mask of the real tokens. Packed rows (see :mod:`tunesmith.data.pack`) also
+    carry ``position_ids`` (restarting per sample). ``segments`` (set by :func:`collate`, packed or not) are the
+    rows' segment ids: each sample its own, each pad its own. :meth:`model_inputs` is what the model's forward
+    takes, in the form its attention wants.
     """
 
     input_ids: torch.Tensor
@@ -83,6 +84,7 @@ class Batch:
     # per row, the reference model's summed log-prob of its targets, when computed before training
     # (precompute_ref_log_probs); None: the objective asks the reference model
     reference_logps: torch.Tensor | None = None
+    segments: torch.Tensor | None = None
 
     @property
     def num_targets(self) -> int:
@@ -90,17 +92,25 @@ class Batch:
 
     @property
     def packed(self) -> bool:
-        return self.attention_mask.dim() == 4
+        return self.position_ids is not None
 
-    def model_inputs(self, varlen: bool = False) -> dict[str, torch.Tensor]:
-        """The model's keyword arguments. ``varlen`` (flash_attn: fa2): packed rows give position_ids and no mask,
-        the form transformers' flash-attention path turns into variable-length calls, one sequence per run of
-        position ids from 0 (so each pad token is a sequence of its own, as in the 4-D mask)."""
-        if varlen and self.packed:
-            return {"input_ids": self.input_ids, "position_ids": self.position_ids}  # type: ignore[dict-item]
-        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+    def model_inputs(self, attention: str = "mask") -> dict[str, torch.Tensor]:
+        """The model's keyword arguments for its ``attention``:
+
+        * ``segments`` (attention by segments, :mod:`tunesmith.model.segment_attention`): the segment ids in the
+          ``attention_mask`` slot, no mask at all;
+        * ``varlen`` (flash_attn: fa2): packed rows give position_ids and no mask, the form transformers'
+          flash-attention path turns into variable-length calls, one sequence per run of position ids from 0;
+        * ``mask``: packed rows a 4-D block-diagonal float mask, plain rows the 2-D one."""
+        inputs = {"input_ids": self.input_ids}
         if self.position_ids is not None:
             inputs["position_ids"] = self.position_ids
+        if attention == "segments" and self.segments is not None:
+            inputs["attention_mask"] = segment_carrier(self.segments)
+        elif not self.packed:
+            inputs["attention_mask"] = self.attention_mask
+        elif attention != "varlen":
+            inputs["attention_mask"] = block_mask(self.segments).to(self.input_ids.device)  # type: ignore[arg-type]
         return inputs
 
     def to(self, device: torch.device | str) -> Batch:
@@ -109,7 +119,7 @@ class Batch:
 
         return Batch(
             move(self.input_ids), move(self.labels), move(self.attention_mask), move(self.position_ids),
-            move(self.reference_logps),
+            move(self.reference_logps), move(self.segments),
         )
 
 
@@ -129,14 +139,15 @@ def masked_copy(sample: EncodedLike, pad_token_id: int) -> Batch:
     no targets, so it contributes exactly zero to the loss and the gradient."""
     batch = collate([sample], pad_token_id)
     return Batch(
-        batch.input_ids, torch.full_like(batch.labels, IGNORE_INDEX), batch.attention_mask, batch.position_ids
+        batch.input_ids, torch.full_like(batch.labels, IGNORE_INDEX), batch.attention_mask, batch.position_ids,
+        segments=batch.segments,
     )
 
 
 def collate(samples: Sequence[EncodedLike], pad_token_id: int) -> Batch:
     """Right-pad ``input_ids`` with ``pad_token_id`` and ``labels`` with -100; mask marks the real tokens.
 
-    Packed rows (samples with ``seq_lens``) get per-sample position ids and a 4-D block-diagonal causal mask."""
+    Packed rows (samples with ``seq_lens``) get per-sample position ids. Every batch gets its segment ids."""
     if not samples:
         raise ValueError("collate needs at least one sample")
     width = max(len(s.input_ids) for s in samples)
@@ -151,11 +162,11 @@ def collate(samples: Sequence[EncodedLike], pad_token_id: int) -> Batch:
         labels[row, :n] = torch.tensor(sample.labels, dtype=torch.long)
         attention_mask[row, :n] = 1
     seq_lens = [getattr(sample, "seq_lens", None) for sample in samples]
-    if any(seq_lens):
-        lens = [given or [len(s.input_ids)] for given, s in zip(seq_lens, samples, strict=True)]
-        position_ids, mask = packed_inputs(lens, width)
-        return Batch(input_ids=input_ids, labels=labels, attention_mask=mask, position_ids=position_ids)
-    return Batch(input_ids=input_ids, labels=labels, attention_mask=attention_mask)
+    lens = [given or [len(s.input_ids)] for given, s in zip(seq_lens, samples, strict=True)]
+    position_ids = packed_positions(lens, width) if any(seq_lens) else None
+    return Batch(input_ids=input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids,
+                 segments=row_segments(lens, width))
+
 
 
 class Collator(Protocol):

@@ -167,15 +167,30 @@ def block_causal(segments: torch.Tensor) -> torch.Tensor:
     return (segments[:, :, None] == segments[:, None, :]) & causal
 
 
-def packed_inputs(seq_lens: Sequence[Sequence[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(position_ids [batch, width], float mask [batch, 1, width, width]) for right-padded packed rows."""
+def packed_positions(seq_lens: Sequence[Sequence[int]], width: int) -> torch.Tensor:
+    """[batch, width] position ids of right-padded packed rows: restarting at 0 for every sample (pads at 0)."""
     position_ids = torch.zeros((len(seq_lens), width), dtype=torch.long)
     for row, lens in enumerate(seq_lens):
         start = 0
         for n in lens:
             position_ids[row, start : start + n] = torch.arange(n)
             start += n
-    allowed = block_causal(row_segments(seq_lens, width))
-    mask = torch.zeros((len(seq_lens), 1, width, width), dtype=torch.float32)
-    mask.masked_fill_(~allowed[:, None], float("-inf"))
-    return position_ids, mask
+    return position_ids
+
+
+def block_mask(segments: torch.Tensor) -> torch.Tensor:
+    """[batch, 1, width, width] float mask (0 where allowed, -inf elsewhere) of :func:`block_causal`: what SDPA and
+    eager attention take for packed rows."""
+    mask = torch.zeros((segments.size(0), 1, segments.size(1), segments.size(1)), dtype=torch.float32)
+    return mask.masked_fill_(~block_causal(segments)[:, None], float("-inf"))
+
+
+def segment_carrier(segments: torch.Tensor) -> torch.Tensor:
+    """[batch, 1, 1, width] integer segment ids: the form in which they travel to the attention in the
+    ``attention_mask`` slot (see :mod:`tunesmith.model.segment_attention`); a real mask is bool or float."""
+    return segments[:, None, None, :]
+
+
+def packed_inputs(seq_lens: Sequence[Sequence[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position_ids [batch, width], float mask [batch, 1, width, width]) for right-padded packed rows."""
+    return packed_positions(seq_lens, width), block_mask(row_segments(seq_lens, width))

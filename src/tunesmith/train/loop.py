@@ -488,7 +488,9 @@ def _log_speed(cfg: Config, engine: Engine, objective: Objective, compiled: Comp
     packing = "packing without cross-attention" if cfg.packing or cfg.neat_packing else "no packing"
     if cfg.sequence_parallel_size > 1:
         packing += f"; sequence parallel over {cfg.sequence_parallel_size} ranks (all-to-all attention)"
-    features = [precision, packing, *objective.speed_features(),
+    attention = {"segments": "attention sample by sample (no T×T mask)",
+                 "varlen": "flash-attention variable-length kernels"}.get(objective.attention, "attention with masks")
+    features = [precision, packing, attention, *objective.speed_features(),
                 "activation checkpointing " + ("on" if cfg.gradient_checkpointing else "off"), compiled.feature()]
     log.info("speed: %s", "; ".join(features))
 

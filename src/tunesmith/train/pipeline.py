@@ -19,6 +19,7 @@ from tunesmith.model.load import (
     pick_device,
     quantization_from_config,
 )
+from tunesmith.model.segment_attention import use_segment_attention
 from tunesmith.train import resume
 from tunesmith.train.distributed import main_process_first, prepare_datasets_once
 from tunesmith.train.engines import Engine, create_engine
@@ -45,7 +46,10 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> TrainResult:
     data = prepare_datasets_once(cfg, tokenizer)
     objective = create_objective(cfg, lambda: _load_reference(cfg, engine, attention))
     head = RewardHead(pad_token_id(tokenizer), cfg.seed) if objective.model_head == "reward" else None
-    model = apply_finetuning(_load_model(cfg, engine, attention, head), cfg)
+    model = _load_model(cfg, engine, attention, head)
+    if _attends_by_segments(cfg) and objective.attention == "mask" and use_segment_attention([model]):
+        objective.attention = "segments"
+    model = apply_finetuning(model, cfg)
     return fit(cfg, model, tokenizer, data.train, data.val, engine=engine, objective=objective,
                resume_from=resume_from, callbacks=callbacks)
 
@@ -64,7 +68,15 @@ def _load_reference(cfg: Config, engine: Engine, attention: str | None) -> torch
         )
     if cfg.ref_model_adapters:
         model = load_adapter(model, cfg.ref_model_adapters, allow_pickle=cfg.allow_pickle).merge_and_unload()
+    if _attends_by_segments(cfg):
+        use_segment_attention([model])  # it may be given the policy's segment ids (the ASFT loss)
     return model
+
+
+def _attends_by_segments(cfg: Config) -> bool:
+    """flash_attn: auto attends sample by sample, except under torch_compile: its per-sample loop would break every
+    compiled block's graph in two, so the masked SDPA stays inside the graph there."""
+    return cfg.flash_attn == "auto" and not cfg.torch_compile
 
 
 def _load_tokenizer(cfg: Config) -> Any:

@@ -48,9 +48,10 @@ from safetensors.torch import load_file
 from tunesmith.config import Config
 from tunesmith.config.schema import MethodArgs, TrainArgs
 from tunesmith.data.loader import IGNORE_INDEX, Batch
-from tunesmith.data.pack import block_causal
+from tunesmith.data.pack import block_causal, segment_carrier
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.logging import get_logger
+from tunesmith.model.segment_attention import SEGMENT_ATTENTION
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.distributed import Collectives
 from tunesmith.train.mesh import Mesh, mesh_of
@@ -63,7 +64,8 @@ __all__ = ["PipelineEngine", "Stage", "check_stages", "pipelined", "stage_layers
 
 log = get_logger("train")
 
-_ATTENTION = ("sdpa", "eager")  # the masks a stage builds are these implementations' (bool / additive float)
+# the masks a stage builds are these implementations' (bool / additive float; segment ids for attention by segments)
+_ATTENTION = ("sdpa", "eager", SEGMENT_ATTENTION)
 
 
 # ------------------------------------------------------------------------------------------------ the split
@@ -138,6 +140,8 @@ class Stage(torch.nn.Module):
         return self.model.norm(hidden) if self.last else hidden
 
     def _mask(self, segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.attention == SEGMENT_ATTENTION:
+            return segment_carrier(segments)
         allowed = block_causal(segments)[:, None]  # [B, 1, T, T]: causal within each sample (each pad: itself)
         if self.attention == "sdpa":
             return allowed
@@ -181,10 +185,9 @@ def split_model(model: torch.nn.Module, mesh: Mesh) -> Stage:
 def segment_ids(batch: Batch) -> torch.Tensor:
     """[B, T]: each position's sample (its start position) in a packed row, 0 in a plain row, and every pad its
     own (its position): :func:`~tunesmith.data.pack.block_causal` of them is the mask one process uses."""
-    width = batch.input_ids.size(1)
-    positions = torch.arange(width).expand_as(batch.input_ids)
-    if batch.packed:  # the first key each query may attend is where its sample starts
-        return (batch.attention_mask[:, 0] == 0).int().argmax(dim=-1)
+    if batch.segments is not None:  # collated rows, packed or not
+        return batch.segments
+    positions = torch.arange(batch.input_ids.size(1)).expand_as(batch.input_ids)
     return torch.where(batch.attention_mask.bool(), torch.zeros_like(positions), positions)
 
 

@@ -17,9 +17,9 @@ the model as one keyword argument, which transformers hands on to every attentio
 
 The attention (:class:`UlyssesAttention`, registered through transformers' ``AttentionInterface``; no model file
 is patched). Per layer, one all-to-all turns ``[B, H, T/N, D]`` (all heads, this rank's tokens) into
-``[B, H/N, T, D]`` (this rank's heads, every token), SDPA runs with the full row's mask (causal, and
-block-diagonal per packed sample, built from the segment ids, never from a mask transformers derived from the
-slice), and a second all-to-all turns the output back. Both are differentiable (the backward of an all-to-all
+``[B, H/N, T, D]`` (this rank's heads, every token), each sample of the full row attends to itself with plain
+causal SDPA (:func:`~tunesmith.model.segment_attention.segment_sdpa`, by the full rows' segment ids: no
+``T × T`` mask is built, and no sample sees another), and a second all-to-all turns the output back. Both are differentiable (the backward of an all-to-all
 is the reverse all-to-all), so each rank's loss sends gradients into the other ranks' activations.
 Key/value heads follow their query heads; when N does not divide them (GQA) they are repeated up to the query
 heads first. N must divide the query heads (:func:`check_heads` says which sizes work).
@@ -47,9 +47,10 @@ import torch.nn.functional as F
 
 from tunesmith.config import Config
 from tunesmith.data.loader import IGNORE_INDEX, Batch, Collator, EncodedLike
-from tunesmith.data.pack import block_causal, row_segments
+from tunesmith.data.pack import row_segments
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.logging import get_logger
+from tunesmith.model.segment_attention import SegmentAttention, attend_by_segments
 from tunesmith.train.distributed import Collectives
 from tunesmith.train.mesh import Mesh
 from tunesmith.train.mesh import mesh_of as _mesh_of
@@ -189,18 +190,14 @@ class SequenceParallelBatch(Batch):
     """This rank's slice of a micro-batch (see the module docstring): ``labels`` hold one column more than the
     tokens (shifted on the full row), ``segments`` the segment ids of the full rows ``[batch, width]``."""
 
-    segments: torch.Tensor | None = None
-
-    def model_inputs(self, varlen: bool = False) -> dict[str, torch.Tensor]:
-        # no attention mask: the attention builds the full rows' mask from the segments, and transformers makes
-        # none for an attention function without a mask function of its own
+    def model_inputs(self, attention: str = "segments") -> dict[str, torch.Tensor]:
+        # no attention mask: the attention works from the full rows' segments, and transformers makes none for an
+        # attention function without a mask function of its own
         return {"input_ids": self.input_ids, "position_ids": self.position_ids,  # type: ignore[dict-item]
                 SEGMENTS_KWARG: self.segments}  # type: ignore[dict-item]
 
     def to(self, device: torch.device | str) -> SequenceParallelBatch:
-        moved = super().to(device)
-        segments = None if self.segments is None else self.segments.to(device, non_blocking=True)
-        return SequenceParallelBatch(**vars(moved), segments=segments)
+        return SequenceParallelBatch(**vars(super().to(device)))
 
 
 def sample_lengths(sample: EncodedLike) -> list[int]:
@@ -301,52 +298,25 @@ def gather_heads(x: torch.Tensor, group: Any, size: int) -> torch.Tensor:
     return received.permute(1, 0, 2, 3, 4).reshape(b, size * heads, step, d)
 
 
-def full_row_mask(segments: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
-    """``[B, 1, T, T]`` bool: the packed rows' block-diagonal causal mask over the full rows (and within the
-    sliding window, for the models that have one)."""
-    allowed = block_causal(segments)
-    if sliding_window:
-        position = torch.arange(segments.size(1), device=segments.device)
-        allowed &= (position[:, None] - position[None, :]) < sliding_window
-    return allowed[:, None]
-
-
-class UlyssesAttention:
+class UlyssesAttention(SegmentAttention):
     """A transformers attention function (see the module docstring) for the SP group ``group`` of ``size``
-    ranks. The mask of the rows being trained is built once per forward and shared by the layers."""
+    ranks. The samples of the rows being trained are read once per forward and shared by the layers."""
 
     def __init__(self, group: Any, size: int) -> None:
+        super().__init__()
         self.group = group
         self.size = size
-        self._cached: tuple[torch.Tensor, int | None, torch.Tensor] | None = None
-
-    def mask(self, segments: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
-        cached = self._cached
-        if cached is None or cached[0] is not segments or cached[1] != sliding_window:
-            cached = self._cached = (segments, sliding_window, full_row_mask(segments, sliding_window))
-        return cached[2]
 
     # torch_compile compiles whole decoder blocks; this part stays eager, the rest of the block compiled (traced by
     # dynamo, the all-to-alls inside the autograd Function gave other gradients: losses 1e-3 off by step 2)
     @torch.compiler.disable
-    def __call__(
-        self,
-        module: torch.nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        dropout: float = 0.0,
-        scaling: float | None = None,
-        sliding_window: int | None = None,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, None]:
+    def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
         segments = kwargs.pop(SEGMENTS_KWARG, None)
         if segments is None:  # not a sequence-parallel batch: the whole sequence is here
             from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                          scaling=scaling, **kwargs)
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         if kwargs.get("softcap") is not None:
             raise TunesmithError("sequence_parallel_size > 1 cannot run a model that soft-caps its attention "
                                  "scores; set sequence_parallel_size: 1")
@@ -355,11 +325,8 @@ class UlyssesAttention:
             key = key.repeat_interleave(heads // kv_heads, dim=1)
             value = value.repeat_interleave(heads // kv_heads, dim=1)
         q, k, v = scatter_heads([query, key, value], self.group, self.size)
-        if k.size(1) != q.size(1):  # this rank's query heads share its key/value heads as in the model
-            k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
-            v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask(segments, sliding_window),
-                                             dropout_p=dropout, scale=scaling)
+        out = attend_by_segments(q, k, v, self.runs(segments), scaling=kwargs.get("scaling"),
+                                 dropout=kwargs.get("dropout", 0.0), sliding_window=kwargs.get("sliding_window"))
         return gather_heads(out, self.group, self.size).transpose(1, 2).contiguous(), None
 
 

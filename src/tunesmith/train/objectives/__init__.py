@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 from tunesmith.config import Config
-from tunesmith.train.objectives.base import LossParts, ModelCall, Objective
+from tunesmith.train.objectives.base import LossParts, ModelCall, Objective, attention_inputs
 from tunesmith.train.objectives.dpo import DPOObjective
 from tunesmith.train.objectives.head import LMHead, lm_head
 from tunesmith.train.objectives.kto import KTOObjective
@@ -43,7 +43,7 @@ _OBJECTIVES: dict[str, Callable[[Config, Reference], Objective]] = {
     # the head runs on target positions only (target_only_head); fused with the loss (loss_chunk_size) where the
     # loss is a plain sum of token cross entropies: sft and pt
     "sft": sft_objective,  # cross entropy, or the DFT / EAFT / ASFT loss its keys choose
-    "pt": lambda cfg, _: PretrainObjective(varlen=cfg.flash_attn == "fa2", head=lm_head(cfg)),
+    "pt": lambda cfg, _: PretrainObjective(attention=attention_inputs(cfg.flash_attn), head=lm_head(cfg)),
     "dpo": lambda cfg, reference: DPOObjective(cfg.pref_loss, cfg.pref_beta, cfg.pref_ftx, cfg.simpo_gamma,
                                                cfg.dpo_label_smoothing, reference, cfg.precompute_ref_log_probs,
                                                LMHead(cfg.target_only_head)),

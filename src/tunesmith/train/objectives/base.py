@@ -64,6 +64,8 @@ class Objective(Protocol):
     metric_denominators: ClassVar[dict[str, str]]
     # the model it trains: "causal_lm" (the LM head), or "reward" (an HF …ForSequenceClassification, one output)
     model_head: ClassVar[str]
+    # the form its rows take to the model (Batch.model_inputs): "mask", "varlen" or "segments"; set by the pipeline
+    attention: str
 
     def collator(self, pad_token_id: int) -> Collator:
         """How samples become this objective's micro-batches."""
@@ -104,10 +106,18 @@ class Objective(Protocol):
         """How this objective saves work, for the run's first lines (e.g. the LM head on target positions only)."""
 
 
+def attention_inputs(flash_attn: str) -> str:
+    """The form of the rows for the model's attention, as far as the config decides it: position ids only for
+    flash-attention's variable-length kernels (fa2), else a mask. The pipeline upgrades "mask" to "segments" once
+    the loaded model attends by segments (:func:`tunesmith.model.segment_attention.use_segment_attention`)."""
+    return "varlen" if flash_attn == "fa2" else "mask"
+
+
 class ObjectiveDefaults:
     """For objectives that share nothing across a step and compute nothing before training."""
 
     precomputes = False
+    attention = "mask"  # see attention_inputs; the token-level objectives read it
 
     def prepare_window(self, model: ModelCall, window: Sequence[Batch], comm: Collectives) -> None:
         return None

@@ -15,8 +15,8 @@ __all__ = ["SFTObjective", "token_loss_sum"]
 
 
 class SFTObjective(ObjectiveDefaults):
-    """``stage: sft``. ``varlen`` (flash_attn: fa2): packed rows go to the model as position_ids without the
-    4-D mask (see :meth:`~tunesmith.data.loader.Batch.model_inputs`). ``head``: how the LM head runs (only on
+    """``stage: sft``. ``attention``: the form the rows take to the model (segment ids, position ids only, or a
+    mask: see :meth:`~tunesmith.data.loader.Batch.model_inputs`). ``head``: how the LM head runs (only on
     the target positions by default, optionally fused with the loss: :mod:`.head`)."""
 
     name: ClassVar[str] = "sft"
@@ -24,8 +24,8 @@ class SFTObjective(ObjectiveDefaults):
     metric_denominators: ClassVar[dict[str, str]] = {}
     model_head: ClassVar[str] = "causal_lm"
 
-    def __init__(self, varlen: bool = False, head: LMHead | None = None) -> None:
-        self.varlen = varlen
+    def __init__(self, attention: str = "mask", head: LMHead | None = None) -> None:
+        self.attention = attention
         self.head = head or LMHead(target_only=False)
 
     def collator(self, pad_token_id: int) -> Collator:
@@ -44,7 +44,7 @@ class SFTObjective(ObjectiveDefaults):
         return batch.num_targets
 
     def loss(self, model: ModelCall, batch: Batch) -> LossParts:
-        return LossParts(self.head.loss_sum(model, batch.model_inputs(self.varlen), batch.labels))
+        return LossParts(self.head.loss_sum(model, batch.model_inputs(self.attention), batch.labels))
 
     def eval_metrics(self, loss: float, metrics: dict[str, float]) -> dict[str, float]:
         return {"eval_loss": loss}

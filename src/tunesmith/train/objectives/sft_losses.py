@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from tunesmith.config import Config
 from tunesmith.data.loader import IGNORE_INDEX, Batch
-from tunesmith.train.objectives.base import LossParts, ModelCall, Objective
+from tunesmith.train.objectives.base import LossParts, ModelCall, Objective, attention_inputs
 from tunesmith.train.objectives.head import LMHead, lm_head, shifted_labels, shifted_targets
 from tunesmith.train.objectives.reference import Reference
 from tunesmith.train.objectives.sft import SFTObjective
@@ -69,7 +69,7 @@ class WeightedSFTObjective(SFTObjective):
         raise NotImplementedError
 
     def loss(self, model: ModelCall, batch: Batch) -> LossParts:
-        logits = self.head.target_logits(model, batch.model_inputs(self.varlen), batch.labels)
+        logits = self.head.target_logits(model, batch.model_inputs(self.attention), batch.labels)
         targets = shifted_targets(batch.labels).to(logits.device)
         nll = F.cross_entropy(logits, targets, reduction="none")
         loss = (nll * self.weights(logits, nll)).sum()
@@ -89,8 +89,8 @@ class DFTObjective(WeightedSFTObjective):
 class EAFTObjective(WeightedSFTObjective):
     """``use_eaft_loss``: see the module docstring."""
 
-    def __init__(self, alpha: float = 1.0, varlen: bool = False, head: LMHead | None = None) -> None:
-        super().__init__(varlen=varlen, head=head)
+    def __init__(self, alpha: float = 1.0, attention: str = "mask", head: LMHead | None = None) -> None:
+        super().__init__(attention=attention, head=head)
         self.alpha = alpha
 
     def weights(self, logits: torch.Tensor, nll: torch.Tensor) -> torch.Tensor:
@@ -102,9 +102,9 @@ class ASFTObjective(WeightedSFTObjective):
 
     metric_names: ClassVar[tuple[str, ...]] = ("nll", "kl")
 
-    def __init__(self, alpha: float = 0.1, reference: Reference | None = None, varlen: bool = False,
+    def __init__(self, alpha: float = 0.1, reference: Reference | None = None, attention: str = "mask",
                  head: LMHead | None = None) -> None:
-        super().__init__(varlen=varlen, head=head)
+        super().__init__(attention=attention, head=head)
         self.alpha = alpha
         self.reference = reference or Reference()
 
@@ -116,7 +116,7 @@ class ASFTObjective(WeightedSFTObjective):
         return dft_weights(nll)
 
     def loss(self, model: ModelCall, batch: Batch) -> LossParts:
-        inputs = batch.model_inputs(self.varlen)
+        inputs = batch.model_inputs(self.attention)
         reference, _ = target_logits(self.reference_logits(model, batch, inputs), batch.labels)
         logits = self.head.target_logits(model, inputs, batch.labels)
         targets = shifted_targets(batch.labels).to(logits.device)
@@ -140,14 +140,14 @@ class ASFTObjective(WeightedSFTObjective):
 
 def sft_objective(cfg: Config, reference: Reference) -> Objective:
     """``stage: sft``: plain cross entropy, or the weighted loss its keys choose."""
-    varlen = cfg.flash_attn == "fa2"
+    attention = attention_inputs(cfg.flash_attn)
     if cfg.use_dft_loss:  # the weighted losses need the targets' logits: the head is gathered, never fused
-        return DFTObjective(varlen=varlen, head=LMHead(cfg.target_only_head))
+        return DFTObjective(attention=attention, head=LMHead(cfg.target_only_head))
     if cfg.use_eaft_loss:
-        return EAFTObjective(cfg.eaft_alpha, varlen=varlen, head=LMHead(cfg.target_only_head))
+        return EAFTObjective(cfg.eaft_alpha, attention=attention, head=LMHead(cfg.target_only_head))
     if cfg.use_asft_loss:
-        return ASFTObjective(cfg.asft_alpha, reference, varlen=varlen, head=LMHead(cfg.target_only_head))
-    return SFTObjective(varlen=varlen, head=lm_head(cfg))
+        return ASFTObjective(cfg.asft_alpha, reference, attention=attention, head=LMHead(cfg.target_only_head))
+    return SFTObjective(attention=attention, head=lm_head(cfg))
 
 
 __all__ = ["ASFTObjective", "DFTObjective", "EAFTObjective", "WeightedSFTObjective", "sft_objective"]
