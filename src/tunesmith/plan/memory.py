@@ -28,8 +28,9 @@ It follows what tunesmith actually allocates, item by item:
   (all measured in ``bench/plan_accuracy.py``).
 
 **The mesh** (``world = dp × sp × tp × pp``; see :func:`estimate`). Sequence parallel holds 1/sp of every row's
-tokens (activations and logits fall by 1/sp) plus the full row's T×T attention mask it builds, and SDPA's float
-copy of it that backward keeps per layer. Tensor parallel holds the facts of a model with 1/tp of the heads, the
+tokens (activations and logits fall by 1/sp); its attention runs sample by sample over the full rows and builds
+no T×T mask (:mod:`tunesmith.model.segment_attention`; a model whose sliding window is shorter than a sample
+builds a band mask for that sample, which is not modelled). Tensor parallel holds the facts of a model with 1/tp of the heads, the
 MLP width and the vocabulary (:func:`~tunesmith.plan.arch.shard_view`): the attention/MLP/embedding/head weights,
 their gradients, optimizer states and LoRA adapters, the activations inside the blocks and the vocabulary-parallel
 logits fall by 1/tp; the norms and the block inputs stay whole, and so do the buffers its all-reduces allocate
@@ -342,7 +343,7 @@ def _activations(s: Setup, b: Breakdown) -> None:
             b.heap_slack += whole * 4.0 * a.hidden_size * tokens * (1 if s.grad_ckpt else a.num_layers)
         b.loaded_copy = _cpu_loaded_copy(s)
     if s.sp > 1:
-        _sequence_parallel_mask(s, b)
+        b.activations += _sequence_parallel_attention(s)
     if a.holds_head:
         if s.loss_chunk:  # chunked loss: one chunk's logits at a time, and the hidden states' gradient
             b.logits = min(tokens, s.loss_chunk) * a.vocab_size * (18 if s.mixed else 16) + tokens * a.hidden_size * 4
@@ -358,18 +359,17 @@ def _activations(s: Setup, b: Breakdown) -> None:
         b.first_grads = min(head, b.gradients)
 
 
-def _sequence_parallel_mask(s: Setup, b: Breakdown) -> None:
-    """The full rows' T×T bool mask sequence parallel builds once per forward, and the float copy SDPA makes of
-    it and keeps for backward in every layer (one with checkpointing): blocks this large are mmapped, no heap
-    slack, but building the mask leaves a mask-sized hole in glibc's heap (measured: SP2 on 2K-4K-token rows)."""
-    square = s.micro_batch * s.rows_per_example * float(s.seq_len) ** 2
-    mask = square * (1 + (2 if s.mixed else 4) * (1 if s.grad_ckpt else s.arch.num_layers))
-    b.activations += mask
-    if s.device == "cpu":
-        b.heap_slack += square
-    b.notes.append(f"sequence parallel: {mask / 1024**3:.2f} GiB of the activations are the full rows' "
-                   f"{s.seq_len}×{s.seq_len} attention mask and SDPA's copies of it (they grow with the square of "
-                   "the row length)")
+def _sequence_parallel_attention(s: Setup) -> float:
+    """What the all-to-all attention keeps per layer besides the slice's own activations: the full rows' queries,
+    keys, values and output for this rank's H/sp heads, twice (the all-to-all's received buffer and its
+    reordered copy), and on a CPU under autocast the float32 copies the attention computes in."""
+    a = s.arch
+    kv = a.num_kv_heads if a.num_kv_heads % s.sp == 0 else a.num_heads  # repeated up to the query heads
+    per_token = a.head_dim * (2 * a.num_heads + 2 * kv) / s.sp
+    element = 2 if s.mixed else 4
+    per_token *= 2 * element + (4 if s.mixed and s.device == "cpu" else 0)
+    layers = 1 if s.grad_ckpt else a.num_layers
+    return s.micro_batch * s.rows_per_example * float(s.seq_len) * per_token * layers
 
 
 def _largest_param(a: ArchFacts, s: Setup) -> int:
