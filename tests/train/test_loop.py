@@ -11,7 +11,7 @@ import torch
 from train_helpers import encode_pairs, make_cfg, max_diff, state_of, tiny_model
 
 from tunesmith.config import load_config
-from tunesmith.train import fit
+from tunesmith.train import fit, precision
 from tunesmith.train.engines import clip_and_step
 from tunesmith.train.observe import read_log
 from tunesmith.train.precision import resolve_precision
@@ -94,6 +94,14 @@ def test_precision_on_cpu(tmp_path, tiny_model_dir, tiny_tokenizer, samples, cap
     losses = _losses(tmp_path / "bf16")
     assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0]
     assert result.final_loss == pytest.approx(losses[-1])
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_bf16_on_a_cpu_without_bf16_hardware_runs_and_says_it_is_emulated(tmp_path, caplog, monkeypatch, fast):
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: fast)
+    with caplog.at_level(logging.WARNING, logger="tunesmith"):
+        assert resolve_precision(make_cfg(tmp_path, bf16=True), torch.device("cpu")) == "bf16"
+    assert ("emulated" in caplog.text and "bf16: false trains faster here" in caplog.text) is not fast
 
 
 def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tiny_model_dir, tiny_tokenizer, samples):
