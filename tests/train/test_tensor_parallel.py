@@ -162,6 +162,16 @@ def test_four_ranks_as_two_data_parallel_times_two_tensor_parallel_equal_one_ran
 
 
 @pytest.mark.slow
+def test_four_ranks_as_two_data_parallel_times_two_tensor_parallel_equal_one_rank_for_lora(runs):
+    """LoRA on the 2-D mesh: the adapters split with their bases inside each TP group, FSDP2 shards them over dp."""
+    lora = [*FOUR, "finetuning_type=lora", "lora_rank=4", "learning_rate=2e-2", "loss_chunk_size=16"]
+    reference = runs("one-4-lora", 1, *lora, "per_device_train_batch_size=4")
+    out = runs("dp2-tp2-lora", 4, *lora, "tensor_parallel_size=2")
+    assert "4 ranks = 2 data-parallel × 2 tensor-parallel: global batch 4" in (out / "stderr.txt").read_text()
+    _assert_same_run(reference, out, "adapter_model.safetensors", steps=4)
+
+
+@pytest.mark.slow
 def test_a_tensor_parallel_checkpoint_resumes_on_one_rank(runs, tmp_path, tiny_model_dir):
     """TP2 → 1 rank: the DCP checkpoint of step 3 reshards into one process's whole weights and optimizer state,
     which go on exactly as the TP2 run did."""
