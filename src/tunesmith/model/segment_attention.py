@@ -137,7 +137,7 @@ class SegmentAttention:
             cached = self._cached = (segments, segment_runs(ids))
         return cached[1]
 
-    # data-dependent Python loop: stays eager when torch_compile compiles the decoder blocks around it
+    # a data-dependent Python loop, never traced: torch_compile runs keep the masked SDPA instead (train/pipeline.py)
     @torch.compiler.disable
     def __call__(
         self,
