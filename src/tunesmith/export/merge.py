@@ -83,8 +83,7 @@ def export_model(
     safetensors (:mod:`tunesmith.export.gguf`).
     """
     from tunesmith.data.loader import pad_token_id
-    from tunesmith.model.adapt import load_adapter
-    from tunesmith.model.load import RewardHead, load_model, load_tokenizer, resolve_dtype
+    from tunesmith.model.load import load_tokenizer, resolve_dtype
     from tunesmith.model.resolve import resolve_model_path
 
     out = Path(out_dir).expanduser()
@@ -96,18 +95,8 @@ def export_model(
         _refuse_quantized_base(base_dir)
     torch_dtype = resolve_dtype(dtype, base_dir)
     tokenizer = load_tokenizer(base_dir, trust_remote_code=trust_remote_code)
-    # Loaded straight in the export dtype: PEFT computes the LoRA delta in float32 and rounds once when merging.
-    model: Any = load_model(
-        base_dir,
-        dtype=torch_dtype,
-        trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle,
-        device=device,
-        reward_head=RewardHead(pad_token_id(tokenizer)) if reward_model else None,
-    )
-    if adapter:
-        model = load_adapter(model, adapter, trainable=False, allow_pickle=allow_pickle).merge_and_unload()
-        logger.info("merged adapter %s into %s", adapter, base_dir)
+    model = _load_merged(base_dir, adapter, torch_dtype, pad_token_id=pad_token_id(tokenizer) if reward_model else None,
+                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, device=device)
 
     chat_template, stop_ids = None, []
     if not reward_model:  # a scorer has no chat template or generation settings
@@ -143,6 +132,28 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("exported %s to %s", "merged model" if adapter else "model", out)
     return out
+
+
+def _load_merged(base_dir: Path, adapter: str | None, torch_dtype: Any, *, pad_token_id: int | None,
+                 trust_remote_code: bool, allow_pickle: bool, device: str) -> Any:
+    """The base model with ``adapter`` merged in; with ``pad_token_id``, the reward model (its trained head comes
+    with the adapter). Loaded straight in the export dtype: PEFT computes the LoRA delta in float32 and rounds once
+    when merging."""
+    from tunesmith.model.adapt import load_adapter
+    from tunesmith.model.load import RewardHead, load_model
+
+    model: Any = load_model(
+        base_dir,
+        dtype=torch_dtype,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+        device=device,
+        reward_head=RewardHead(pad_token_id) if pad_token_id is not None else None,
+    )
+    if adapter:
+        model = load_adapter(model, adapter, trainable=False, allow_pickle=allow_pickle).merge_and_unload()
+        logger.info("merged adapter %s into %s", adapter, base_dir)
+    return model
 
 
 def _set_chat_template(model: Any, tokenizer: Any, template: str | None, default_system: str | None,
