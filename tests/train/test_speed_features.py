@@ -65,6 +65,16 @@ def test_attention_sample_by_sample_trains_to_the_masked_attentions_losses(tmp_p
     assert ours[0] == pytest.approx(masked[0], abs=1e-5) and len(ours[0]) == 4
 
 
+def test_fused_lora_layers_train_to_pefts_losses_and_the_speed_line_says_so(tmp_path, tiny_model_dir,
+                                                                            identity_rows, caplog):
+    common = dict(finetuning_type="lora", max_steps=4, packing=True, cutoff_len=96, learning_rate=1e-2)
+    peft = _losses(_config(tmp_path / "peft", tiny_model_dir, identity_rows * 3, fused_lora=False, **common), caplog)
+    fused = _losses(_config(tmp_path / "fused", tiny_model_dir, identity_rows * 3, **common), caplog)
+    assert "LoRA fused into the base projection's GEMM" in fused[1]
+    assert "LoRA fused" not in peft[1]
+    assert fused[0] == pytest.approx(peft[0], abs=1e-5) and len(fused[0]) == 4 and fused[0][-1] < fused[0][0]
+
+
 def test_enable_liger_kernel_without_a_gpu_uses_the_chunked_loss_and_says_so(tiny_model_dir, caplog):
     cfg = Config(enable_liger_kernel=True)
     assert cfg.resolved_chunk_size() == 4096

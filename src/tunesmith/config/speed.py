@@ -26,6 +26,13 @@ class SpeedArgs(Section):
         "linear cross-entropy, in plain torch: CPU, CUDA, NPU). 0: off. Needs a plain Linear head and a model "
         "that does not rescale its logits, else the target-only head runs, saying so.",
     )
+    fused_lora: bool = Field(
+        True,
+        description="LoRA layers accumulate the adapter's product into the base projection's GEMM output (and, in "
+        "backward, into the input's gradient), so PEFT's two extra tokens × out_features tensors per layer are never "
+        "made; the same arithmetic. Layers it does not cover (DoRA, quantized bases, ZeRO-3, tensor parallel) run "
+        "PEFT's forward.",
+    )
     enable_liger_kernel: bool = Field(
         False,
         description="LLaMA-Factory's key: on CUDA with liger-kernel installed, Liger's fused linear cross-entropy; "

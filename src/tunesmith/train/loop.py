@@ -40,6 +40,7 @@ from tunesmith.data.loader import (
 from tunesmith.data.stream import StreamingData, StreamLoader
 from tunesmith.errors import DataError
 from tunesmith.logging import get_logger
+from tunesmith.model.fused_lora import FusedLoraMixin
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import pipeline_parallel, resume, sequence_parallel
 from tunesmith.train.compile import Compiled, compile_blocks
@@ -490,6 +491,8 @@ def _log_speed(cfg: Config, engine: Engine, objective: Objective, compiled: Comp
         packing += f"; sequence parallel over {cfg.sequence_parallel_size} ranks (all-to-all attention)"
     attention = {"segments": "attention sample by sample (no T×T mask)",
                  "varlen": "flash-attention variable-length kernels"}.get(objective.attention, "attention with masks")
+    if any(isinstance(m, FusedLoraMixin) for m in engine.model.modules()):
+        attention += "; LoRA fused into the base projection's GEMM"
     features = [precision, packing, attention, *objective.speed_features(),
                 "activation checkpointing " + ("on" if cfg.gradient_checkpointing else "off"), compiled.feature()]
     log.info("speed: %s", "; ".join(features))

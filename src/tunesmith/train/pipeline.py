@@ -11,6 +11,7 @@ import torch
 from tunesmith.config import Config
 from tunesmith.data.loader import pad_token_id
 from tunesmith.model.adapt import apply_finetuning, load_adapter
+from tunesmith.model.fused_lora import use_fused_lora
 from tunesmith.model.load import (
     RewardHead,
     attention_implementation,
@@ -23,6 +24,7 @@ from tunesmith.model.segment_attention import use_segment_attention
 from tunesmith.train import resume
 from tunesmith.train.distributed import main_process_first, prepare_datasets_once
 from tunesmith.train.engines import Engine, create_engine
+from tunesmith.train.host_memory import keep_freed_host_memory
 from tunesmith.train.loop import StepCallback, TrainResult, fit, seed_everything
 from tunesmith.train.objectives import create_objective
 
@@ -40,6 +42,8 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> TrainResult:
     cfg.require("model_name_or_path", "dataset", "output_dir")
     attention = attention_implementation(cfg.flash_attn, pick_device(cfg.device))  # before the process group
     engine = create_engine(cfg)
+    if engine.device.type == "cpu":
+        keep_freed_host_memory()  # each step's large tensors reuse the last step's pages (host_memory.py)
     resume_from = resume.find_resume_checkpoint(cfg)  # fail before the slow part when the folder cannot continue
     seed_everything(cfg.seed)
     tokenizer = _load_tokenizer(cfg)
@@ -50,6 +54,8 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> TrainResult:
     if _attends_by_segments(cfg) and objective.attention == "mask" and use_segment_attention([model]):
         objective.attention = "segments"
     model = apply_finetuning(model, cfg)
+    if cfg.fused_lora:
+        use_fused_lora(model)
     return fit(cfg, model, tokenizer, data.train, data.val, engine=engine, objective=objective,
                resume_from=resume_from, callbacks=callbacks)
 
