@@ -26,7 +26,7 @@ from tunesmith.data import PreparedData, prepare_datasets
 from tunesmith.data.cache import cache_location
 from tunesmith.errors import TunesmithError
 from tunesmith.logging import get_logger
-from tunesmith.runenv import free_port, launched_by_torchrun
+from tunesmith.runenv import launched_by_torchrun
 
 log = get_logger("train")
 
@@ -116,8 +116,9 @@ def init_distributed(device: torch.device, timeout_s: int | None = None) -> Dist
     elif launched_by_torchrun():
         torch.distributed.init_process_group(backend, timeout=timeout, **bound)
     else:
+        # a group of one meets in an in-process store: no port to pick, none that another run could take first
         torch.distributed.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1, timeout=timeout, **bound
+            backend, store=torch.distributed.HashStore(), rank=0, world_size=1, timeout=timeout, **bound
         )
     info = dist_info()
     log.debug("joined process group: rank %d of %d (%s)", info.rank, info.world_size, backend)
