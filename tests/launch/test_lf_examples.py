@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -90,8 +92,11 @@ def models(tmp_path_factory, tiny_model_dir):
     return {"plain": plain, "pro": root / "tiny-pro"}
 
 
-def _tunesmith(shared: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def _tunesmith(shared: Path, *args: str, timeout: int = 600, threads: int | None = None
+               ) -> subprocess.CompletedProcess:
     env = {**os.environ, "TUNESMITH_DATA_CACHE": "0", "GPTQMODEL_DISABLE_PACK_EXT": "1"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     return subprocess.run([sys.executable, "-m", "tunesmith.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=shared / "lf", env=env)  # cwd: examples/deepspeed/… resolve
 
@@ -123,12 +128,50 @@ def _swaps(example: str, shared: Path, models: dict, out: Path, adapter: Path | 
     return "train", swaps
 
 
+NEEDS_ADAPTER = ("merge_lora/qwen3_lora_sft.yaml", "extras/nlg_eval/llama3_lora_predict.yaml")
+MAY_LAUNCH_RANKS = ("deepspeed", "fsdp", "ray")  # examples that may start torchrun, which picks a master port
+
+
+@pytest.fixture(scope="module")
+def example_runs(shared_dir, models, sft_adapter, tmp_path_factory, request):
+    """Every example's real run ((output folder, Future of the finished process)), started in the background in two
+    lanes, one process each (with one thread each: 2 cores): most of a run is the start-up of Python, torch and
+    transformers, which uses one core. The examples that may start torchrun share a lane, so two launches never
+    pick a free master port at the same moment. Only the examples this session selected run."""
+    root = tmp_path_factory.mktemp("lf-runs")
+    runs: dict[str, tuple[Path, Future]] = {}
+    lanes: tuple[list[tuple[str, list[str]]], ...] = ([], [])
+    selected = {item.callspec.params["example"] for item in request.session.items
+                if getattr(item, "originalname", "") == "test_llama_factory_example_runs_or_is_refused_for_a_reason"}
+    for number, example in enumerate(e for e in EXAMPLES if e in selected):
+        out = root / f"{number:02d}"
+        command, swaps = _swaps(example, shared_dir, models, out, sft_adapter if example in NEEDS_ADAPTER else None)
+        runs[example] = (out, Future())
+        ranks = any(word in (shared_dir / "lf" / "examples" / example).read_text() for word in MAY_LAUNCH_RANKS)
+        lane = 0 if ranks else min((1, 0), key=lambda i: len(lanes[i]))
+        lanes[lane].append((example, [command, f"examples/{example}", *swaps]))
+
+    def work(jobs: list[tuple[str, list[str]]]) -> None:
+        for example, args in jobs:
+            future = runs[example][1]
+            try:
+                future.set_result(_tunesmith(shared_dir, *args, threads=1))
+            except BaseException as error:  # the test of that example reports it
+                future.set_exception(error)
+
+    threads = [threading.Thread(target=work, args=(jobs,), daemon=True) for jobs in lanes]
+    for thread in threads:
+        thread.start()
+    yield runs
+    for thread in threads:
+        thread.join()
+
+
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_llama_factory_example_runs_or_is_refused_for_a_reason(example, shared_dir, models, sft_adapter, tmp_path,
-                                                                monkeypatch, capsys):
-    needs_adapter = example in ("merge_lora/qwen3_lora_sft.yaml", "extras/nlg_eval/llama3_lora_predict.yaml")
-    out = tmp_path / "out"
-    command, swaps = _swaps(example, shared_dir, models, out, sft_adapter if needs_adapter else None)
+                                                                example_runs, monkeypatch, capsys):
+    command, swaps = _swaps(example, shared_dir, models, tmp_path / "out",
+                            sft_adapter if example in NEEDS_ADAPTER else None)
     config = f"examples/{example}"
     if command == "train":  # the dry run, in this process (fast): the config and its launch are accepted
         monkeypatch.chdir(shared_dir / "lf")
@@ -138,7 +181,8 @@ def test_llama_factory_example_runs_or_is_refused_for_a_reason(example, shared_d
             assert REFUSED[example] in said.err and "Traceback" not in said.err
             return
         assert code == 0, said.err[-2000:]
-    result = _tunesmith(shared_dir, command, config, *swaps)
+    out, run = example_runs[example]
+    result = run.result(timeout=1800)
     if example in REFUSED:
         assert result.returncode != 0 and REFUSED[example] in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr

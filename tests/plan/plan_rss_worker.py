@@ -1,5 +1,5 @@
 """Subprocess worker for test_plan_accuracy.py: train with tunesmith and print the peak resident set it added
-beyond the imports (the definition bench/plan_accuracy.py uses); run by torchrun, one line per rank."""
+beyond the imports (the definition bench/plan_accuracy.py uses); run by torchrun, one file per rank."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import gc
 import json
 import os
 import sys
+from pathlib import Path
 
 
 def rss_now() -> int:
@@ -40,8 +41,11 @@ def main() -> None:
     baseline = rss_now()
     peaks: list[int] = []
     pipeline.train(cfg, callbacks=[lambda _state: peaks.append(high_water_mark())])
-    # under torchrun every rank prints its own line (the test takes the larger)
-    print(json.dumps({"rank": int(os.environ.get("RANK", "0")), "added": peaks[-1] - baseline}), flush=True)
+    line = json.dumps({"rank": int(os.environ.get("RANK", "0")), "added": peaks[-1] - baseline})
+    if "PLAN_RSS_DIR" in os.environ:  # under torchrun each rank writes its own file: two ranks' prints can interleave
+        Path(os.environ["PLAN_RSS_DIR"], f"rank{os.environ['RANK']}.json").write_text(line, encoding="utf-8")
+    else:
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

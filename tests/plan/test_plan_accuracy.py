@@ -50,15 +50,16 @@ def test_tiny_model_full_finetune_peak_memory_within_15_percent(tiny_model_dir, 
     assert predicted == pytest.approx(measured, rel=0.15), (predicted / 2**20, measured / 2**20)
 
 
-def _two_ranks(args: list[str]) -> tuple[int, object]:
+def _two_ranks(args: list[str], out: Path) -> tuple[int, object]:
     """The worker on 2 processes under torchrun (gloo): the larger rank's measured peak, and the plan for them."""
+    out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TUNESMITH_DATA_CACHE": "0", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false", "PLAN_RSS_DIR": str(out)}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
                f"--master-port={free_port()}", str(WORKER), *args]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"rank"')]
+    lines = [json.loads(path.read_text(encoding="utf-8")) for path in sorted(out.glob("rank*.json"))]
     assert sorted(line["rank"] for line in lines) == [0, 1]
     measured = max(line["added"] for line in lines)
     return measured, plan_config(load_config(None, args), nproc_per_node=2)
@@ -72,7 +73,7 @@ def test_sequence_parallel_two_ranks_peak_memory_within_15_percent(tiny_model_di
             "template=chatml", "finetuning_type=full", "engine=ddp", "sequence_parallel_size=2",
             "cutoff_len=4096", "per_device_train_batch_size=2", "max_steps=2", "save_strategy=no",
             "eval_strategy=no", "device=cpu"]
-    measured, report = _two_ranks(args)
+    measured, report = _two_ranks(args, tmp_path / "peaks")
     assert report.setup.mesh == {"dp": 1, "sp": 2, "tp": 1, "pp": 1}
     assert report.peak == pytest.approx(measured, rel=0.15), (report.peak / 2**20, measured / 2**20)
 
@@ -85,6 +86,6 @@ def test_tensor_parallel_two_ranks_peak_memory_within_15_percent(tiny_model_dir,
     args = [f"model_name_or_path={tiny_model_dir}", f"dataset={data}", f"output_dir={tmp_path / 'run'}",
             "template=chatml", "finetuning_type=full", "tensor_parallel_size=2", "cutoff_len=2048",
             "per_device_train_batch_size=2", "max_steps=2", "save_strategy=no", "eval_strategy=no", "device=cpu"]
-    measured, report = _two_ranks(args)
+    measured, report = _two_ranks(args, tmp_path / "peaks")
     assert report.setup.mesh == {"dp": 1, "sp": 1, "tp": 2, "pp": 1}
     assert report.peak == pytest.approx(measured, rel=0.15), (report.peak / 2**20, measured / 2**20)
