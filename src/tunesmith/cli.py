@@ -382,8 +382,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     # the deepspeed launcher (and torch.distributed.launch) put --local_rank=N before our own arguments
+    own_process = argv is None  # the `tunesmith` command itself, not a caller that imported main()
     argv = strip_launcher_args(sys.argv[1:] if argv is None else list(argv), os.environ)
     args, extra = parser.parse_known_args(argv)
+    args.own_process = own_process
     # `tunesmith train cfg.yaml --nproc-per-node 2 lr=1e-4`: argparse stops filling `overrides` at the first
     # option, so KEY=VALUE words after an option arrive here; anything else is a real error.
     if extra:

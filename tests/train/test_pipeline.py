@@ -2,41 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from file_helpers import write_json
+from file_helpers import write_run_config  # noqa: F401 - other test files import it from here
 
 from tunesmith.config import load_config
 from tunesmith.train import train
 from tunesmith.train.__main__ import main
 from tunesmith.train.observe import read_log
-
-
-def write_run_config(tmp_path, tiny_model_dir, rows, **extra) -> str:
-    data_dir = tmp_path / "data"
-    data_dir.mkdir(exist_ok=True)
-    write_json(data_dir / "identity.json", rows)
-    (data_dir / "dataset_info.json").write_text(json.dumps({"identity": {"file_name": "identity.json"}}))
-    values = {
-        "model_name_or_path": str(tiny_model_dir),
-        "template": "chatml",
-        "dataset": "identity",
-        "dataset_dir": str(data_dir),
-        "placeholders": {"name": "Ada", "author": "Lab"},
-        "cutoff_len": 128,
-        "output_dir": str(tmp_path / "run"),
-        "per_device_train_batch_size": 4,
-        "learning_rate": 1e-2,
-        "logging_steps": 1,
-        "save_steps": 5,
-        "device": "cpu",
-        "seed": 3,
-        **extra,
-    }
-    path = tmp_path / "run.yaml"
-    path.write_text(json.dumps(values), encoding="utf-8")  # JSON is YAML
-    return str(path)
 
 
 def test_train_runs_the_whole_pipeline(tmp_path, tiny_model_dir, identity_rows):

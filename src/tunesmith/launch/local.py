@@ -62,6 +62,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if should_launch(spec):  # re-run this very command as torchrun's workers (they see RANK etc. and train)
         worker_args = [*(["-v"] if args.verbose else []), "train", args.config, *args.overrides]
         return run_torchrun(spec, worker_args)
+    if getattr(args, "own_process", False):  # this process ends with the run: skip what it will not use
+        from tunesmith.model.lean_imports import leave_unused_quantization_libraries_unimported
+
+        leave_unused_quantization_libraries_unimported(cfg)
     return run_worker(cfg)
 
 

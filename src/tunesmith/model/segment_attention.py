@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from tunesmith.data.pack import segment_carrier
 from tunesmith.logging import get_logger
+from tunesmith.model.eager import eager_only
 
 log = get_logger("model")
 
@@ -138,7 +139,7 @@ class SegmentAttention:
         return cached[1]
 
     # a data-dependent Python loop, never traced: torch_compile runs keep the masked SDPA instead (train/pipeline.py)
-    @torch.compiler.disable
+    @eager_only
     def __call__(
         self,
         module: torch.nn.Module,

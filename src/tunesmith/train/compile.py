@@ -16,6 +16,7 @@ import torch
 
 from tunesmith.config.speed import SpeedArgs
 from tunesmith.logging import get_logger
+from tunesmith.model.eager import keep_eager_only_methods_eager
 from tunesmith.train.engines.fsdp2 import decoder_layers
 
 log = get_logger("train")
@@ -53,6 +54,7 @@ def compile_blocks(model: torch.nn.Module, speed: SpeedArgs, engine_name: str, d
         return Compiled(reason=reason.split(":")[0])
     # A block dynamo cannot trace runs eagerly instead of failing the run (a feature never fails the run).
     torch._dynamo.config.suppress_errors = True
+    keep_eager_only_methods_eager()  # the attention's Python loop over samples: never traced
     blocks = decoder_layers(model)
     for block in blocks:
         block.forward = torch.compile(block.forward, backend=speed.torch_compile_backend, dynamic=True,

@@ -50,6 +50,7 @@ from tunesmith.data.loader import IGNORE_INDEX, Batch, Collator, EncodedLike
 from tunesmith.data.pack import row_segments
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.logging import get_logger
+from tunesmith.model.eager import eager_only
 from tunesmith.model.segment_attention import SegmentAttention, attend_by_segments
 from tunesmith.train.distributed import Collectives
 from tunesmith.train.mesh import Mesh
@@ -309,7 +310,7 @@ class UlyssesAttention(SegmentAttention):
 
     # torch_compile compiles whole decoder blocks; this part stays eager, the rest of the block compiled (traced by
     # dynamo, the all-to-alls inside the autograd Function gave other gradients: losses 1e-3 off by step 2)
-    @torch.compiler.disable
+    @eager_only
     def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
         segments = kwargs.pop(SEGMENTS_KWARG, None)
