@@ -8,7 +8,7 @@ import torch
 
 from tunesmith.data.encode import TokenIds
 from tunesmith.data.loader import collate
-from tunesmith.data.pack import PackedSample, balanced_groups, pack_groups, pack_samples
+from tunesmith.data.pack import PackedSample, balanced_groups, block_mask, pack_groups, pack_samples
 from tunesmith.train.loop import token_loss_sum
 
 QA = [
@@ -80,6 +80,17 @@ def test_padding_rows_are_finite_and_positions_restart(model, tiny_tokenizer):
     with torch.no_grad():
         logits = model(**batch.model_inputs(), use_cache=False).logits
     assert torch.isfinite(logits).all()
+
+
+def test_the_block_mask_of_a_batch_on_a_device_is_built_on_that_device(tiny_tokenizer):
+    # a batch moved to the GPU made its mask on the CPU and failed ("mask on cuda:0 and self on cpu"); the meta
+    # device stands in for any device other than the CPU
+    rows, _ = pack_samples(_samples(tiny_tokenizer), 100)
+    batch = collate(rows, tiny_tokenizer.pad_token_id)
+    width = batch.input_ids.shape[1]
+    mask = block_mask(batch.segments.to("meta"))
+    assert mask.device.type == "meta" and mask.shape == (len(rows), 1, width, width)
+    assert batch.to("meta").model_inputs("mask")["attention_mask"].device.type == "meta"
 
 
 def test_packed_loss_and_gradients_equal_the_samples_one_by_one(model, tiny_tokenizer):

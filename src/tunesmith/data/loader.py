@@ -110,7 +110,7 @@ class Batch:
         elif not self.packed:
             inputs["attention_mask"] = self.attention_mask
         elif attention != "varlen":
-            inputs["attention_mask"] = block_mask(self.segments).to(self.input_ids.device)  # type: ignore[arg-type]
+            inputs["attention_mask"] = block_mask(self.segments.to(self.input_ids.device))  # type: ignore[union-attr]
         return inputs
 
     def to(self, device: torch.device | str) -> Batch:

@@ -180,8 +180,9 @@ def packed_positions(seq_lens: Sequence[Sequence[int]], width: int) -> torch.Ten
 
 def block_mask(segments: torch.Tensor) -> torch.Tensor:
     """[batch, 1, width, width] float mask (0 where allowed, -inf elsewhere) of :func:`block_causal`: what SDPA and
-    eager attention take for packed rows."""
-    mask = torch.zeros((segments.size(0), 1, segments.size(1), segments.size(1)), dtype=torch.float32)
+    eager attention take for packed rows; made where ``segments`` are (a batch already on the GPU builds it there)."""
+    width = segments.size(1)
+    mask = torch.zeros((segments.size(0), 1, width, width), dtype=torch.float32, device=segments.device)
     return mask.masked_fill_(~block_causal(segments)[:, None], float("-inf"))
 
 
