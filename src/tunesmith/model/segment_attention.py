@@ -18,7 +18,12 @@ generates and evaluates as before.
 
 Precision. On CPU the attention is computed in float32 even under bf16 autocast: torch's CPU flash-attention
 backward in bfloat16 is about 5× slower than in float32 (measured here: 323 against 68 ms for 512 tokens and 9
-heads), and float32 is the more exact of the two. Elsewhere it runs in the dtype it is given.
+heads), and float32 is the more exact of the two. Elsewhere it runs in autocast's dtype when autocast is on
+(as SDPA would), else in the dtype it is given.
+
+On CUDA in fp16 / bf16 the loop becomes one variable-length flash-attention call per layer over all the
+batch's samples (:mod:`tunesmith.model.varlen_attention`): there, launching one SDPA per sample is what a
+step waits for.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch.nn.functional as F
 from tunesmith.data.pack import segment_carrier
 from tunesmith.logging import get_logger
 from tunesmith.model.eager import eager_only
+from tunesmith.model.varlen_attention import Runs, varlen_segments, varlen_usable
 
 log = get_logger("model")
 
@@ -42,6 +48,7 @@ __all__ = [
     "Runs",
     "SegmentAttention",
     "attend_by_segments",
+    "compute_dtype",
     "is_carrier",
     "segment_attention",
     "segment_carrier",
@@ -50,8 +57,6 @@ __all__ = [
     "use_segment_attention",
 ]
 
-# per row, (start, end, is_sample): a sample of ≥ 2 tokens, or a run of one-token segments (pads, 1-token samples)
-Runs = list[list[tuple[int, int, bool]]]
 
 
 def is_carrier(mask: Any) -> bool:
@@ -115,11 +120,30 @@ def segment_sdpa(
 def attend_by_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, runs: Runs,
                        **options: Any) -> torch.Tensor:
     """:func:`segment_sdpa` in float32 on CPU (see the module docstring), outside autocast; the result in the
-    queries' dtype. ``options``: its ``scaling``, ``dropout`` and ``sliding_window``."""
-    dtype = torch.float32 if query.device.type == "cpu" else query.dtype
+    queries' dtype. Elsewhere in :func:`compute_dtype`, and on CUDA in half precision as one variable-length
+    flash-attention call instead of the loop (:mod:`tunesmith.model.varlen_attention`). ``options``: its
+    ``scaling``, ``dropout`` and ``sliding_window``."""
+    given, dtype = query.dtype, compute_dtype(query)
+    query, key, value = (x.to(dtype) for x in (query, key, value))
+    if varlen_usable(query, options.get("dropout", 0.0)):
+        return varlen_segments(query, key, value, runs, **options)
     with torch.autocast(query.device.type, enabled=False):
-        out = segment_sdpa(query.to(dtype), key.to(dtype), value.to(dtype), runs, **options)
-    return out.to(query.dtype)
+        out = segment_sdpa(query, key, value, runs, **options)
+    # under autocast off the CPU the result stays in autocast's dtype, as SDPA's does
+    return out.to(given) if query.device.type == "cpu" else out
+
+
+def compute_dtype(query: torch.Tensor) -> torch.dtype:
+    """The dtype attention by segments computes in: float32 on CPU; elsewhere autocast's dtype when autocast is on
+    (what SDPA gets there: a model training fully under bf16 autocast hands its attention float32 queries, because
+    its float32 residual stream makes RoPE's output float32, and float32 attention on a GPU is both the slow kernel
+    and, for the varlen path, no kernel at all), else the queries' own."""
+    device = query.device.type
+    if device == "cpu":
+        return torch.float32
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return query.dtype
 
 
 class SegmentAttention:
