@@ -29,22 +29,22 @@ import time
 from pathlib import Path
 
 
-def build_model(tokenizer_dir: Path, out: Path, hidden: int, layers: int) -> Path:
+def build_model(tokenizer_dir: Path, out: Path, hidden: int, layers: int, **shape: object) -> Path:
+    """A random-weight Qwen2 around the tokenizer in ``tokenizer_dir``, saved to ``out``; ``shape``: other
+    Qwen2Config fields (bench/gpu_speed.py's Qwen2.5-0.5B shape)."""
     import torch
     from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    fields = {"vocab_size": len(tok), "intermediate_size": 2 * hidden, "num_attention_heads": 8,
+              "num_key_value_heads": 2, "max_position_embeddings": 4096, **shape}
     config = Qwen2Config(
-        vocab_size=len(tok),
         hidden_size=hidden,
-        intermediate_size=2 * hidden,
         num_hidden_layers=layers,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
         tie_word_embeddings=True,
         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tok.pad_token_id,
+        **fields,
     )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config)
