@@ -58,7 +58,6 @@ __all__ = [
 ]
 
 
-
 def is_carrier(mask: Any) -> bool:
     """Whether ``mask`` is segment ids from :func:`segment_carrier` rather than a real mask (bool or float)."""
     return (isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.size(2) == 1
