@@ -389,7 +389,8 @@ def attention_implementation(flash_attn: str, device: torch.device) -> str | Non
         if missing:
             raise ConfigError(
                 f"flash_attn: fa2 needs {' and '.join(missing)}, which this run does not have (device {device}); "
-                "set flash_attn: sdpa (packed samples stay isolated by their block-diagonal mask) or install "
+                "set flash_attn: sdpa (packed samples stay isolated by their block-diagonal mask) or auto (on CUDA "
+                "in bf16 / fp16 that is torch's own variable-length flash attention, no package needed), or install "
                 "flash-attn on a CUDA machine"
             )
     return ATTENTION[flash_attn]
