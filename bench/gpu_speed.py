@@ -1,7 +1,7 @@
 """The speed levers on a GPU: tokens/s, MFU and peak memory of tunesmith's training loop, one lever at a time.
 
     python bench/gpu_speed.py --tokenizer DIR --data FILE [--steps 15] [--cutoff-len 2048] [--batch-size 8]
-                              [--arms lora_lf,lora_head,...] [--budget-s 420] [--out DIR]
+                              [--arms lora_lf,lora_head,...] [--budget-s 420] [--out FILE.json]
 
 Workload: a random-weight model of Qwen2.5-0.5B's shape (24 layers, hidden 896, 14 heads / 2 KV heads, MLP 4864,
 its 151,936-token vocabulary, tied head) around the real Qwen tokenizer in ``--tokenizer``; the alpaca rows of
@@ -11,7 +11,8 @@ its 151,936-token vocabulary, tied head) around the real Qwen tokenizer in ``--t
 * ``lora_lf``: LoRA r16 on all linear layers as LLaMA-Factory runs it: the full LM head, PEFT's LoRA layers,
   SDPA with a block-diagonal mask for the packed rows;
 * ``lora_head`` (+ the LM head only where there are targets), ``lora_fused`` (+ fused LoRA), ``lora_default``
-  (+ ``flash_attn: auto``: SDPA sample by sample; this is tunesmith's default), ``lora_chunked``
+  (+ ``flash_attn: auto``: attention by samples, one varlen flash-attention call per layer on CUDA; this is
+  tunesmith's default), ``lora_chunked``
   (+ ``loss_chunk_size: 4096``), ``lora_liger`` (+ ``enable_liger_kernel``), ``lora_compile``
   (default + ``torch_compile``);
 * ``full_lf`` / ``full_default`` / ``full_chunked`` / ``full_liger`` / ``full_compile``: the same for full
