@@ -6,7 +6,8 @@
 Builds a small random Qwen2 (``--hidden``, ``--layers``) around the real Qwen tokenizer in ``--tokenizer`` and runs,
 each as its own ``tunesmith`` process on the alpaca rows of ``--data``:
 
-* ``lora_bf16_packed``: LoRA, bf16, packing; the loss must go down.
+* ``lora_bf16_packed``: LoRA, bf16, packing; the loss must go down. ``lora_bf16_compile``: the same with
+  ``torch_compile: true`` (compiled blocks around the varlen attention).
 * ``full_bf16`` straight for 2·S steps, and ``full_bf16_resumed``: S steps, then the same command with 2·S resumes
   from checkpoint-S; both runs' step-2·S losses are printed side by side.
 * ``full_fp16``: float16 autocast with the loss scaler (CUDA only).
@@ -116,6 +117,8 @@ def main() -> int:
     cases: list[tuple[str, list[str], str]] = [  # (name, tunesmith arguments, run folder)
         ("lora_bf16_packed", ["train", "base.yaml", "finetuning_type=lora", "bf16=true", "packing=true",
                               f"max_steps={s}", "output_dir=lora"], "lora"),
+        ("lora_bf16_compile", ["train", "base.yaml", "finetuning_type=lora", "bf16=true", "packing=true",
+                               "torch_compile=true", f"max_steps={s}", "output_dir=lora_compile"], "lora_compile"),
         ("full_bf16", ["train", "base.yaml", "finetuning_type=full", "bf16=true", "learning_rate=1.0e-4",
                        f"max_steps={2 * s}", "output_dir=full"], "full"),
         ("full_bf16_first_half", ["train", "base.yaml", "finetuning_type=full", "bf16=true",

@@ -14,9 +14,10 @@ its 151,936-token vocabulary, tied head) around the real Qwen tokenizer in ``--t
   (+ ``flash_attn: auto``: attention by samples, one varlen flash-attention call per layer on CUDA; this is
   tunesmith's default), ``lora_chunked``
   (+ ``loss_chunk_size: 4096``), ``lora_liger`` (+ ``enable_liger_kernel``), ``lora_compile``
-  (default + ``torch_compile``);
-* ``full_lf`` / ``full_default`` / ``full_chunked`` / ``full_liger`` / ``full_compile``: the same for full
-  fine-tuning.
+  (default + ``torch_compile``: the compiled blocks keep the varlen call), ``lora_compile_sdpa`` (+ ``torch_compile``
+  with ``flash_attn: sdpa``, the masked SDPA inside the graphs);
+* ``full_lf`` / ``full_default`` / ``full_chunked`` / ``full_liger`` / ``full_compile`` / ``full_compile_sdpa``: the
+  same for full fine-tuning.
 
 Each row also gives its speed and peak memory against the LLaMA-Factory-like arm of its method, when that ran.
 
@@ -49,11 +50,13 @@ ARMS: dict[str, tuple[str, dict[str, Any]]] = {
     "lora_chunked": ("lora", {"loss_chunk_size": 4096}),
     "lora_liger": ("lora", {"enable_liger_kernel": True}),
     "lora_compile": ("lora", {"torch_compile": True}),
+    "lora_compile_sdpa": ("lora", {"torch_compile": True, "flash_attn": "sdpa"}),
     "full_lf": ("full", LF_LIKE),
     "full_default": ("full", {}),
     "full_chunked": ("full", {"loss_chunk_size": 4096}),
     "full_liger": ("full", {"enable_liger_kernel": True}),
     "full_compile": ("full", {"torch_compile": True}),
+    "full_compile_sdpa": ("full", {"torch_compile": True, "flash_attn": "sdpa"}),
 }
 
 

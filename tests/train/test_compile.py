@@ -75,3 +75,24 @@ def test_where_compiling_cannot_work_the_run_goes_on_eagerly_saying_why(tiny_mod
 def test_without_torch_compile_nothing_is_compiled(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert compile_blocks(model, Config(), "single", torch.device("cpu")).feature() == "no torch.compile"
+
+
+@pytest.mark.parametrize(
+    ("device", "precision", "torch_compile", "expected"),
+    [("cuda", "bf16", True, "segment_offsets"),  # one varlen op per layer: compiled blocks trace it (model tests)
+     ("cuda", "bf16", False, "segment_offsets"),
+     ("cuda", "fp32", True, None),  # no half-precision kernel: the masked SDPA stays inside the graph
+     ("cpu", "bf16", True, None),  # the per-sample loop would break every compiled block's graph in two
+     ("cpu", "bf16", False, "segments")],
+)
+def test_compiled_blocks_attend_by_samples_where_the_varlen_kernel_runs(monkeypatch, device, precision,
+                                                                          torch_compile, expected):
+    from types import SimpleNamespace
+
+    from tunesmith.model import varlen_attention
+    from tunesmith.train.pipeline import _segment_inputs
+
+    monkeypatch.setattr(varlen_attention, "varlen_kernel", lambda: (object(), True))
+    engine = SimpleNamespace(device=torch.device(device), precision=precision)
+    assert _segment_inputs(Config(torch_compile=torch_compile), engine) == expected
+    assert _segment_inputs(Config(torch_compile=torch_compile, flash_attn="sdpa"), engine) is None

@@ -32,7 +32,15 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from tunesmith.data.pack import block_mask, packed_positions, row_segments, segment_carrier
+from tunesmith.data.pack import (
+    LONGEST_KWARG,
+    OFFSETS_KWARG,
+    block_mask,
+    packed_positions,
+    row_segments,
+    segment_carrier,
+    sequence_offsets,
+)
 
 IGNORE_INDEX = -100
 T = TypeVar("T")
@@ -94,19 +102,24 @@ class Batch:
     def packed(self) -> bool:
         return self.position_ids is not None
 
-    def model_inputs(self, attention: str = "mask") -> dict[str, torch.Tensor]:
+    def model_inputs(self, attention: str = "mask") -> dict[str, Any]:
         """The model's keyword arguments for its ``attention``:
 
         * ``segments`` (attention by segments, :mod:`tunesmith.model.segment_attention`): the segment ids in the
           ``attention_mask`` slot, no mask at all;
+        * ``segment_offsets``: the same, plus the samples' cumulative offsets and the longest sample
+          (:func:`~tunesmith.data.pack.sequence_offsets`) for the variable-length kernel on CUDA, made here so
+          that compiled blocks take them as inputs;
         * ``varlen`` (flash_attn: fa2): packed rows give position_ids and no mask, the form transformers'
           flash-attention path turns into variable-length calls, one sequence per run of position ids from 0;
         * ``mask``: packed rows a 4-D block-diagonal float mask, plain rows the 2-D one."""
-        inputs = {"input_ids": self.input_ids}
+        inputs: dict[str, Any] = {"input_ids": self.input_ids}
         if self.position_ids is not None:
             inputs["position_ids"] = self.position_ids
-        if attention == "segments" and self.segments is not None:
+        if attention in ("segments", "segment_offsets") and self.segments is not None:
             inputs["attention_mask"] = segment_carrier(self.segments)
+            if attention == "segment_offsets":
+                inputs[OFFSETS_KWARG], inputs[LONGEST_KWARG] = sequence_offsets(self.segments)
         elif not self.packed:
             inputs["attention_mask"] = self.attention_mask
         elif attention != "varlen":

@@ -192,6 +192,25 @@ def segment_carrier(segments: torch.Tensor) -> torch.Tensor:
     return segments[:, None, None, :]
 
 
+# the model keywords that carry :func:`sequence_offsets` to the attention (Batch.model_inputs("segment_offsets"))
+OFFSETS_KWARG = "tunesmith_offsets"
+LONGEST_KWARG = "tunesmith_longest"
+
+
+def sequence_offsets(segments: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(cumulative offsets ``[N + 1]`` int32 of the sequences of the flattened ``[batch · width]`` rows, on
+    ``segments``' device; the longest sequence's length): each sample one sequence, and each pad, a segment of its
+    own, one of its own. The form variable-length attention kernels take; made outside the model, so a compiled
+    block receives them as inputs instead of reading data-dependent bounds itself."""
+    rows, width = segments.shape
+    ids = segments.detach().cpu()
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]  # a row's first token always starts a sequence
+    offsets = torch.cat([starts.flatten().nonzero().flatten(), torch.tensor([rows * width])])
+    longest = int((offsets[1:] - offsets[:-1]).max()) if rows * width else 0
+    return offsets.to(torch.int32).to(segments.device, non_blocking=True), longest
+
+
 def packed_inputs(seq_lens: Sequence[Sequence[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(position_ids [batch, width], float mask [batch, 1, width, width]) for right-padded packed rows."""
     return packed_positions(seq_lens, width), block_mask(row_segments(seq_lens, width))

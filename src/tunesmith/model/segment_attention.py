@@ -34,10 +34,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tunesmith.data.pack import segment_carrier
+from tunesmith.data.pack import LONGEST_KWARG, OFFSETS_KWARG, segment_carrier
 from tunesmith.logging import get_logger
 from tunesmith.model.eager import eager_only
-from tunesmith.model.varlen_attention import Runs, varlen_segments, varlen_usable
+from tunesmith.model.varlen_attention import Runs, varlen_attend, varlen_segments, varlen_usable
 
 log = get_logger("model")
 
@@ -161,9 +161,31 @@ class SegmentAttention:
             cached = self._cached = (segments, segment_runs(ids))
         return cached[1]
 
-    # a data-dependent Python loop, never traced: torch_compile runs keep the masked SDPA instead (train/pipeline.py)
-    @eager_only
     def __call__(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        sliding_window: int | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        offsets = kwargs.get(OFFSETS_KWARG)
+        if offsets is not None and is_carrier(attention_mask):  # the batch brought its offsets: traceable
+            dtype = compute_dtype(query)
+            q, k, v = (x.to(dtype) for x in (query, key, value))
+            if varlen_usable(q, dropout):
+                out = varlen_attend(q, k, v, offsets, kwargs[LONGEST_KWARG], scaling, sliding_window)
+                return out.transpose(1, 2).contiguous(), None
+        return self._eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                           sliding_window=sliding_window, **kwargs)
+
+    # a data-dependent Python loop, never traced: a compiled block breaks its graph here (train/compile.py)
+    @eager_only
+    def _eager(
         self,
         module: torch.nn.Module,
         query: torch.Tensor,

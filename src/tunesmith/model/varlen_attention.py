@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -24,17 +23,30 @@ import torch
 # per row, (start, end, is_sample): a sample of ≥ 2 tokens, or a run of one-token segments (pads, 1-token samples)
 Runs = list[list[tuple[int, int, bool]]]
 
-__all__ = ["Runs", "sequence_bounds", "varlen_kernel", "varlen_segments", "varlen_usable"]
+__all__ = ["Runs", "sequence_bounds", "varlen_attend", "varlen_kernel", "varlen_runs_here", "varlen_segments",
+           "varlen_usable"]
 
 
-@lru_cache(maxsize=1)
-def varlen_kernel() -> tuple[Callable[..., torch.Tensor], bool] | None:
+Kernel = tuple[Callable[..., torch.Tensor], bool]
+_FOUND: list[Kernel | None] = []  # varlen_kernel()'s answer, once: read by compiled code, which must not import
+
+
+def varlen_kernel() -> Kernel | None:
     """(torch's varlen_attn, whether it takes ``enable_gqa``), or None where this torch has none."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn, "enable_gqa" in inspect.signature(varlen_attn).parameters
+    if not _FOUND:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            _FOUND.append(None)
+        else:
+            _FOUND.append((varlen_attn, "enable_gqa" in inspect.signature(varlen_attn).parameters))
+    return _FOUND[0]
+
+
+def varlen_runs_here(device: torch.device, precision: str) -> bool:
+    """Whether attention by segments takes the variable-length kernel on ``device`` at ``precision`` ("fp32",
+    "bf16", "fp16"): CUDA, half precision, a torch that has the kernel."""
+    return device.type == "cuda" and precision != "fp32" and varlen_kernel() is not None
 
 
 def varlen_usable(query: torch.Tensor, dropout: float) -> bool:
@@ -81,11 +93,20 @@ def varlen_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     scaling: float | None = None, sliding_window: int | None = None, **_: Any) -> torch.Tensor:
     """:func:`~tunesmith.model.segment_attention.segment_sdpa`'s result (``[B, H, T, D]``, a view of a
     ``[B, T, H, D]`` tensor) from one variable-length kernel call; only where :func:`varlen_usable`."""
+    offsets, longest = _BOUNDS.get(runs, query.size(2), query.device)
+    return varlen_attend(query, key, value, offsets, longest, scaling, sliding_window)
+
+
+def varlen_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, offsets: torch.Tensor, longest: int,
+                  scaling: float | None = None, sliding_window: int | None = None) -> torch.Tensor:
+    """Causal attention of the sequences bounded by ``offsets`` (int32 ``[N + 1]`` over the flattened ``[B·T]``
+    batch; ``longest`` the longest one) in one kernel call: ``[B, H, T, D]`` in, ``[B, H, T, D]`` out (a view of
+    a ``[B, T, H, D]`` tensor). Traceable by torch.compile (the kernel is a custom op); only where
+    :func:`varlen_usable`."""
     kernel = varlen_kernel()
     assert kernel is not None
     attend, takes_gqa = kernel
     rows, heads, width, dim = query.shape
-    offsets, longest = _BOUNDS.get(runs, width, query.device)
     q, k, v = (x.transpose(1, 2).reshape(rows * width, x.size(1), dim) for x in (query, key, value))
     options: dict[str, Any] = {"scale": scaling}
     if k.size(1) != heads:  # GQA: the kernel shares key/value heads itself where this torch lets it

@@ -41,7 +41,6 @@ from tunesmith.data.stream import StreamingData, StreamLoader
 from tunesmith.errors import DataError
 from tunesmith.logging import get_logger
 from tunesmith.model.fused_lora import FusedLoraMixin
-from tunesmith.model.varlen_attention import varlen_kernel
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import pipeline_parallel, resume, sequence_parallel
 from tunesmith.train.compile import Compiled, compile_blocks
@@ -491,20 +490,14 @@ def _log_speed(cfg: Config, engine: Engine, objective: Objective, compiled: Comp
     if cfg.sequence_parallel_size > 1:
         packing += f"; sequence parallel over {cfg.sequence_parallel_size} ranks (all-to-all attention)"
     attention = {"segments": "attention sample by sample (no T×T mask)",
+                 "segment_offsets": "attention by samples, one variable-length flash-attention call per layer "
+                                    "(no T×T mask)",
                  "varlen": "flash-attention variable-length kernels"}.get(objective.attention, "attention with masks")
-    if objective.attention == "segments" and _segments_run_in_varlen(engine):
-        attention = "attention by samples, one variable-length flash-attention call per layer (no T×T mask)"
     if any(isinstance(m, FusedLoraMixin) for m in engine.model.modules()):
         attention += "; LoRA fused into the base projection's GEMM"
     features = [precision, packing, attention, *objective.speed_features(),
                 "activation checkpointing " + ("on" if cfg.gradient_checkpointing else "off"), compiled.feature()]
     log.info("speed: %s", "; ".join(features))
-
-
-def _segments_run_in_varlen(engine: Engine) -> bool:
-    """Whether attention by segments takes torch's varlen kernel here: CUDA, half precision, a torch that has it."""
-    device = torch.device(engine.device)
-    return device.type == "cuda" and engine.precision != "fp32" and varlen_kernel() is not None
 
 
 def data_fingerprint(samples: Sequence[EncodedLike]) -> tuple[int, int]:

@@ -21,6 +21,7 @@ from tunesmith.model.load import (
     quantization_from_config,
 )
 from tunesmith.model.segment_attention import use_segment_attention
+from tunesmith.model.varlen_attention import varlen_runs_here
 from tunesmith.train import resume
 from tunesmith.train.distributed import main_process_first, prepare_datasets_once
 from tunesmith.train.engines import Engine, create_engine
@@ -51,8 +52,9 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> TrainResult:
     objective = create_objective(cfg, lambda: _load_reference(cfg, engine, attention))
     head = RewardHead(pad_token_id(tokenizer), cfg.seed) if objective.model_head == "reward" else None
     model = _load_model(cfg, engine, attention, head)
-    if _attends_by_segments(cfg) and objective.attention == "mask" and use_segment_attention([model]):
-        objective.attention = "segments"
+    segments = _segment_inputs(cfg, engine)
+    if segments and objective.attention == "mask" and use_segment_attention([model]):
+        objective.attention = segments
     model = apply_finetuning(model, cfg)
     if cfg.fused_lora:
         use_fused_lora(model)
@@ -74,15 +76,22 @@ def _load_reference(cfg: Config, engine: Engine, attention: str | None) -> torch
         )
     if cfg.ref_model_adapters:
         model = load_adapter(model, cfg.ref_model_adapters, allow_pickle=cfg.allow_pickle).merge_and_unload()
-    if _attends_by_segments(cfg):
+    if _segment_inputs(cfg, engine):
         use_segment_attention([model])  # it may be given the policy's segment ids (the ASFT loss)
     return model
 
 
-def _attends_by_segments(cfg: Config) -> bool:
-    """flash_attn: auto attends sample by sample, except under torch_compile: its per-sample loop would break every
+def _segment_inputs(cfg: Config, engine: Engine) -> str | None:
+    """How flash_attn: auto hands packed rows to the attention by segments (Batch.model_inputs), or None when it
+    stays with the masked SDPA. On CUDA in half precision the batch brings the samples' offsets for the one
+    variable-length kernel call per layer, which compiled blocks trace like any op ("segment_offsets"). Elsewhere
+    the attention loops over the samples ("segments"), except under torch_compile: that loop would break every
     compiled block's graph in two, so the masked SDPA stays inside the graph there."""
-    return cfg.flash_attn == "auto" and not cfg.torch_compile
+    if cfg.flash_attn != "auto":
+        return None
+    if varlen_runs_here(engine.device, engine.precision):
+        return "segment_offsets"
+    return None if cfg.torch_compile else "segments"
 
 
 def _load_tokenizer(cfg: Config) -> Any:

@@ -64,7 +64,8 @@ class Objective(Protocol):
     metric_denominators: ClassVar[dict[str, str]]
     # the model it trains: "causal_lm" (the LM head), or "reward" (an HF …ForSequenceClassification, one output)
     model_head: ClassVar[str]
-    # the form its rows take to the model (Batch.model_inputs): "mask", "varlen" or "segments"; set by the pipeline
+    # the form its rows take to the model (Batch.model_inputs): "mask", "varlen", "segments" or "segment_offsets";
+    # set by the pipeline
     attention: str
 
     def collator(self, pad_token_id: int) -> Collator:
@@ -108,8 +109,9 @@ class Objective(Protocol):
 
 def attention_inputs(flash_attn: str) -> str:
     """The form of the rows for the model's attention, as far as the config decides it: position ids only for
-    flash-attention's variable-length kernels (fa2), else a mask. The pipeline upgrades "mask" to "segments" once
-    the loaded model attends by segments (:func:`tunesmith.model.segment_attention.use_segment_attention`)."""
+    flash-attention's variable-length kernels (fa2), else a mask. The pipeline upgrades "mask" to "segments" (or
+    "segment_offsets", on CUDA) once the loaded model attends by segments
+    (:func:`tunesmith.model.segment_attention.use_segment_attention`)."""
     return "varlen" if flash_attn == "fa2" else "mask"
 
 
