@@ -185,25 +185,14 @@ class SegmentAttention:
 
     # a data-dependent Python loop, never traced: a compiled block breaks its graph here (train/compile.py)
     @eager_only
-    def _eager(
-        self,
-        module: torch.nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        dropout: float = 0.0,
-        scaling: float | None = None,
-        sliding_window: int | None = None,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, None]:
+    def _eager(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
         if not is_carrier(attention_mask):  # generation, evaluation of plain batches: transformers' own SDPA
             from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                          scaling=scaling, sliding_window=sliding_window, **kwargs)
-        out = attend_by_segments(query, key, value, self.runs(attention_mask), scaling=scaling,
-                                 dropout=dropout, sliding_window=sliding_window)
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        out = attend_by_segments(query, key, value, self.runs(attention_mask), scaling=kwargs.get("scaling"),
+                                 dropout=kwargs.get("dropout", 0.0), sliding_window=kwargs.get("sliding_window"))
         return out.transpose(1, 2).contiguous(), None
 
 
