@@ -56,8 +56,9 @@ class ModelArgs(_Section):
         "auto",
         description="Attention kernels (LLaMA-Factory's key): auto = SDPA sample by sample while training (each "
         "packed sample, or each padded row's tokens, attends to itself with causal SDPA and no T×T mask is built; "
-        "on CUDA in bf16/fp16 one call of torch's variable-length flash attention per layer; models outside "
-        "transformers' attention interface, or that soft-cap scores, and torch_compile runs get sdpa), sdpa = transformers' "
+        "on CUDA in bf16/fp16 one call of torch's variable-length flash attention per layer, also inside "
+        "torch_compile's graphs; models outside transformers' attention interface, or that soft-cap scores, and "
+        "torch_compile runs elsewhere get sdpa), sdpa = transformers' "
         "SDPA with a block-diagonal 4-D mask for packed rows, disabled (eager), fa2 (flash-attn 2 on CUDA: packed "
         "rows then go to its variable-length kernels, each sample's bounds read from where position_ids restart).",
     )
