@@ -40,7 +40,6 @@ from tunesmith.data.loader import (
 from tunesmith.data.stream import StreamingData, StreamLoader
 from tunesmith.errors import DataError
 from tunesmith.logging import get_logger
-from tunesmith.model.fused_lora import FusedLoraMixin
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import pipeline_parallel, resume, sequence_parallel
 from tunesmith.train.compile import Compiled, compile_blocks
@@ -52,6 +51,7 @@ from tunesmith.train.observe import RunObserver, plot_loss, write_run_info
 from tunesmith.train.optim import build_scheduler, total_steps
 from tunesmith.train.precompute import precompute
 from tunesmith.train.samples import log_sample_generations, sample_every
+from tunesmith.train.speed_line import log_speed_features
 from tunesmith.train.state import TrainState, run_signature
 
 log = get_logger("train")
@@ -281,7 +281,7 @@ def setup(
         resume.clear_previous_run(Path(cfg.output_dir), tensorboard_dir)
     write_run_info(Path(cfg.output_dir), cfg)
     _log_start(cfg, engine, loader, total, mesh)
-    _log_speed(cfg, engine, objective, compiled)
+    log_speed_features(cfg, engine, objective, compiled)
     observer = RunObserver(Path(cfg.output_dir), total, state.global_step, tensorboard_dir)
     run = Run(cfg, engine, objective, tokenizer, loader, val_loader, scheduler, state, observer, total,
               resumed=resume_path is not None, mesh=mesh, compiled=compiled)
@@ -478,26 +478,6 @@ def _log_start(cfg: Config, engine: Engine, loader: Loader, total: int, mesh: Me
         engine.precision,
         engine.device,
     )
-
-
-def _log_speed(cfg: Config, engine: Engine, objective: Objective, compiled: Compiled) -> None:
-    """One line: which of the speed features this run uses (issue: users should not have to guess)."""
-    precision = {"fp32": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[engine.precision]
-    frozen = {p.dtype for p in engine.model.parameters() if not p.requires_grad}
-    if engine.precision != "fp32" and frozen and all(d in (torch.bfloat16, torch.float16) for d in frozen):
-        precision += " (frozen weights stored in " + ("bf16" if torch.bfloat16 in frozen else "fp16") + ")"
-    packing = "packing without cross-attention" if cfg.packing or cfg.neat_packing else "no packing"
-    if cfg.sequence_parallel_size > 1:
-        packing += f"; sequence parallel over {cfg.sequence_parallel_size} ranks (all-to-all attention)"
-    attention = {"segments": "attention sample by sample (no T×T mask)",
-                 "segment_offsets": "attention by samples, one variable-length flash-attention call per layer "
-                                    "(no T×T mask)",
-                 "varlen": "flash-attention variable-length kernels"}.get(objective.attention, "attention with masks")
-    if any(isinstance(m, FusedLoraMixin) for m in engine.model.modules()):
-        attention += "; LoRA fused into the base projection's GEMM"
-    features = [precision, packing, attention, *objective.speed_features(),
-                "activation checkpointing " + ("on" if cfg.gradient_checkpointing else "off"), compiled.feature()]
-    log.info("speed: %s", "; ".join(features))
 
 
 def data_fingerprint(samples: Sequence[EncodedLike]) -> tuple[int, int]:
