@@ -14,7 +14,7 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 timeout "${VARLEN_S:-120}" python3 bench/gpu_varlen_check.py 2>&1 | grep -v Warning | tail -12
 timeout "${SPEED_S:-330}" python3 bench/gpu_speed.py --tokenizer .gpu/tok --data .gpu/alpaca_en_demo.json \
   --steps 12 --budget-s "${SPEED_BUDGET_S:-270}" --out "$OUT/speed.json" \
-  --arms "${ARMS:-full_lf,full_default,full_chunked,lora_lf,lora_compile,full_compile,lora_compile_sdpa,full_compile_sdpa}" \
+  --arms "${ARMS:-full_lf,full_varlen,full_default,lora_lf,lora_compile,full_compile,lora_compile_sdpa,full_compile_sdpa}" \
   2>&1 | grep -v -i "warn" | tail -40
 timeout "${SMOKE_S:-150}" python3 bench/gpu_smoke.py --tokenizer .gpu/tok --data .gpu/alpaca_en_demo.json --steps 20 \
   --timeout 100 --out /tmp/smoke \

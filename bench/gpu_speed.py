@@ -10,13 +10,13 @@ its 151,936-token vocabulary, tied head) around the real Qwen tokenizer in ``--t
 
 * ``lora_lf``: LoRA r16 on all linear layers as LLaMA-Factory runs it: the full LM head, PEFT's LoRA layers,
   SDPA with a block-diagonal mask for the packed rows;
-* ``lora_head`` (+ the LM head only where there are targets), ``lora_fused`` (+ fused LoRA), ``lora_default``
-  (+ ``flash_attn: auto``: attention by samples, one varlen flash-attention call per layer on CUDA; this is
-  tunesmith's default), ``lora_chunked``
-  (+ ``loss_chunk_size: 4096``), ``lora_liger`` (+ ``enable_liger_kernel``), ``lora_compile``
-  (default + ``torch_compile``: the compiled blocks keep the varlen call), ``lora_compile_sdpa`` (+ ``torch_compile``
-  with ``flash_attn: sdpa``, the masked SDPA inside the graphs);
-* ``full_lf`` / ``full_default`` / ``full_chunked`` / ``full_liger`` / ``full_compile`` / ``full_compile_sdpa``: the
+* ``lora_head`` (+ the LM head only where there are targets, unfused), ``lora_fused`` (+ fused LoRA),
+  ``lora_varlen`` (+ ``flash_attn: auto``: attention by samples, one varlen flash-attention call per layer on
+  CUDA), ``lora_default`` (+ the fused chunked loss, ``loss_chunk_size: 4096``: tunesmith's default),
+  ``lora_liger`` (``enable_liger_kernel`` instead), ``lora_compile`` (default + ``torch_compile``: the compiled
+  blocks keep the varlen call), ``lora_compile_sdpa`` (+ ``torch_compile`` with ``flash_attn: sdpa``, the masked
+  SDPA inside the graphs);
+* ``full_lf`` / ``full_varlen`` / ``full_default`` / ``full_liger`` / ``full_compile`` / ``full_compile_sdpa``: the
   same for full fine-tuning.
 
 Each row also gives its speed and peak memory against the LLaMA-Factory-like arm of its method, when that ran.
@@ -44,16 +44,16 @@ PEAK_TFLOPS = 989.0
 LF_LIKE = {"target_only_head": False, "fused_lora": False, "flash_attn": "sdpa"}
 ARMS: dict[str, tuple[str, dict[str, Any]]] = {
     "lora_lf": ("lora", LF_LIKE),
-    "lora_head": ("lora", {**LF_LIKE, "target_only_head": True}),
-    "lora_fused": ("lora", {**LF_LIKE, "target_only_head": True, "fused_lora": True}),
+    "lora_head": ("lora", {**LF_LIKE, "target_only_head": True, "loss_chunk_size": 0}),
+    "lora_fused": ("lora", {**LF_LIKE, "target_only_head": True, "loss_chunk_size": 0, "fused_lora": True}),
+    "lora_varlen": ("lora", {"loss_chunk_size": 0}),
     "lora_default": ("lora", {}),
-    "lora_chunked": ("lora", {"loss_chunk_size": 4096}),
     "lora_liger": ("lora", {"enable_liger_kernel": True}),
     "lora_compile": ("lora", {"torch_compile": True}),
     "lora_compile_sdpa": ("lora", {"torch_compile": True, "flash_attn": "sdpa"}),
     "full_lf": ("full", LF_LIKE),
+    "full_varlen": ("full", {"loss_chunk_size": 0}),
     "full_default": ("full", {}),
-    "full_chunked": ("full", {"loss_chunk_size": 4096}),
     "full_liger": ("full", {"enable_liger_kernel": True}),
     "full_compile": ("full", {"torch_compile": True}),
     "full_compile_sdpa": ("full", {"torch_compile": True, "flash_attn": "sdpa"}),

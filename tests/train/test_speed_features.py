@@ -43,7 +43,8 @@ def test_the_target_only_and_chunked_heads_train_to_the_full_heads_losses(tmp_pa
                                                                           caplog, method):
     common = dict(finetuning_type=method, max_steps=4, packing=True, cutoff_len=96)
     runs = {}
-    for name, keys in {"full": dict(target_only_head=False), "targets": {}, "chunked": dict(loss_chunk_size=16)}.items():
+    arms = {"full": dict(target_only_head=False), "targets": dict(loss_chunk_size=0), "chunked": dict(loss_chunk_size=16)}
+    for name, keys in arms.items():
         config = _config(tmp_path / name, tiny_model_dir, identity_rows * 3, **common, **keys)
         runs[name] = _losses(config, caplog)
     assert runs["targets"][0] == pytest.approx(runs["full"][0], abs=1e-5)
@@ -76,9 +77,18 @@ def test_fused_lora_layers_train_to_pefts_losses_and_the_speed_line_says_so(tmp_
     assert fused[0] == pytest.approx(peft[0], abs=1e-5) and len(fused[0]) == 4 and fused[0][-1] < fused[0][0]
 
 
+def test_the_fused_chunked_loss_is_the_default_head_and_target_only_head_false_turns_it_off():
+    assert lm_head(Config()).chunk_size == 4096 and lm_head(Config()).target_only
+    assert lm_head(Config(loss_chunk_size=0)).chunk_size == 0 and lm_head(Config(loss_chunk_size=0)).target_only
+    for full in (Config(target_only_head=False), Config(target_only_head=False, loss_chunk_size=16)):
+        head = lm_head(full)  # LLaMA-Factory's full head (bench/gpu_speed.py's LF arm): the fused loss is gathered
+        assert head.chunk_size == 0 and not head.target_only
+
+
 def test_enable_liger_kernel_without_a_gpu_uses_the_chunked_loss_and_says_so(tiny_model_dir, caplog):
     cfg = Config(enable_liger_kernel=True)
     assert cfg.resolved_chunk_size() == 4096
+    assert Config(enable_liger_kernel=True, loss_chunk_size=0).resolved_chunk_size() == 4096
     assert Config(enable_liger_kernel=True, loss_chunk_size=512).resolved_chunk_size() == 512
     head = lm_head(cfg)
     with caplog.at_level(logging.INFO, logger="tunesmith"):

@@ -23,7 +23,9 @@ heads), and float32 is the more exact of the two. Elsewhere it runs in autocast'
 
 On CUDA in fp16 / bf16 the loop becomes one variable-length flash-attention call per layer over all the
 batch's samples (:mod:`tunesmith.model.varlen_attention`): there, launching one SDPA per sample is what a
-step waits for.
+step waits for. There the batch also brings the samples' offsets as model inputs (``segment_offsets``), so this
+function reads no data-dependent bounds itself and torch.compile traces it whole inside a compiled block; the loop
+stays eager (a graph break), which is why compiled runs elsewhere keep the masked SDPA.
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ batch at once, bounded by cumulative offsets, which is what flash-attention's va
 The batch's ``[B, H, T, D]`` tensors become ``[B·T, H, D]``; each sample of two or more tokens is one sequence and
 each one-token segment (right padding, a one-token sample) a sequence of its own, so the result is exactly the
 loop's. Anything else (CPU, NPU, float32, attention dropout, torch without the kernel) keeps the loop.
+
+The offsets come from the batch (:func:`tunesmith.data.pack.sequence_offsets`, passed through the model's keyword
+arguments) or, where a caller has only the runs (sequence parallel), from :func:`sequence_bounds`;
+:func:`varlen_attend` itself is traceable, so compiled decoder blocks keep the call in their graphs.
 """
 
 from __future__ import annotations

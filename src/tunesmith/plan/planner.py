@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from tunesmith.config.speed import DEFAULT_LOSS_CHUNK
 from tunesmith.errors import ConfigError
 from tunesmith.logging import get_logger
 from tunesmith.plan.arch import ArchFacts, builtin_table, facts_for_model
@@ -97,9 +98,16 @@ def setup_from_config(cfg: Config, arch: ArchFacts, world_size: int, ranks_per_n
         sp=cfg.sequence_parallel_size,
         tp=cfg.tensor_parallel_size,
         pp=cfg.pipeline_parallel_size,
-        loss_chunk=cfg.resolved_chunk_size(),
+        loss_chunk=cfg.resolved_chunk_size() if _fuses_the_loss(cfg) else 0,
         **extra,
     )
+
+
+def _fuses_the_loss(cfg: Config) -> bool:
+    """Whether the stage's loss can be the fused chunked one: a plain sum of token cross entropies (sft without
+    the weighted losses, pt); the others need the logits (train/objectives)."""
+    weighted = cfg.use_dft_loss or cfg.use_eaft_loss or cfg.use_asft_loss
+    return cfg.stage == "pt" or (cfg.stage == "sft" and not weighted)
 
 
 def _keeps_reference_copy(cfg: Config) -> bool:
@@ -111,7 +119,7 @@ def _keeps_reference_copy(cfg: Config) -> bool:
 # ------------------------------------------------------------------------------------------- suggestions
 
 
-CHUNK = 4096  # the chunk the planner proposes: tunesmith's default for loss_chunk_size (enable_liger_kernel)
+CHUNK = DEFAULT_LOSS_CHUNK  # the chunk the planner proposes where a config turned the fused loss off
 
 
 def candidate_changes(s: Setup, devices: DeviceSpec | None = None) -> list[Change]:
