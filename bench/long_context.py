@@ -7,7 +7,7 @@ key/value heads, the real Qwen tokenizer's 151k vocabulary from the ``qwen-token
 and its logits are realistic) on one synthetic document per row, cut to ``cutoff_len`` = the length, batch 1, full
 fine-tuning, float32, CPU. Four layouts per length, each a real ``tunesmith train`` (under torchrun for 2 ranks):
 
-* ``1 rank``: the whole row on one process;
+* ``1 rank``: the whole row on one process, the loss unfused (``loss_chunk_size: 0``);
 * ``1 rank chunked``: the same with ``loss_chunk_size: 1024`` (the vocabulary logits never exist at once);
 * ``SP2``: 2 ranks, ``sequence_parallel_size: 2``, each rank holding half of every row;
 * ``SP2 chunked``: both.
@@ -31,9 +31,9 @@ import tempfile
 from pathlib import Path
 
 LAYOUTS = {
-    "1 rank": dict(nproc=1, keys={}),
+    "1 rank": dict(nproc=1, keys={"loss_chunk_size": 0}),
     "1 rank chunked": dict(nproc=1, keys={"loss_chunk_size": 1024}),
-    "SP2": dict(nproc=2, keys={"sequence_parallel_size": 2}),
+    "SP2": dict(nproc=2, keys={"sequence_parallel_size": 2, "loss_chunk_size": 0}),
     "SP2 chunked": dict(nproc=2, keys={"sequence_parallel_size": 2, "loss_chunk_size": 1024}),
 }
 
