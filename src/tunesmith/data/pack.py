@@ -192,23 +192,52 @@ def segment_carrier(segments: torch.Tensor) -> torch.Tensor:
     return segments[:, None, None, :]
 
 
+# per row, (start, end, is_sample): a sample of ≥ 2 tokens, or a run of one-token segments (pads, 1-token samples)
+Runs = list[list[tuple[int, int, bool]]]
+
+
+def segment_runs(segments: torch.Tensor) -> Runs:
+    """Each row's samples (runs of equal ids longer than one token) and runs of one-token segments."""
+    rows: Runs = []
+    for ids in segments.tolist():
+        bounds = [0] + [t for t in range(1, len(ids)) if ids[t] != ids[t - 1]] + [len(ids)]
+        runs: list[tuple[int, int, bool]] = []
+        for start, end in zip(bounds, bounds[1:], strict=False):
+            sample = end - start > 1
+            if not sample and runs and not runs[-1][2]:  # extend the previous run of one-token segments
+                runs[-1] = (runs[-1][0], end, False)
+            else:
+                runs.append((start, end, sample))
+        rows.append(runs)
+    return rows
+
+
+def sequence_bounds(runs: Runs, width: int) -> tuple[list[int], int]:
+    """(cumulative offsets of the sequences in the flattened ``[rows × width]`` batch, the longest one): each
+    sample one sequence, each one-token segment one of its own."""
+    bounds, longest = [0], 1
+    for row, row_runs in enumerate(runs):
+        base = row * width
+        for start, end, sample in row_runs:
+            if sample:
+                bounds.append(base + end)
+                longest = max(longest, end - start)
+            else:
+                bounds.extend(range(base + start + 1, base + end + 1))
+    return bounds, longest
+
+
 # the model keywords that carry :func:`sequence_offsets` to the attention (Batch.model_inputs("segment_offsets"))
 OFFSETS_KWARG = "tunesmith_offsets"
 LONGEST_KWARG = "tunesmith_longest"
 
 
 def sequence_offsets(segments: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(cumulative offsets ``[N + 1]`` int32 of the sequences of the flattened ``[batch · width]`` rows, on
-    ``segments``' device; the longest sequence's length): each sample one sequence, and each pad, a segment of its
-    own, one of its own. The form variable-length attention kernels take; made outside the model, so a compiled
-    block receives them as inputs instead of reading data-dependent bounds itself."""
-    rows, width = segments.shape
-    ids = segments.detach().cpu()
-    starts = torch.ones_like(ids, dtype=torch.bool)
-    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]  # a row's first token always starts a sequence
-    offsets = torch.cat([starts.flatten().nonzero().flatten(), torch.tensor([rows * width])])
-    longest = int((offsets[1:] - offsets[:-1]).max()) if rows * width else 0
-    return offsets.to(torch.int32).to(segments.device, non_blocking=True), longest
+    """:func:`sequence_bounds` of ``segments`` ([batch, width] ids) as int32 offsets on their device, and the
+    longest sequence: the form variable-length attention kernels take, made outside the model, so a compiled block
+    receives them as inputs instead of reading data-dependent bounds itself."""
+    bounds, longest = sequence_bounds(segment_runs(segments.detach().cpu()), segments.size(1))
+    return torch.tensor(bounds, dtype=torch.int32).to(segments.device, non_blocking=True), longest
 
 
 def packed_inputs(seq_lens: Sequence[Sequence[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,10 +36,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tunesmith.data.pack import LONGEST_KWARG, OFFSETS_KWARG, segment_carrier
+from tunesmith.data.pack import LONGEST_KWARG, OFFSETS_KWARG, Runs, segment_carrier, segment_runs
 from tunesmith.logging import get_logger
 from tunesmith.model.eager import eager_only
-from tunesmith.model.varlen_attention import Runs, varlen_attend, varlen_segments, varlen_usable
+from tunesmith.model.varlen_attention import varlen_attend, varlen_segments, varlen_usable
 
 log = get_logger("model")
 
@@ -64,22 +64,6 @@ def is_carrier(mask: Any) -> bool:
     """Whether ``mask`` is segment ids from :func:`segment_carrier` rather than a real mask (bool or float)."""
     return (isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.size(2) == 1
             and not mask.dtype.is_floating_point and mask.dtype != torch.bool)
-
-
-def segment_runs(segments: torch.Tensor) -> Runs:
-    """Each row's samples (runs of equal ids longer than one token) and runs of one-token segments."""
-    rows: Runs = []
-    for ids in segments.tolist():
-        bounds = [0] + [t for t in range(1, len(ids)) if ids[t] != ids[t - 1]] + [len(ids)]
-        runs: list[tuple[int, int, bool]] = []
-        for start, end in zip(bounds, bounds[1:], strict=False):
-            sample = end - start > 1
-            if not sample and runs and not runs[-1][2]:  # extend the previous run of one-token segments
-                runs[-1] = (runs[-1][0], end, False)
-            else:
-                runs.append((start, end, sample))
-        rows.append(runs)
-    return rows
 
 
 def _window_mask(length: int, window: int, device: torch.device) -> torch.Tensor:

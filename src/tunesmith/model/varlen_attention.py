@@ -24,8 +24,7 @@ from typing import Any
 
 import torch
 
-# per row, (start, end, is_sample): a sample of ≥ 2 tokens, or a run of one-token segments (pads, 1-token samples)
-Runs = list[list[tuple[int, int, bool]]]
+from tunesmith.data.pack import Runs, sequence_bounds
 
 __all__ = ["Runs", "sequence_bounds", "varlen_attend", "varlen_kernel", "varlen_runs_here", "varlen_segments",
            "varlen_usable"]
@@ -57,21 +56,6 @@ def varlen_usable(query: torch.Tensor, dropout: float) -> bool:
     """Whether ``query``'s attention can run in the variable-length kernel (see the module docstring)."""
     return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and not dropout
             and query.size(-1) <= 256 and varlen_kernel() is not None)
-
-
-def sequence_bounds(runs: Runs, width: int) -> tuple[list[int], int]:
-    """(cumulative offsets of the sequences in the flattened ``[rows × width]`` batch, the longest one): each
-    sample one sequence, each one-token segment one of its own."""
-    bounds, longest = [0], 1
-    for row, row_runs in enumerate(runs):
-        base = row * width
-        for start, end, sample in row_runs:
-            if sample:
-                bounds.append(base + end)
-                longest = max(longest, end - start)
-            else:
-                bounds.extend(range(base + start + 1, base + end + 1))
-    return bounds, longest
 
 
 class _BoundsCache:
