@@ -108,6 +108,14 @@ def test_chunked_loss_keeps_chunk_by_vocab_logits():
     assert chunked.logits < 0.26 * whole.logits and chunked.activations == whole.activations
 
 
+def test_lean_activations_spare_a_hidden_vector_per_norm_and_silu_gate_per_layer():
+    arch = lookup_builtin("Qwen/Qwen2.5-1.5B-Instruct")
+    plain = estimate(Setup(arch=arch, method="full", seq_len=4096))
+    lean = estimate(Setup(arch=arch, method="full", seq_len=4096, lean_activations=True))
+    spared = arch.num_layers * 4096 * 4 * (2 * arch.hidden_size + arch.intermediate_size)
+    assert plain.activations - lean.activations == pytest.approx(spared)
+
+
 def run_plan(*args: str) -> str:
     result = subprocess.run([sys.executable, "-m", "tunesmith.cli", "plan", *args], capture_output=True,
                             text=True, timeout=120)
@@ -118,7 +126,8 @@ def run_plan(*args: str) -> str:
 def test_seq_len_32768_shows_where_sequence_parallel_becomes_necessary(tmp_path):
     config = tmp_path / "long.yaml"
     config.write_text("model_name_or_path: Qwen/Qwen1.5-7B\nfinetuning_type: lora\nbf16: true\n"
-                      "gradient_checkpointing: true\nloss_chunk_size: 4096\nper_device_train_batch_size: 1\n", encoding="utf-8")
+                      "gradient_checkpointing: true\nloss_chunk_size: 4096\nper_device_train_batch_size: 1\n"
+                      "lean_activations: false\n", encoding="utf-8")
     short = run_plan(str(config), "--seq-len", "8192", "--gpus", "4x40GB")
     assert "verdict: fits" in short and "× 8192 tokens" in short
     long = run_plan(str(config), "--seq-len", "32768", "--gpus", "4x40GB")

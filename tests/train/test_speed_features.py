@@ -77,6 +77,18 @@ def test_fused_lora_layers_train_to_pefts_losses_and_the_speed_line_says_so(tmp_
     assert fused[0] == pytest.approx(peft[0], abs=1e-5) and len(fused[0]) == 4 and fused[0][-1] < fused[0][0]
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_lean_activations_train_to_the_same_losses_and_the_speed_line_says_so(tmp_path, tiny_model_dir,
+                                                                              identity_rows, caplog, method):
+    common = dict(finetuning_type=method, max_steps=4, packing=True, cutoff_len=96, learning_rate=1e-2)
+    plain = _losses(_config(tmp_path / "plain", tiny_model_dir, identity_rows * 3, lean_activations=False, **common),
+                    caplog)
+    lean = _losses(_config(tmp_path / "lean", tiny_model_dir, identity_rows * 3, **common), caplog)
+    assert "5 RMSNorms and 2 SwiGLU MLPs keep only their inputs for backward" in lean[1]
+    assert "keep only their inputs" not in plain[1]
+    assert lean[0] == pytest.approx(plain[0], abs=1e-5) and len(lean[0]) == 4 and lean[0][-1] < lean[0][0]
+
+
 def test_the_fused_chunked_loss_is_the_default_head_and_target_only_head_false_turns_it_off():
     assert lm_head(Config()).chunk_size == 4096 and lm_head(Config()).target_only
     assert lm_head(Config(loss_chunk_size=0)).chunk_size == 0 and lm_head(Config(loss_chunk_size=0)).target_only

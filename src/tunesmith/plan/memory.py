@@ -115,6 +115,7 @@ class Setup:
     tp: int = 1  # tensor_parallel_size
     pp: int = 1  # pipeline_parallel_size
     loss_chunk: int = 0  # loss_chunk_size (0: the whole tokens × vocab logits)
+    lean_activations: bool = False  # norms and SwiGLU keep their inputs only (model/lean_activations.py)
 
     def with_changes(self, **changes: Any) -> Setup:
         return replace(self, **changes)
@@ -222,9 +223,10 @@ def per_layer_activation_bytes(s: Setup) -> float:
     act = 2 if s.mixed else 4  # matmul outputs under autocast (or a bf16 DeepSpeed module)
     h, kv, i = a.hidden_size, a.kv_size, a.intermediate_size
     q = a.num_heads * a.head_dim
-    norms = 2 * (8 * h)  # RMSNorm in float32: its input and the normalized values
+    # RMSNorm in float32: its input and (unless lean) the normalized values
+    norms = 2 * (4 * h if s.lean_activations else 8 * h)
     attention = act * (h + (q + 2 * kv) + q + q)  # q/k/v input, q/k/v after RoPE, SDPA output, o_proj input
-    mlp = act * (h + 4 * i)  # MLP input; gate, up, silu(gate), product
+    mlp = act * (h + (3 if s.lean_activations else 4) * i)  # MLP input; gate, up, (unless lean) silu(gate), product
     return norms + attention + mlp
 
 

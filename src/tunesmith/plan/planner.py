@@ -99,6 +99,7 @@ def setup_from_config(cfg: Config, arch: ArchFacts, world_size: int, ranks_per_n
         tp=cfg.tensor_parallel_size,
         pp=cfg.pipeline_parallel_size,
         loss_chunk=cfg.resolved_chunk_size() if _fuses_the_loss(cfg) else 0,
+        lean_activations=cfg.lean_activations and not cfg.torch_compile,
         **extra,
     )
 

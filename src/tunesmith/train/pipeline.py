@@ -12,6 +12,7 @@ from tunesmith.config import Config
 from tunesmith.data.loader import pad_token_id
 from tunesmith.model.adapt import apply_finetuning, load_adapter
 from tunesmith.model.fused_lora import use_fused_lora
+from tunesmith.model.lean_activations import use_lean_activations
 from tunesmith.model.load import (
     RewardHead,
     attention_implementation,
@@ -58,6 +59,8 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> TrainResult:
     model = apply_finetuning(model, cfg)
     if cfg.fused_lora:
         use_fused_lora(model)
+    if cfg.lean_activations and not cfg.torch_compile:
+        use_lean_activations(model)
     return fit(cfg, model, tokenizer, data.train, data.val, engine=engine, objective=objective,
                resume_from=resume_from, callbacks=callbacks)
 

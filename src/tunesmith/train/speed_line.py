@@ -8,6 +8,7 @@ import torch
 from tunesmith.config import Config
 from tunesmith.logging import get_logger
 from tunesmith.model.fused_lora import FusedLoraMixin
+from tunesmith.model.lean_activations import lean_activation_count
 from tunesmith.train.compile import Compiled
 from tunesmith.train.engines import Engine
 from tunesmith.train.objectives import Objective
@@ -30,6 +31,9 @@ def log_speed_features(cfg: Config, engine: Engine, objective: Objective, compil
                  "varlen": "flash-attention variable-length kernels"}.get(objective.attention, "attention with masks")
     if any(isinstance(m, FusedLoraMixin) for m in engine.model.modules()):
         attention += "; LoRA fused into the base projection's GEMM"
-    features = [precision, packing, attention, *objective.speed_features(),
+    lean = lean_activation_count(engine.model)
+    kept = [f"{lean['norms']} RMSNorms and {lean['mlps']} SwiGLU MLPs keep only their inputs for backward"]
+    features = [precision, packing, attention, *(kept if lean["norms"] or lean["mlps"] else []),
+                *objective.speed_features(),
                 "activation checkpointing " + ("on" if cfg.gradient_checkpointing else "off"), compiled.feature()]
     log.info("speed: %s", "; ".join(features))

@@ -1,0 +1,153 @@
+"""Decoder layers that keep less for backward (``lean_activations``): the RMSNorms and the SwiGLU MLPs of
+transformers' models as autograd functions that save their inputs only.
+
+Why. Autograd keeps every tensor an op needs for its gradient. In transformers' ``LlamaRMSNorm``
+(``weight * (x * rsqrt(mean(x²) + eps))``) that is ``x``, the per-token ``rsqrt`` and, when the weight trains,
+the normalized ``x`` as well: one more hidden-size tensor per norm. In the SwiGLU MLP
+(``down(silu(gate(x)) * up(x))``) it is ``gate``, ``up`` and ``silu(gate)``: one more intermediate-size tensor per
+layer. Both are one elementwise op away from what is kept anyway, so here they are recomputed in the backward
+instead (the technique of Liger's RMSNorm and SwiGLU kernels, in plain torch: CPU, CUDA, NPU). For SmolLM2-135M's
+full fine-tuning (hidden 576, intermediate 1,536) that is 2,688 of about 12,300 floats a token keeps per layer.
+
+Which modules. A module is changed only when its class's ``forward`` is transformers' Llama code itself (the same
+bytecode, names and constants: the families that copy it, Qwen2/3, Mistral, Phi-3, Granite, … and not Gemma's
+``1 + weight`` norm), and, for the MLP, when its activation is SiLU. The instance's class is swapped for a
+subclass (:func:`use_lean_activations`), so the module tree, state dict, PEFT and every engine's hooks stay; a
+call on DTensors (tensor parallel) runs the original forward.
+
+The SwiGLU's gradients are the same ops autograd would run (bitwise equal); the norm's are the analytic formula,
+equal within float rounding (tests/model/test_lean_activations.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _RMSNorm(torch.autograd.Function):
+    """``weight * (x32 * rstd).to(x.dtype)`` with ``rstd = rsqrt(mean(x32²) + eps)``, as transformers computes it;
+    saves ``x`` and ``rstd`` only."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x32 * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.float() * rstd
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            rows = (grad * normed.to(x.dtype)).reshape(-1, weight.numel())
+            grad_weight = rows.sum(0).to(weight.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_normed = (grad * weight).float()
+            dot = (grad_normed * normed).mean(-1, keepdim=True)
+            grad_x = ((grad_normed - normed * dot) * rstd).to(x.dtype)
+        return grad_x, grad_weight, None
+
+
+class _SiluMul(torch.autograd.Function):
+    """``silu(gate) * up``; saves ``gate`` and ``up`` and recomputes ``silu(gate)`` in the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        gate, up = ctx.saved_tensors
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
+
+
+def _distributed(*tensors: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(t, DTensor) for t in tensors)
+
+
+class LeanRMSNorm:
+    """Mixed in before a Llama-style RMSNorm class (see the module docstring)."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if _distributed(hidden_states, self.weight):
+            return super().forward(hidden_states)  # type: ignore[misc]
+        return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+
+
+class LeanSwiGLU:
+    """Mixed in before a Llama-style MLP class whose activation is SiLU (see the module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if gate.dtype != up.dtype or _distributed(gate, up):
+            return self.down_proj(self.act_fn(gate) * up)
+        return self.down_proj(_SiluMul.apply(gate, up))
+
+
+_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _lean_class(mixin: type, cls: type) -> type:
+    key = (mixin, cls)
+    if key not in _CLASSES:
+        _CLASSES[key] = type(cls.__name__, (mixin, cls), {"__module__": cls.__module__, "__doc__": cls.__doc__})
+    return _CLASSES[key]
+
+
+def _same_code(cls: type, reference: Any) -> bool:
+    forward = getattr(cls, "forward", None)
+    code, ref = getattr(forward, "__code__", None), reference.__code__
+    return code is not None and (code.co_code, code.co_names, code.co_consts) == (
+        ref.co_code, ref.co_names, ref.co_consts)
+
+
+def _silu_classes() -> tuple[type, ...]:
+    from transformers.activations import SiLUActivation
+
+    return (nn.SiLU, SiLUActivation)
+
+
+def _mixin_for(module: nn.Module) -> type | None:
+    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+    cls = type(module)
+    if issubclass(cls, (LeanRMSNorm, LeanSwiGLU)):
+        return None
+    if _same_code(cls, LlamaRMSNorm.forward) and hasattr(module, "variance_epsilon"):
+        return LeanRMSNorm
+    if _same_code(cls, LlamaMLP.forward) and type(getattr(module, "act_fn", None)) in _silu_classes():
+        return LeanSwiGLU
+    return None
+
+
+def use_lean_activations(model: nn.Module) -> dict[str, int]:
+    """Swap the Llama-style RMSNorms and SiLU MLPs of ``model`` for their lean subclasses; how many of each."""
+    counts = {"norms": 0, "mlps": 0}
+    for module in model.modules():
+        mixin = _mixin_for(module)
+        if mixin is not None:
+            module.__class__ = _lean_class(mixin, type(module))
+            counts["norms" if mixin is LeanRMSNorm else "mlps"] += 1
+    return counts
+
+
+def lean_activation_count(model: nn.Module) -> dict[str, int]:
+    """How many of ``model``'s norms and MLPs run lean (for the speed line)."""
+    modules = list(model.modules())
+    return {"norms": sum(isinstance(m, LeanRMSNorm) for m in modules),
+            "mlps": sum(isinstance(m, LeanSwiGLU) for m in modules)}
+
+
+__all__ = ["LeanRMSNorm", "LeanSwiGLU", "lean_activation_count", "use_lean_activations"]
