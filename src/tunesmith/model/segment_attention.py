@@ -86,7 +86,7 @@ def segment_sdpa(
     groups = query.size(1) // key.size(1)
     rows = []
     # split, not slices: a slice's backward writes its gradient into a zeroed copy of the whole tensor, once per
-    # sample and layer (a fifth of a full fine-tuning step on CPU); a split's backward is one concatenation
+    # sample and layer (here 66 against 47.5 ms for one layer of 4 × 512 tokens); a split's backward is one concatenation
     for row_runs, *row in zip(runs, *(x.split(1, dim=0) for x in (query, key, value)), strict=True):
         lengths = [end - start for start, end, _ in row_runs]
         parts = []
