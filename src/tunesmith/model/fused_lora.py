@@ -73,7 +73,8 @@ def _hooked(module: nn.Module) -> bool:
                 or getattr(module, "_backward_pre_hooks", None))
 
 
-def _is_dtensor(tensor: torch.Tensor) -> bool:
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (tensor parallel, FSDP2 outside its unsharded forward)."""
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
@@ -108,7 +109,7 @@ class FusedLoraMixin:
         if any(_hooked(m) for m in (base, lora_a, lora_b)):
             return None
         tensors = [base.weight, lora_a.weight, lora_b.weight] + ([base.bias] if base.bias is not None else [])
-        if any(_is_dtensor(t) or t.device != x.device for t in tensors):
+        if any(is_dtensor(t) or t.device != x.device for t in tensors):
             return None
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
@@ -143,5 +144,5 @@ def use_fused_lora(model: nn.Module) -> int:
     return swapped
 
 
-__all__ = ["FusedLoraMixin", "use_fused_lora"]
+__all__ = ["FusedLoraMixin", "is_dtensor", "use_fused_lora"]
 

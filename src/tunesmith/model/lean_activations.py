@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunesmith.model.fused_lora import is_dtensor
+
 
 class _RMSNorm(torch.autograd.Function):
     """``weight * (x32 * rstd).to(x.dtype)`` with ``rstd = rsqrt(mean(x32²) + eps)``, as transformers computes it;
@@ -71,17 +73,11 @@ class _SiluMul(torch.autograd.Function):
         return grad_gate, grad_up
 
 
-def _distributed(*tensors: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(t, DTensor) for t in tensors)
-
-
 class LeanRMSNorm:
     """Mixed in before a Llama-style RMSNorm class (see the module docstring)."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if _distributed(hidden_states, self.weight):
+        if is_dtensor(hidden_states) or is_dtensor(self.weight):
             return super().forward(hidden_states)  # type: ignore[misc]
         return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
 
@@ -91,7 +87,7 @@ class LeanSwiGLU:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
-        if gate.dtype != up.dtype or _distributed(gate, up):
+        if gate.dtype != up.dtype or is_dtensor(gate) or is_dtensor(up):
             return self.down_proj(self.act_fn(gate) * up)
         return self.down_proj(_SiluMul.apply(gate, up))
 
