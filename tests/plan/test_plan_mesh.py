@@ -108,12 +108,18 @@ def test_chunked_loss_keeps_chunk_by_vocab_logits():
     assert chunked.logits < 0.26 * whole.logits and chunked.activations == whole.activations
 
 
-def test_lean_activations_spare_a_hidden_vector_per_norm_and_silu_gate_per_layer():
+def test_lean_activations_spare_a_hidden_vector_per_norm_and_silu_gate_per_layer_and_their_outputs_too():
     arch = lookup_builtin("Qwen/Qwen2.5-1.5B-Instruct")
     plain = estimate(Setup(arch=arch, method="full", seq_len=4096))
     lean = estimate(Setup(arch=arch, method="full", seq_len=4096, lean_activations=True))
-    spared = arch.num_layers * 4096 * 4 * (2 * arch.hidden_size + arch.intermediate_size)
-    assert plain.activations - lean.activations == pytest.approx(spared)
+    # the lean modules' own savings, and their outputs (two norms', the MLP's product) kept as recipes
+    per_layer = 2 * (2 * arch.hidden_size + arch.intermediate_size)
+    assert plain.activations - lean.activations == pytest.approx(arch.num_layers * 4096 * 4 * per_layer)
+    # a checkpointed layer's recompute runs outside the train step's forward: no recipes there
+    checkpointed = estimate(Setup(arch=arch, method="full", seq_len=4096, lean_activations=True, grad_ckpt=True))
+    plain_ckpt = estimate(Setup(arch=arch, method="full", seq_len=4096, grad_ckpt=True))
+    spared = 4096 * 4 * (2 * arch.hidden_size + arch.intermediate_size)
+    assert plain_ckpt.activations - checkpointed.activations == pytest.approx(spared)
 
 
 def run_plan(*args: str) -> str:

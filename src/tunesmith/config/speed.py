@@ -45,8 +45,9 @@ class SpeedArgs(Section):
         True,
         description="Llama-style RMSNorms and SiLU MLPs (Llama, Qwen2/3, Mistral, Phi-3, ... as transformers "
         "writes them) keep only their inputs for the backward and recompute the normalized values and silu(gate) "
-        "there: about a quarter less activation memory in full fine-tuning, the same gradients. Off under "
-        "torch_compile (the compiler chooses what to keep).",
+        "there; the linears that read their outputs keep a recipe instead of the output (recomputed in the "
+        "backward, bitwise the same): about half the activation memory in full fine-tuning, the same gradients. "
+        "Off under torch_compile (the compiler chooses what to keep).",
     )
     enable_liger_kernel: bool = Field(
         False,

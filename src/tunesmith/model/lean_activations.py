@@ -28,18 +28,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.model.fused_lora import is_dtensor
+from tunesmith.model.saved_recipes import recording, remember
+
+
+def _rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.rsqrt(x.detach().float().pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _normed(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    return weight * (x.float() * rstd).to(x.dtype)
+
+
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 class _RMSNorm(torch.autograd.Function):
-    """``weight * (x32 * rstd).to(x.dtype)`` with ``rstd = rsqrt(mean(x32²) + eps)``, as transformers computes it;
-    saves ``x`` and ``rstd`` only."""
+    """``weight * (x32 * rstd).to(x.dtype)`` with ``rstd = rsqrt(mean(x32²) + eps)`` (given), as transformers
+    computes it; saves ``x`` and ``rstd`` only."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (x32 * rstd).to(x.dtype)
+        return _normed(x, weight, rstd)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -63,7 +74,7 @@ class _SiluMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        return _silu_mul(gate, up)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -79,7 +90,11 @@ class LeanRMSNorm:
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if is_dtensor(hidden_states) or is_dtensor(self.weight):
             return super().forward(hidden_states)  # type: ignore[misc]
-        return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+        rstd = _rstd(hidden_states, self.variance_epsilon)
+        out = _RMSNorm.apply(hidden_states, self.weight, rstd)
+        if recording():  # the weight as a copy (a few floats): engines may free a parameter's storage till backward
+            remember(out, _normed, hidden_states, self.weight.detach().clone(), rstd)
+        return out
 
 
 class LeanSwiGLU:
@@ -89,7 +104,9 @@ class LeanSwiGLU:
         gate, up = self.gate_proj(x), self.up_proj(x)
         if gate.dtype != up.dtype or is_dtensor(gate) or is_dtensor(up):
             return self.down_proj(self.act_fn(gate) * up)
-        return self.down_proj(_SiluMul.apply(gate, up))
+        product = _SiluMul.apply(gate, up)
+        remember(product, _silu_mul, gate, up)
+        return self.down_proj(product)
 
 
 _CLASSES: dict[tuple[type, type], type] = {}

@@ -225,8 +225,14 @@ def per_layer_activation_bytes(s: Setup) -> float:
     q = a.num_heads * a.head_dim
     # RMSNorm in float32: its input and (unless lean) the normalized values
     norms = 2 * (4 * h if s.lean_activations else 8 * h)
-    attention = act * (h + (q + 2 * kv) + q + q)  # q/k/v input, q/k/v after RoPE, SDPA output, o_proj input
-    mlp = act * (h + (3 if s.lean_activations else 4) * i)  # MLP input; gate, up, (unless lean) silu(gate), product
+    # the linears' inputs that lean modules make are kept as recipes (model/saved_recipes.py) in the train step's
+    # forward (not in a checkpointed layer's recompute, nor in pipeline stages or tensor parallel layers); under
+    # autocast the q/k/v and gate/up projections keep their own low-precision copy of the norm's output
+    recipes = s.lean_activations and not s.grad_ckpt and s.pp == 1 and s.tp == 1
+    norm_out = act * h if not recipes or s.mixed else 0
+    attention = norm_out + act * ((q + 2 * kv) + q + q)  # q/k/v input, q/k/v after RoPE, SDPA output, o_proj input
+    # MLP input; gate, up, (unless lean) silu(gate), (unless kept as a recipe) the product
+    mlp = norm_out + act * (2 * i + (0 if s.lean_activations else i) + (0 if recipes else i))
     return norms + attention + mlp
 
 

@@ -40,6 +40,7 @@ from tunesmith.data.loader import (
 from tunesmith.data.stream import StreamingData, StreamLoader
 from tunesmith.errors import DataError
 from tunesmith.logging import get_logger
+from tunesmith.model.saved_recipes import saved_as_recipes
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import pipeline_parallel, resume, sequence_parallel
 from tunesmith.train.compile import Compiled, compile_blocks
@@ -143,7 +144,7 @@ class EngineCall:
         return self.other(self.engine.model, **inputs)
 
     def other(self, module: torch.nn.Module, **inputs: Any) -> Any:
-        with self.engine.autocast():
+        with self.engine.autocast(), saved_as_recipes():  # lean modules' outputs are recomputed, not kept
             return module(**inputs, use_cache=False)
 
 

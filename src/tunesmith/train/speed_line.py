@@ -32,7 +32,9 @@ def log_speed_features(cfg: Config, engine: Engine, objective: Objective, compil
     if any(isinstance(m, FusedLoraMixin) for m in engine.model.modules()):
         attention += "; LoRA fused into the base projection's GEMM"
     lean = lean_activation_count(engine.model)
-    kept = [f"{lean['norms']} RMSNorms and {lean['mlps']} SwiGLU MLPs keep only their inputs for backward"]
+    kept = [f"{lean['norms']} RMSNorms and {lean['mlps']} SwiGLU MLPs keep only their inputs for backward"
+            + ("" if cfg.gradient_checkpointing or cfg.pipeline_parallel_size > 1
+               else ", and the layers that read their outputs recompute them")]
     features = [precision, packing, attention, *(kept if lean["norms"] or lean["mlps"] else []),
                 *objective.speed_features(),
                 "activation checkpointing " + ("on" if cfg.gradient_checkpointing else "off"), compiled.feature()]
