@@ -74,3 +74,22 @@ def one_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def spread_norms_model(model_dir, lora: bool = False) -> Any:
+    """The tiny model in float32 with its norm weights drawn around 1 (so their gradients and scaling count), as
+    a PEFT LoRA model (r 4, all linear layers) if ``lora``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    from tunesmith.model.load import load_model
+
+    torch.manual_seed(0)
+    model = load_model(str(model_dir), dtype=torch.float32)
+    for module in model.modules():
+        if hasattr(module, "variance_epsilon"):
+            nn.init.normal_(module.weight, mean=1.0, std=0.2)
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    return model

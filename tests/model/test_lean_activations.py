@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from model_helpers import spread_norms_model
 from torch import nn
 from transformers.models.gemma.modeling_gemma import GemmaMLP, GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -18,18 +18,10 @@ from tunesmith.model.lean_activations import (
     lean_activation_count,
     use_lean_activations,
 )
-from tunesmith.model.load import load_model
 
 
 def _model(model_dir, lora: bool = False) -> nn.Module:
-    torch.manual_seed(0)
-    model = load_model(str(model_dir), dtype=torch.float32)
-    for module in model.modules():  # norm weights away from 1, so their gradients and scaling count
-        if hasattr(module, "variance_epsilon"):
-            nn.init.normal_(module.weight, mean=1.0, std=0.2)
-    if lora:
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    return model
+    return spread_norms_model(model_dir, lora)
 
 
 def _ids(vocab: int) -> torch.Tensor:

@@ -8,23 +8,17 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from model_helpers import spread_norms_model
 from torch import nn
 
 from tunesmith.model.fused_lora import use_fused_lora
 from tunesmith.model.lean_activations import use_lean_activations
-from tunesmith.model.load import load_model
 from tunesmith.model.saved_recipes import remember, saved_as_recipes
 
 
 def _lean_model(model_dir, lora: bool = False) -> nn.Module:
-    torch.manual_seed(0)
-    model = load_model(str(model_dir), dtype=torch.float32)
-    for module in model.modules():  # norm weights away from 1, so their gradients and scaling count
-        if hasattr(module, "variance_epsilon"):
-            nn.init.normal_(module.weight, mean=1.0, std=0.2)
+    model = spread_norms_model(model_dir, lora)
     if lora:
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
         use_fused_lora(model)
     use_lean_activations(model)
     return model
