@@ -92,8 +92,8 @@ def recording() -> bool:
 def remember(output: torch.Tensor, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> None:
     """Within :func:`saved_as_recipes`: ``output`` equals ``fn(*inputs)`` bit for bit, so autograd may keep that
     recipe instead of ``output``. ``inputs`` must be kept alive anyway (saved for a backward), or be small."""
-    if not recording() or not output.is_contiguous() or output.numel() == 0:
-        return
+    if not recording() or not output.is_contiguous() or output.untyped_storage().data_ptr() == 0:
+        return  # (no data: empty or on the meta device, where addresses tell nothing apart)
     detached = tuple(t.detach() for t in inputs)  # the same storage and version counter, without the graph
     _active[-1].outputs[output.untyped_storage().data_ptr()] = _Output(output, fn, detached)
 
