@@ -3,8 +3,8 @@
     python bench/cpu_step_memory.py [--method full] [--samples 40] [--runs 2] KEY=VALUE [KEY=VALUE ...]
 
 Each KEY=VALUE is an arm (e.g. ``lean_activations=false``); a ``base`` arm with no extra key always runs.
-``saved_recipes=false`` is not a config key: that arm keeps the lean modules but never lets autograd keep their
-outputs as recipes (``tunesmith.model.saved_recipes``), to measure that lever alone. The
+``saved_recipes=false`` is not a config key: that arm keeps the lean modules and segment attention but never lets
+autograd keep their outputs as recipes (``tunesmith.model.saved_recipes``), to measure that lever alone. The
 workload is ``bench/vs_llamafactory.py``'s ``best_fp32`` config (SmolLM2-135M-Instruct, packed alpaca_en_demo,
 cutoff 512, batch 4), run in-process with ``tunesmith.train.train`` once per arm and run, each in a fresh
 subprocess. Per run it prints the median step time of steps 2.., the peak RSS (``ru_maxrss``) and the peak of
@@ -53,9 +53,9 @@ def run_arm(method: str, samples: int, extra: dict) -> dict:
     from tunesmith.train.pipeline import train
 
     if extra.pop("saved_recipes", True) is False:
-        from tunesmith.model import lean_activations
+        from tunesmith.model import lean_activations, segment_attention
 
-        lean_activations.remember = lambda *args: None
+        lean_activations.remember = segment_attention.remember = lambda *args: None
     work = Path(tempfile.mkdtemp())
     (work / "run.yaml").write_text(yaml.safe_dump(config(method, "best_fp32", samples, smollm2_folder(),
                                                          work / "out", extra)))

@@ -11,9 +11,13 @@ import torch
 from model_helpers import spread_norms_model
 from torch import nn
 
+from tunesmith.data.encode import Encoded
+from tunesmith.data.loader import collate
+from tunesmith.data.pack import pack_samples
 from tunesmith.model.fused_lora import use_fused_lora
 from tunesmith.model.lean_activations import use_lean_activations
 from tunesmith.model.saved_recipes import remember, saved_as_recipes
+from tunesmith.model.segment_attention import use_segment_attention
 
 
 def _lean_model(model_dir, lora: bool = False) -> nn.Module:
@@ -28,18 +32,32 @@ def _ids(vocab: int) -> torch.Tensor:
     return torch.randint(3, vocab, (2, 40), generator=torch.Generator().manual_seed(5))
 
 
-def _loss_and_grads(model: nn.Module, ids: torch.Tensor, recipes: bool) -> tuple[torch.Tensor, dict]:
+def _packed_inputs() -> dict[str, torch.Tensor]:
+    """Three rows of 64 tokens packed from six samples, a row ending in padding, as segment attention reads them."""
+    samples = [Encoded(list(range(3 + i, 3 + i + n)), list(range(3 + i, 3 + i + n))) for i, n in
+               enumerate([37, 20, 27, 50, 9, 30])]
+    rows, _ = pack_samples(samples, 64)
+    batch = collate(rows, pad_token_id=0)
+    return {**batch.model_inputs("segments"), "labels": batch.labels}
+
+
+def _forward(model: nn.Module, ids: torch.Tensor | dict) -> torch.Tensor:
+    inputs = ids if isinstance(ids, dict) else {"input_ids": ids, "labels": ids}
+    return model(**inputs, use_cache=False).loss
+
+
+def _loss_and_grads(model: nn.Module, ids: torch.Tensor | dict, recipes: bool) -> tuple[torch.Tensor, dict]:
     model.zero_grad(set_to_none=True)
     if recipes:
         with saved_as_recipes():
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = _forward(model, ids)
     else:
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = _forward(model, ids)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _kept_bytes(model: nn.Module, ids: torch.Tensor, recipes: bool) -> int:
+def _kept_bytes(model: nn.Module, ids: torch.Tensor | dict, recipes: bool) -> int:
     """Bytes of the activations autograd keeps for the backward (parameters excluded, each storage once; a
     recipe keeps tensors that are saved anyway, and a copy of a norm's weight)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -53,7 +71,7 @@ def _kept_bytes(model: nn.Module, ids: torch.Tensor, recipes: bool) -> int:
     with saved_as_recipes() as hooks:
         pack = hooks.pack if recipes else (lambda tensor: tensor)
         with torch.autograd.graph.saved_tensors_hooks(lambda tensor: count(pack(tensor)), hooks.unpack):
-            model(input_ids=ids, labels=ids).loss  # noqa: B018 (the forward records what the backward keeps)
+            _forward(model, ids)  # the forward records what the backward keeps
     return sum(kept.values())
 
 
@@ -80,6 +98,25 @@ def test_the_norm_outputs_and_the_mlp_products_are_no_longer_kept(tiny_model_dir
     layers, head = config.num_hidden_layers, (0 if lora else config.hidden_size)
     spared = tokens * 4 * (layers * (2 * config.hidden_size + config.intermediate_size) + head)
     assert _kept_bytes(model, ids, recipes=False) - _kept_bytes(model, ids, recipes=True) == spared
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "fused-lora"])
+def test_packed_rows_attending_by_segments_also_remake_the_attention_output_for_its_projection(tiny_model_dir,
+                                                                                              lora):
+    model = _lean_model(tiny_model_dir, lora)
+    assert use_segment_attention([model])
+    inputs = _packed_inputs()
+    loss, grads = _loss_and_grads(model, inputs, recipes=False)
+    kept_loss, kept_grads = _loss_and_grads(model, inputs, recipes=True)
+    assert torch.equal(loss, kept_loss)
+    for name, grad in grads.items():
+        assert torch.equal(kept_grads[name], grad), name
+    config, tokens = model.config, inputs["input_ids"].numel()
+    # as above, and the joined attention output (the output projection's input), remade from the runs' outputs
+    attention = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    layers, head = config.num_hidden_layers, (0 if lora else config.hidden_size)
+    spared = tokens * 4 * (layers * (2 * config.hidden_size + config.intermediate_size + attention) + head)
+    assert _kept_bytes(model, inputs, recipes=False) - _kept_bytes(model, inputs, recipes=True) == spared
 
 
 def test_without_the_context_or_without_gradients_nothing_is_remembered(tiny_model_dir):

@@ -36,7 +36,9 @@ class _Output:
     so that the layers reading the same output (q, k and v; gate and up) recompute it once."""
 
     def __init__(self, output: torch.Tensor, fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]):
-        self.ref = weakref.ref(output)
+        # alive while anything uses its storage: a view's base (views of a view hold the first one's base only)
+        self.ref = weakref.ref(output if output._base is None else output._base)
+        self.offset = output.storage_offset()
         self.version = output._version
         self.fn, self.inputs = fn, inputs
         self.versions = tuple(t._version for t in inputs)
@@ -77,7 +79,7 @@ class _Registry:
                 or saved._version != entry.version or saved.dtype != output.dtype):
             return saved
         entry.pending += 1
-        return _Recipe(entry, saved.size(), saved.stride(), saved.storage_offset() - output.storage_offset())
+        return _Recipe(entry, saved.size(), saved.stride(), saved.storage_offset() - entry.offset)
 
     @staticmethod
     def unpack(packed: Any) -> torch.Tensor:

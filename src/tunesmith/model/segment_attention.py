@@ -31,6 +31,7 @@ stays eager (a graph break), which is why compiled runs elsewhere keep the maske
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from tunesmith.data.pack import LONGEST_KWARG, OFFSETS_KWARG, Runs, segment_carrier, segment_runs
 from tunesmith.logging import get_logger
 from tunesmith.model.eager import eager_only
+from tunesmith.model.saved_recipes import remember
 from tunesmith.model.varlen_attention import varlen_attend, varlen_segments, varlen_usable
 
 log = get_logger("model")
@@ -82,14 +84,21 @@ def segment_sdpa(
     sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of ``[B, H, T, D]`` queries over ``[B, H_kv, T, D]`` keys and values within each run of
-    ``runs``; ``[B, H, T, D]`` out. Key/value heads are shared by ``H / H_kv`` query heads each (GQA)."""
+    ``runs``; ``[B, H, T, D]`` out (a view of a ``[B, T, H, D]`` tensor, as the model's output projection reads
+    it). Key/value heads are shared by ``H / H_kv`` query heads each (GQA)."""
+    parts = _segment_outputs(query, key, value, runs, scaling, dropout, sliding_window)
+    return _joined(len(runs), None, *parts).transpose(1, 2)
+
+
+def _segment_outputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, runs: Runs,
+                     scaling: float | None, dropout: float, sliding_window: int | None) -> list[torch.Tensor]:
+    """Each run's ``[1, H, length, D]`` output, row by row."""
     groups = query.size(1) // key.size(1)
-    rows = []
+    parts = []
     # split, not slices: a slice's backward writes its gradient into a zeroed copy of the whole tensor, once per
     # sample and layer (here 66 against 47.5 ms for one layer of 4 × 512 tokens); a split's backward is one concatenation
     for row_runs, *row in zip(runs, *(x.split(1, dim=0) for x in (query, key, value)), strict=True):
         lengths = [end - start for start, end, _ in row_runs]
-        parts = []
         for (_, _, sample), q, k, v in zip(row_runs, *(x.split(lengths, dim=2) for x in row), strict=True):
             if not sample:  # one-token segments: each attends to itself only, so its output is its value
                 parts.append(v.repeat_interleave(groups, dim=1) if groups > 1 else v)
@@ -101,8 +110,14 @@ def segment_sdpa(
                 attn_mask=_window_mask(length, sliding_window, q.device) if window else None,
                 dropout_p=dropout, is_causal=not window, scale=scaling, enable_gqa=groups > 1,
             ))
-        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
-    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+    return parts
+
+
+def _joined(rows: int, dtype: torch.dtype | None, *parts: torch.Tensor) -> torch.Tensor:
+    """The runs' outputs as one contiguous ``[B, T, H, D]`` tensor (in ``dtype``, if given)."""
+    joined = torch.cat([part.transpose(1, 2) for part in parts], dim=1)
+    joined = joined.view(rows, joined.size(1) // rows, *joined.shape[2:])
+    return joined if dtype is None or joined.dtype == dtype else joined.to(dtype)
 
 
 def attend_by_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, runs: Runs,
@@ -116,9 +131,14 @@ def attend_by_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     if varlen_usable(query, options.get("dropout", 0.0)):
         return varlen_segments(query, key, value, runs, **options)
     with torch.autocast(query.device.type, enabled=False):
-        out = segment_sdpa(query, key, value, runs, **options)
-    # under autocast off the CPU the result stays in autocast's dtype, as SDPA's does
-    return out.to(given) if query.device.type == "cpu" else out
+        parts = _segment_outputs(query, key, value, runs, options.get("scaling"), options.get("dropout", 0.0),
+                                 options.get("sliding_window"))
+        # under autocast off the CPU the result stays in autocast's dtype, as SDPA's does
+        args = (len(runs), given if query.device.type == "cpu" else None)
+        joined = _joined(*args, *parts)
+    # the attention backward keeps the runs' outputs: the output projection's saved input is remade from them
+    remember(joined, partial(_joined, *args), *parts)
+    return joined.transpose(1, 2)
 
 
 def compute_dtype(query: torch.Tensor) -> torch.dtype:
