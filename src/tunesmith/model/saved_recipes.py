@@ -73,9 +73,10 @@ class _Registry:
     def pack(self, saved: torch.Tensor) -> Any:
         if not self.outputs or type(saved) is not torch.Tensor:  # parameters and tensor subclasses pass through
             return saved
-        entry = self.outputs.get(saved.untyped_storage().data_ptr())
+        address = saved.untyped_storage().data_ptr()
+        entry = self.outputs.get(address)
         output = entry.ref() if entry is not None else None
-        if (output is None or output.untyped_storage().data_ptr() != saved.untyped_storage().data_ptr()
+        if (output is None or output.untyped_storage().data_ptr() != address
                 or saved._version != entry.version or saved.dtype != output.dtype):
             return saved
         entry.pending += 1
