@@ -16,7 +16,8 @@ subclass (:func:`use_lean_activations`), so the module tree, state dict, PEFT an
 call on DTensors (tensor parallel) runs the original forward.
 
 The SwiGLU's gradients are the same ops autograd would run (bitwise equal); the norm's are the analytic formula,
-equal within float rounding (tests/model/test_lean_activations.py).
+equal within float rounding (tests/model/test_lean_activations.py). Their outputs, which the next linear layers
+would keep, are registered as recipes (:mod:`tunesmith.model.saved_recipes`) and remade in the backward.
 """
 
 from __future__ import annotations
