@@ -1,9 +1,10 @@
 """The fused chunked loss inside every engine: 2 ranks with ``loss_chunk_size`` (ddp, fsdp2, ZeRO-3; full and LoRA)
-train to the losses and weights of 1 rank with the same loss, and to the losses of 1 rank with the full LM head.
-The gradients of the head are made in the forward there, so this is where an engine that gathers or shards the
-head's weight would go wrong. (The weights are compared with the same loss on 1 rank: Adam turns the last-bit
-differences of near-zero gradients into lr-sized steps, which the 1e-4 weight tolerance does not allow for after
-changing how the head's gradient is summed.)"""
+train to the losses and weights of 1 rank with the same loss, and start from the loss of 1 rank with the full LM
+head. The gradients of the head are made in the forward there, so this is where an engine that gathers or shards
+the head's weight would go wrong. (Later steps are compared with the same loss on 1 rank: Adam turns the last-bit
+differences of near-zero gradients, which summing the head's gradient chunk by chunk makes, into lr-sized steps —
+2.1e-5 apart at step 4 on an AVX-512 CPU, over the float tolerance, on weights that are right. That the fused
+loss's gradients equal the full head's is tests/train/test_lm_head.py's, within 1e-5.)"""
 
 from __future__ import annotations
 
@@ -29,10 +30,8 @@ LORA = ["finetuning_type=lora", "lora_rank=4", "learning_rate=2e-2"]
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("head")
-    # transformers' own norms and MLPs: the full-head comparison below holds at float tolerance after 4 AdamW steps,
-    # and lean activations' norm gradient (the analytic formula) rounds differently in the last bit, which these
-    # steps grow to 2.3e-5 at step 4 between the two heads on one rank (1.9e-6 without): this file is about the
-    # head across engines; lean activations across engines are test_distributed's (2 ranks = 1 rank, lean on)
+    # transformers' own norms and MLPs: this file is about the head across engines; lean activations across
+    # engines are test_distributed's (2 ranks = 1 rank, lean on)
     config = write_run_config(root, tiny_model_dir, ROWS, finetuning_type="full", max_steps=4, save_steps=100,
                               per_device_train_batch_size=2, lean_activations=False)
     return root, config
@@ -60,7 +59,6 @@ def test_two_ranks_with_the_chunked_loss_match_one_rank_with_the_full_head(workd
     ref, got = losses(reference), losses(out)
     assert list(got) == [1, 2, 3, 4]
     assert max(abs(ref[s] - got[s]) for s in ref) < LOSS_TOL, (ref, got)
-    full = losses(full_head)
-    assert max(abs(full[s] - got[s]) for s in full) < LOSS_TOL, (full, got)
+    assert abs(losses(full_head)[1] - got[1]) < LOSS_TOL, (losses(full_head), got)
     weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
     assert weights_diff(reference, out, weights) < WEIGHT_TOL
