@@ -12,6 +12,7 @@ from torch import nn
 from transformers.models.gemma.modeling_gemma import GemmaMLP, GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from tunesmith.model.fused_lora import use_fused_lora
 from tunesmith.model.lean_activations import (
     LeanRMSNorm,
     LeanSwiGLU,
@@ -93,6 +94,39 @@ def test_the_norm_under_bf16_stays_within_bf16_rounding_of_transformers():
     for ours, theirs in zip(results[1], results[0], strict=True):
         assert ours.dtype == theirs.dtype == torch.bfloat16
         assert torch.allclose(ours.float(), theirs.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "fused-lora"])
+def test_under_autocast_a_layers_norms_hand_their_projections_one_bf16_copy_instead_of_five(tiny_model_dir, lora):
+    lean = _model(tiny_model_dir, lora)
+    if lora:  # (PEFT's own LoRA layer casts its input to the adapter's float32 first, so autocast casts it again)
+        use_fused_lora(lean)
+    use_lean_activations(lean)
+    casting = copy.deepcopy(lean)  # the same lean model, its outputs cast by autocast in each projection
+    for module in casting.modules():
+        if isinstance(module, LeanRMSNorm):
+            module.feeds_linears = False
+    dtypes: dict[str, torch.dtype] = {}
+    for name, module in lean.named_modules():
+        if isinstance(module, LeanRMSNorm):
+            module.register_forward_hook(lambda mod, args, out, name=name: dtypes.__setitem__(name, out.dtype))
+    ids = _ids(lean.config.vocab_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = _loss_and_grads(lean, ids)
+        cast_loss, cast_grads = _loss_and_grads(casting, ids)
+        kept, cast_kept = _saved_bytes(lean, ids), _saved_bytes(casting, ids)
+    # the layers' norms hand out bf16, the final norm (read by the head, not only by linear layers) float32
+    assert {n: d for n, d in dtypes.items() if d == torch.bfloat16}.keys() == {
+        n for n in dtypes if n.endswith(("input_layernorm", "post_attention_layernorm"))}
+    assert dtypes[next(n for n in dtypes if n.endswith("model.norm"))] == torch.float32
+    assert torch.equal(loss, cast_loss)  # the same bits autocast would have made
+    # q, k, v, gate and up each kept their own bf16 copy of a norm's output: now the two norms' outputs, shared
+    config, tokens = lean.config, ids.numel()
+    assert cast_kept - kept == tokens * 2 * config.hidden_size * 3 * config.num_hidden_layers
+    # the projections' input gradients now add up in bf16 before the norm's backward (float32 before)
+    for name, grad in cast_grads.items():
+        scale = grad.abs().max().item()
+        assert (grads[name] - grad).abs().max().item() <= 1e-2 * scale, name
 
 
 def test_only_llama_style_norms_and_silu_mlps_change_and_the_state_dict_stays(tiny_model_dir):

@@ -227,9 +227,9 @@ def per_layer_activation_bytes(s: Setup) -> float:
     norms = 2 * (4 * h if s.lean_activations else 8 * h)
     # the linears' inputs that lean modules make are kept as recipes (model/saved_recipes.py) in the train step's
     # forward (not in a checkpointed layer's recompute, nor in pipeline stages or tensor parallel layers); under
-    # autocast the q/k/v and gate/up projections keep their own low-precision copy of the norm's output
+    # autocast a lean norm hands its projections the low-precision copy itself, so that is the recipe's too
     recipes = s.lean_activations and not s.grad_ckpt and s.pp == 1 and s.tp == 1
-    norm_out = act * h if not recipes or s.mixed else 0
+    norm_out = 0 if recipes else act * h
     attention = norm_out + act * ((q + 2 * kv) + q + q)  # q/k/v input, q/k/v after RoPE, SDPA output, o_proj input
     # MLP input; gate, up, (unless lean) silu(gate), (unless kept as a recipe) the product
     mlp = norm_out + act * (2 * i + (0 if s.lean_activations else i) + (0 if recipes else i))
