@@ -98,16 +98,21 @@ class LinearCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + chunk_size].to(dtype)
             t = targets[start : start + chunk_size]
             logits = F.linear(h, w, b).float()
-            if vocab is None:
-                lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if vocab is None:  # the softmax in place of the logits: one [chunk, V] float32 buffer, three passes
+                target_logit = logits.gather(1, t[:, None]).squeeze(1)
+                peak = logits.amax(dim=-1, keepdim=True)
+                sums = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)
+                total += (peak + sums.log()).squeeze(1).sub_(target_logit).sum()
                 here, t_local = None, t
+                if not (want_h or want_w or want_b):
+                    continue
+                g = logits.div_(sums)
             else:
                 lse, target_logit, here, t_local = vocab.lse_and_target(logits, t)
                 total += (lse - target_logit).sum()
-            if not (want_h or want_w or want_b):
-                continue
-            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits: one [chunk, V] buffer
+                if not (want_h or want_w or want_b):
+                    continue
+                g = logits.sub_(lse[:, None]).exp_()
             rows = torch.arange(t.numel(), device=t.device)
             if here is None:
                 g[rows, t_local] -= 1.0
