@@ -91,7 +91,7 @@ def test_lean_activations_train_to_the_same_losses_and_the_speed_line_says_so(tm
 
 
 def test_the_fused_chunked_loss_is_the_default_head_and_target_only_head_false_turns_it_off():
-    assert lm_head(Config()).chunk_size == 4096 and lm_head(Config()).target_only
+    assert lm_head(Config()).chunk_size == 512 and lm_head(Config()).target_only
     assert lm_head(Config(loss_chunk_size=0)).chunk_size == 0 and lm_head(Config(loss_chunk_size=0)).target_only
     for full in (Config(target_only_head=False), Config(target_only_head=False, loss_chunk_size=16)):
         head = lm_head(full)  # LLaMA-Factory's full head (bench/gpu_speed.py's LF arm): the fused loss is gathered
@@ -100,9 +100,9 @@ def test_the_fused_chunked_loss_is_the_default_head_and_target_only_head_false_t
 
 def test_enable_liger_kernel_without_a_gpu_uses_the_chunked_loss_and_says_so(tiny_model_dir, caplog):
     cfg = Config(enable_liger_kernel=True)
-    assert cfg.resolved_chunk_size() == 4096
-    assert Config(enable_liger_kernel=True, loss_chunk_size=0).resolved_chunk_size() == 4096
-    assert Config(enable_liger_kernel=True, loss_chunk_size=512).resolved_chunk_size() == 512
+    assert cfg.resolved_chunk_size() == 512
+    assert Config(enable_liger_kernel=True, loss_chunk_size=0).resolved_chunk_size() == 512
+    assert Config(enable_liger_kernel=True, loss_chunk_size=1024).resolved_chunk_size() == 1024
     head = lm_head(cfg)
     with caplog.at_level(logging.INFO, logger="tunesmith"):
         head.install(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
