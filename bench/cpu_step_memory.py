@@ -1,11 +1,13 @@
 """One CPU lever at a time, in whole tunesmith runs: step time, peak RSS and the memory malloc holds live.
 
-    python bench/cpu_step_memory.py [--method full] [--samples 40] [--runs 2] KEY=VALUE [KEY=VALUE ...]
+    python bench/cpu_step_memory.py [--method full] [--setting best_fp32] [--samples 40] [--runs 2] KEY=VALUE ...
 
 Each KEY=VALUE is an arm (e.g. ``lean_activations=false``); a ``base`` arm with no extra key always runs.
 ``saved_recipes=false`` is not a config key: that arm keeps the lean modules and segment attention but never lets
-autograd keep their outputs as recipes (``tunesmith.model.saved_recipes``), to measure that lever alone. The
-workload is ``bench/vs_llamafactory.py``'s ``best_fp32`` config (SmolLM2-135M-Instruct, packed alpaca_en_demo,
+autograd keep their outputs as recipes (``tunesmith.model.saved_recipes``), to measure that lever alone;
+``norm_casts=false`` (also not a key) lets autocast cast the norms' float32 outputs per projection again, as
+before the lean norms handed out the autocast dtype (``--setting best`` only). The
+workload is ``bench/vs_llamafactory.py``'s config at ``--setting`` (``best_fp32``, or ``best``: bf16) (SmolLM2-135M-Instruct, packed alpaca_en_demo,
 cutoff 512, batch 4), run in-process with ``tunesmith.train.train`` once per arm and run, each in a fresh
 subprocess. Per run it prints the median step time of steps 2.., the peak RSS (``ru_maxrss``) and the peak of
 ``mallinfo2()``'s bytes in use (sampled every 10 ms): glibc's heap keeps its high-water mark, so a lever that
@@ -47,7 +49,7 @@ def _live_sampler(peak: dict[str, int]) -> None:
         time.sleep(0.01)
 
 
-def run_arm(method: str, samples: int, extra: dict) -> dict:
+def run_arm(method: str, setting: str, samples: int, extra: dict) -> dict:
     """In this process: one tunesmith run; its step times and memory."""
     from tunesmith.config.load import load_config
     from tunesmith.train.pipeline import train
@@ -56,8 +58,16 @@ def run_arm(method: str, samples: int, extra: dict) -> dict:
         from tunesmith.model import lean_activations, segment_attention
 
         lean_activations.remember = segment_attention.remember = lambda *args: None
+    if extra.pop("keep_freed", True) is False:
+        import tunesmith.train.pipeline as pipeline
+
+        pipeline.keep_freed_host_memory = lambda: False
+    if extra.pop("norm_casts", True) is False:
+        from tunesmith.model.lean_activations import LeanRMSNorm
+
+        LeanRMSNorm._linear_input_dtype = lambda self, hidden_states: None
     work = Path(tempfile.mkdtemp())
-    (work / "run.yaml").write_text(yaml.safe_dump(config(method, "best_fp32", samples, smollm2_folder(),
+    (work / "run.yaml").write_text(yaml.safe_dump(config(method, setting, samples, smollm2_folder(),
                                                          work / "out", extra)))
     peak = {"live": 0}
     threading.Thread(target=_live_sampler, args=(peak,), daemon=True).start()
@@ -73,20 +83,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("arms", nargs="*", metavar="KEY=VALUE")
     parser.add_argument("--method", default="full", choices=("full", "lora"))
+    parser.add_argument("--setting", default="best_fp32", choices=("best_fp32", "best"))
     parser.add_argument("--samples", type=int, default=40)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        print(json.dumps(run_arm(args.method, args.samples, json.loads(args.child))))
+        print(json.dumps(run_arm(args.method, args.setting, args.samples, json.loads(args.child))))
         return
     arms = {"base": {}} | {arm: dict([(arm.partition("=")[0], yaml.safe_load(arm.partition("=")[2]))])
                            for arm in args.arms}
-    print(f"{args.method}, best_fp32, {args.samples} samples, {torch_threads()} threads; runs alternate arms")
+    print(f"{args.method}, {args.setting}, {args.samples} samples, {torch_threads()} threads; runs alternate arms")
     print(f"{'arm':<32}{'median step s':>14}{'peak RSS GB':>13}{'peak live GB':>14}")
     for _ in range(args.runs):
         for name, extra in arms.items():
-            out = subprocess.run([sys.executable, __file__, "--method", args.method, "--samples", str(args.samples),
+            out = subprocess.run([sys.executable, __file__, "--method", args.method, "--setting", args.setting,
+                                  "--samples", str(args.samples),
                                   "--child", json.dumps(extra)], capture_output=True, text=True,
                                  env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
             if out.returncode != 0:
