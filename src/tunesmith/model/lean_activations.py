@@ -122,7 +122,7 @@ class LeanRMSNorm:
             return None
         dtype = torch.get_autocast_dtype(device)
         wider = torch.promote_types(hidden_states.dtype, self.weight.dtype)
-        return dtype if dtype != wider and dtype.itemsize < wider.itemsize else None
+        return dtype if dtype.itemsize < wider.itemsize else None
 
 
 class LeanSwiGLU:
