@@ -6,9 +6,10 @@ Each KEY=VALUE is an arm (e.g. ``lean_activations=false``); a ``base`` arm with 
 ``saved_recipes=false`` is not a config key: that arm keeps the lean modules and segment attention but never lets
 autograd keep their outputs as recipes (``tunesmith.model.saved_recipes``), to measure that lever alone;
 ``norm_casts=false`` (also not a key) lets autocast cast the norms' float32 outputs per projection again, as
-before the lean norms handed out the autocast dtype (``--setting best`` only). The
-workload is ``bench/vs_llamafactory.py``'s config at ``--setting`` (``best_fp32``, or ``best``: bf16) (SmolLM2-135M-Instruct, packed alpaca_en_demo,
-cutoff 512, batch 4), run in-process with ``tunesmith.train.train`` once per arm and run, each in a fresh
+before the lean norms handed out the autocast dtype (``--setting best`` only); ``keep_freed=false`` leaves glibc's
+malloc at its defaults (``tunesmith.train.host_memory``). The workload is ``bench/vs_llamafactory.py``'s config at
+``--setting`` (``best_fp32``; ``best`` adds bf16): SmolLM2-135M-Instruct, packed alpaca_en_demo, cutoff 512,
+batch 4, run in-process with ``tunesmith.train.train`` once per arm and run, each in a fresh
 subprocess. Per run it prints the median step time of steps 2.., the peak RSS (``ru_maxrss``) and the peak of
 ``mallinfo2()``'s bytes in use (sampled every 10 ms): glibc's heap keeps its high-water mark, so a lever that
 frees memory shows in the live bytes first, and in the RSS only where the heap's layout lets it.
