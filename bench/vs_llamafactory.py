@@ -2,7 +2,7 @@
 
     python bench/vs_llamafactory.py [--methods lora,full] [--settings default,best_fp32,best] [--runs 3]
                                     [--samples 16,96] [--tools tunesmith,llamafactory] [--json OUT]
-                                    [--tunesmith-extra KEY=VALUE ...]
+                                    [--tunesmith-extra KEY=VALUE ...] [--llamafactory-preload LIB]
 
 Workload (issue 15): SmolLM2-135M-Instruct (the folder tunesmith converts from the packaged GGUF into its cache;
 LLaMA-Factory loads it as an HF model), LLaMA-Factory's ``alpaca_en_demo`` from ``../shared/lf/data``,
@@ -20,6 +20,10 @@ Samples/s come from the difference of the two epochs' wall-clock times, (96 − 
 start-up, imports, model loading and tokenisation cancel. Peak RSS is ``ru_maxrss`` of the tool's process (from
 ``os.wait4``), at the 96-sample run. Each cell is the median over ``--runs`` repetitions; the tools alternate
 run by run, so slow drift of the machine hits both alike. Only compare runs made on an otherwise idle machine.
+
+On CPU, ``tunesmith train`` runs under tcmalloc where it is installed (``host_allocator``); LLaMA-Factory runs
+under glibc's malloc, as its users get it. ``--llamafactory-preload libtcmalloc_minimal.so.4`` gives LLaMA-Factory
+the same allocator (``LD_PRELOAD``), to tell what the allocator gives from what the rest of tunesmith does.
 
 LLaMA-Factory 0.9.5 is installed once into its own venv (``~/.cache/tunesmith/bench/lf-0.9.5``; not part of
 ``make test``): ``pip install torch==2.13.0 llamafactory==0.9.5``, then torchvision/torchaudio are removed again
@@ -112,7 +116,8 @@ def config(method: str, setting: str, samples: int, model: Path, out: Path, extr
     return {**cfg, **extra}
 
 
-def run_once(tool: str, cfg: dict, work: Path, lf_cli: Path | None) -> tuple[float, float]:
+def run_once(tool: str, cfg: dict, work: Path, lf_cli: Path | None, lf_preload: str | None = None
+             ) -> tuple[float, float]:
     """(wall seconds, peak RSS in GB) of one training process."""
     path = work / f"{tool}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -122,6 +127,8 @@ def run_once(tool: str, cfg: dict, work: Path, lf_cli: Path | None) -> tuple[flo
         assert lf_cli is not None
         command = [str(lf_cli), "train", str(path)]
     env = {**os.environ, **OFFLINE}
+    if tool == "llamafactory" and lf_preload:
+        env["LD_PRELOAD"] = lf_preload
     log = (work / f"{tool}.log").open("w")
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -149,7 +156,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
                         with tempfile.TemporaryDirectory() as tmp:
                             extra = args.tunesmith_extra if tool == "tunesmith" else {}
                             cfg = config(method, setting, samples, model, Path(tmp) / "out", extra)
-                            seconds, peak = run_once(tool, cfg, Path(tmp), lf_cli)
+                            seconds, peak = run_once(tool, cfg, Path(tmp), lf_cli, args.llamafactory_preload)
                         times[tool][samples].append(seconds)
                         if samples == large:
                             rss[tool].append(peak)
@@ -193,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tunesmith-extra", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra keys for tunesmith only (to measure one lever alone)")
+    parser.add_argument("--llamafactory-preload", metavar="LIB",
+                        help="LD_PRELOAD for LLaMA-Factory's processes (e.g. libtcmalloc_minimal.so.4)")
     parser.add_argument("--json", metavar="OUT", help="also write the rows as JSON")
     args = parser.parse_args(argv)
     args.tunesmith_extra = dict(_key_value(item) for item in args.tunesmith_extra)

@@ -19,3 +19,4 @@ def test_demo_teaches_the_new_identity_and_keeps_knowledge(demo_run):
     assert "Paris" in answers["What is the capital of France?"]
     assert (run / "adapter_model.safetensors").is_file()
     assert (run / "training_loss.png").is_file()
+    assert "host memory: tcmalloc" in result.stderr  # the main job restarts itself under tcmalloc on CPU

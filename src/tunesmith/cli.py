@@ -110,8 +110,13 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from tunesmith.demo import run_demo
+    from tunesmith.demo import demo_config, run_demo
 
+    if getattr(args, "own_process", False):  # on CPU, the demo trains under tcmalloc too (launch/host_allocator.py)
+        from tunesmith.launch.host_allocator import choose_allocator, restart_under
+
+        cfg = demo_config(args.name, args.author, args.steps, args.output_dir, args.overrides)
+        restart_under(choose_allocator(cfg.host_allocator, cfg.device, os.environ))
     return run_demo(
         name=args.name, author=args.author, steps=args.steps, output_dir=args.output_dir, overrides=args.overrides
     )

@@ -21,3 +21,18 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")  # C allocators a process can run under instead of glibc's
+
+
+def loaded_allocator(maps: str = "/proc/self/maps") -> str | None:
+    """The allocator of :data:`ALLOCATORS` mapped into this process (preloaded), or None (glibc's malloc, or no
+    /proc to tell)."""
+    try:
+        with open(maps, encoding="utf-8", errors="replace") as lines:
+            paths = {line.rsplit(" ", 1)[-1].strip() for line in lines if ".so" in line}
+    except OSError:
+        return None
+    names = [os.path.basename(path) for path in paths]
+    return next((a for a in ALLOCATORS if any(name.startswith(f"lib{a}") for name in names)), None)

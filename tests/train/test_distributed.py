@@ -132,6 +132,7 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(workdir, engine, me
     assert result.returncode == 0, result.stderr[-4000:]
     assert f"engine {engine} on 2 rank(s): global batch 4 = 2 per device × 1 accumulation × 2 rank(s)" in result.stderr
     assert result.stderr.count("training finished") == 1  # only rank 0 prints
+    assert "host memory: tcmalloc" in result.stderr  # torchrun's workers inherit the launcher's preload
 
     ref, got = losses(reference), losses(out)
     assert list(got) == list(range(1, 9))

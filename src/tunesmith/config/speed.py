@@ -53,6 +53,16 @@ class SpeedArgs(Section):
         "(one cast and one copy instead of one per projection; their gradients then add up in that dtype). "
         "Off under torch_compile (the compiler chooses what to keep).",
     )
+    host_allocator: Literal["auto", "tcmalloc", "jemalloc", "system"] = Field(
+        "auto",
+        description="The C allocator a CPU training process runs under. auto: tcmalloc, else jemalloc, when "
+        "installed (apt install libtcmalloc-minimal4) and the run trains on the CPU; glibc's malloc otherwise. "
+        "`tunesmith train` starts its process again with the library preloaded (torchrun's workers inherit it). "
+        "glibc's heap cannot hand back the holes a step's tensors of many sizes leave, so a full fine-tuning "
+        "step's heap grows far past the bytes in use; tcmalloc reuses memory by size class (SmolLM2-135M full "
+        "fine-tuning on CPU: peak RSS 5.05 → 3.85 GB, step 7.42 → 6.20 s). tcmalloc / jemalloc: preload that "
+        "one whatever the device; system: glibc's malloc. Not found: glibc's, saying so.",
+    )
     enable_liger_kernel: bool = Field(
         False,
         description="LLaMA-Factory's key: on CUDA with liger-kernel installed, Liger's fused linear cross-entropy; "

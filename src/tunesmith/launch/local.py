@@ -6,6 +6,7 @@ torchrun (:mod:`tunesmith.launch.torchrun`) or, in a worker (or a plain single p
 from __future__ import annotations
 
 import argparse
+import os
 
 from tunesmith.config import Config, load_config
 from tunesmith.errors import ConfigError, TunesmithError
@@ -45,6 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(dry_run_report(cfg, args.nproc_per_node or cfg.ray_num_workers, args.nnodes, config_path=args.config,
                              overrides=args.overrides))
         return 0
+    from tunesmith.launch.host_allocator import choose_allocator, preload_env, restart_under
     from tunesmith.launch.torchrun import launch_spec, run_torchrun, should_launch
     from tunesmith.train.engines import validate_engine_config
 
@@ -59,10 +61,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     # once, here, for the world the job will have: not as one error per rank under torchrun
     validate_engine_config(cfg, spec.nproc_per_node * spec.nnodes if should_launch(spec) else None)
+    allocator = choose_allocator(cfg.host_allocator, cfg.device, os.environ)
+    if allocator.note and is_main_process():
+        log.info("%s", allocator.note)
     if should_launch(spec):  # re-run this very command as torchrun's workers (they see RANK etc. and train)
         worker_args = [*(["-v"] if args.verbose else []), "train", args.config, *args.overrides]
+        preload_env(allocator, os.environ)  # the workers inherit it
         return run_torchrun(spec, worker_args)
     if getattr(args, "own_process", False):  # this process ends with the run: skip what it will not use
+        restart_under(allocator)  # the same command under tcmalloc, before torch is imported (host_allocator.py)
         from tunesmith.model.lean_imports import leave_unused_quantization_libraries_unimported
 
         leave_unused_quantization_libraries_unimported(cfg)

@@ -17,6 +17,7 @@ import ctypes.util
 import functools
 
 from tunesmith.logging import get_logger
+from tunesmith.runenv import loaded_allocator
 
 log = get_logger("train")
 
@@ -28,7 +29,9 @@ _LARGEST = 2**31 - 1  # mallopt takes an int
 @functools.cache
 def keep_freed_host_memory() -> bool:
     """Ask glibc's malloc to keep freed memory for reuse (once per process); False where the C library is not
-    glibc (musl, macOS), where nothing changes."""
+    glibc (musl, macOS) or another allocator is preloaded, where nothing changes."""
+    if loaded_allocator():
+        return False
     name = ctypes.util.find_library("c")
     if name is None:
         return False

@@ -9,6 +9,7 @@ from tunesmith.config import Config
 from tunesmith.logging import get_logger
 from tunesmith.model.fused_lora import FusedLoraMixin
 from tunesmith.model.lean_activations import lean_activation_count
+from tunesmith.runenv import loaded_allocator
 from tunesmith.train.compile import Compiled
 from tunesmith.train.engines import Engine
 from tunesmith.train.objectives import Objective
@@ -38,4 +39,6 @@ def log_speed_features(cfg: Config, engine: Engine, objective: Objective, compil
     features = [precision, packing, attention, *(kept if lean["norms"] or lean["mlps"] else []),
                 *objective.speed_features(),
                 "activation checkpointing " + ("on" if cfg.gradient_checkpointing else "off"), compiled.feature()]
+    if engine.device.type == "cpu":
+        features.append(f"host memory: {loaded_allocator() or 'glibc malloc'}")
     log.info("speed: %s", "; ".join(features))
