@@ -68,6 +68,8 @@ def choose_allocator(setting: str, device: str, env: Mapping[str, str]) -> Alloc
     preloaded = env.get("LD_PRELOAD", "")
     if setting == "system" or PRELOADED_ENV in env or any(name in preloaded for name in ALLOCATORS):
         return AllocatorChoice(None)  # asked for glibc's, or the user (or our restart) preloaded one already
+    if not sys.platform.startswith("linux"):  # LD_PRELOAD and glibc are Linux's; macOS keeps its own malloc
+        return AllocatorChoice(None)
     if setting == "auto" and not trains_on_cpu(device):
         return AllocatorChoice(None)
     for name in ("tcmalloc", "jemalloc") if setting == "auto" else (setting,):
