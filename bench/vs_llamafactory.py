@@ -2,7 +2,7 @@
 
     python bench/vs_llamafactory.py [--methods lora,full] [--settings default,best_fp32,best] [--runs 3]
                                     [--samples 16,96] [--tools tunesmith,llamafactory] [--json OUT]
-                                    [--tunesmith-extra KEY=VALUE ...] [--llamafactory-preload LIB]
+                                    [--tunesmith-extra KEY=VALUE ...] [--llamafactory-env KEY=VALUE ...]
 
 Workload (issue 15): SmolLM2-135M-Instruct (the folder tunesmith converts from the packaged GGUF into its cache;
 LLaMA-Factory loads it as an HF model), LLaMA-Factory's ``alpaca_en_demo`` from ``../shared/lf/data``,
@@ -21,9 +21,10 @@ start-up, imports, model loading and tokenisation cancel. Peak RSS is ``ru_maxrs
 ``os.wait4``), at the 96-sample run. Each cell is the median over ``--runs`` repetitions; the tools alternate
 run by run, so slow drift of the machine hits both alike. Only compare runs made on an otherwise idle machine.
 
-On CPU, ``tunesmith train`` runs under tcmalloc where it is installed (``host_allocator``); LLaMA-Factory runs
-under glibc's malloc, as its users get it. ``--llamafactory-preload libtcmalloc_minimal.so.4`` gives LLaMA-Factory
-the same allocator (``LD_PRELOAD``), to tell what the allocator gives from what the rest of tunesmith does.
+On CPU, ``tunesmith train`` restarts itself under tcmalloc where it is installed, with OpenMP threads that spin
+between operations (``host_allocator``); LLaMA-Factory runs as its users get it.
+``--llamafactory-env LD_PRELOAD=libtcmalloc_minimal.so.4 OMP_WAIT_POLICY=active`` gives LLaMA-Factory the same
+process settings, to tell what they give from what the rest of tunesmith does.
 
 LLaMA-Factory 0.9.5 is installed once into its own venv (``~/.cache/tunesmith/bench/lf-0.9.5``; not part of
 ``make test``): ``pip install torch==2.13.0 llamafactory==0.9.5``, then torchvision/torchaudio are removed again
@@ -116,7 +117,7 @@ def config(method: str, setting: str, samples: int, model: Path, out: Path, extr
     return {**cfg, **extra}
 
 
-def run_once(tool: str, cfg: dict, work: Path, lf_cli: Path | None, lf_preload: str | None = None
+def run_once(tool: str, cfg: dict, work: Path, lf_cli: Path | None, lf_env: dict | None = None
              ) -> tuple[float, float]:
     """(wall seconds, peak RSS in GB) of one training process."""
     path = work / f"{tool}.yaml"
@@ -127,8 +128,8 @@ def run_once(tool: str, cfg: dict, work: Path, lf_cli: Path | None, lf_preload: 
         assert lf_cli is not None
         command = [str(lf_cli), "train", str(path)]
     env = {**os.environ, **OFFLINE}
-    if tool == "llamafactory" and lf_preload:
-        env["LD_PRELOAD"] = lf_preload
+    if tool == "llamafactory":
+        env.update(lf_env or {})
     log = (work / f"{tool}.log").open("w")
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -156,7 +157,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
                         with tempfile.TemporaryDirectory() as tmp:
                             extra = args.tunesmith_extra if tool == "tunesmith" else {}
                             cfg = config(method, setting, samples, model, Path(tmp) / "out", extra)
-                            seconds, peak = run_once(tool, cfg, Path(tmp), lf_cli, args.llamafactory_preload)
+                            seconds, peak = run_once(tool, cfg, Path(tmp), lf_cli, args.llamafactory_env)
                         times[tool][samples].append(seconds)
                         if samples == large:
                             rss[tool].append(peak)
@@ -200,11 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tunesmith-extra", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra keys for tunesmith only (to measure one lever alone)")
-    parser.add_argument("--llamafactory-preload", metavar="LIB",
-                        help="LD_PRELOAD for LLaMA-Factory's processes (e.g. libtcmalloc_minimal.so.4)")
+    parser.add_argument("--llamafactory-env", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="environment for LLaMA-Factory's processes (e.g. LD_PRELOAD=libtcmalloc_minimal.so.4)")
     parser.add_argument("--json", metavar="OUT", help="also write the rows as JSON")
     args = parser.parse_args(argv)
     args.tunesmith_extra = dict(_key_value(item) for item in args.tunesmith_extra)
+    args.llamafactory_env = dict(item.split("=", 1) for item in args.llamafactory_env)
     if not (DATA_DIR / "alpaca_en_demo.json").is_file():
         raise SystemExit(f"{DATA_DIR}/alpaca_en_demo.json not found: this bench reads ../shared/lf/data")
     print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)

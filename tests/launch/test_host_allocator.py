@@ -12,7 +12,13 @@ import pytest
 from file_helpers import write_json
 
 from tunesmith.launch import host_allocator
-from tunesmith.launch.host_allocator import PRELOADED_ENV, choose_allocator, preload_env, trains_on_cpu
+from tunesmith.launch.host_allocator import (
+    PRELOADED_ENV,
+    choose_allocator,
+    preload_env,
+    spinning_threads_env,
+    trains_on_cpu,
+)
 from tunesmith.runenv import loaded_allocator
 
 
@@ -56,6 +62,14 @@ def test_the_preloaded_library_goes_before_the_users_own_preloads():
     assert env["LD_PRELOAD"] == f"{choice.library}:/x/libfoo.so" and env[PRELOADED_ENV] == "1"
 
 
+def test_the_restarted_process_spins_its_openmp_threads_unless_the_user_chose_or_they_would_oversubscribe():
+    assert spinning_threads_env({})["OMP_WAIT_POLICY"] == "active"
+    assert spinning_threads_env({"OMP_NUM_THREADS": "1"})["OMP_WAIT_POLICY"] == "active"
+    assert spinning_threads_env({"OMP_WAIT_POLICY": "passive"})["OMP_WAIT_POLICY"] == "passive"
+    assert "OMP_WAIT_POLICY" not in spinning_threads_env({"GOMP_SPINCOUNT": "1000"})
+    assert "OMP_WAIT_POLICY" not in spinning_threads_env({"OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)) + 1)})
+
+
 def test_a_process_started_with_the_preload_runs_under_tcmalloc():
     env = dict(preload_env(choose_allocator("auto", "cpu", {}), dict(os.environ)))
     code = "from tunesmith.runenv import loaded_allocator; print(loaded_allocator())"
@@ -80,5 +94,7 @@ def test_tunesmith_train_on_cpu_restarts_itself_under_tcmalloc_unless_told_syste
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     speed = next(line for line in result.stderr.splitlines() if "speed: " in line)
-    assert speed.endswith("host memory: tcmalloc" if setting == "auto" else "host memory: glibc malloc")
+    expected = ("host memory: tcmalloc; OpenMP threads spin between operations" if setting == "auto"
+                else "host memory: glibc malloc")
+    assert speed.endswith(expected)
     assert "training finished: step 2" in result.stderr

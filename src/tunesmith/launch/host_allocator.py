@@ -12,7 +12,9 @@ torch's own CPU launcher (``torch.backends.xeon.run_cpu``) and Intel's tuning gu
 How. An allocator must be loaded before the process starts (``LD_PRELOAD``), so ``tunesmith train`` starts itself
 again with the library preloaded, before it imports torch; torchrun's workers inherit the variable. ``auto``
 does so only for a run that trains on the CPU (``device: cpu``, or ``auto`` on a machine without a GPU or NPU):
-accelerators keep their own caching allocators, and their host code is left as it was.
+accelerators keep their own caching allocators, and their host code is left as it was. The restarted single
+process also keeps its OpenMP threads spinning between operations (:func:`spinning_threads_env`); torchrun's
+workers run one thread each (torchrun's default), so there is nothing to spin there.
 """
 
 from __future__ import annotations
@@ -93,13 +95,31 @@ def preload_env(choice: AllocatorChoice, env: MutableMapping[str, str]) -> Mutab
     return env
 
 
+def spinning_threads_env(env: MutableMapping[str, str]) -> MutableMapping[str, str]:
+    """``env`` with OpenMP's threads waiting actively (``OMP_WAIT_POLICY=active``) for one training process that
+    owns the machine's cores: a step runs thousands of short parallel operations with Python in between, and
+    waking a sleeping thread for each costs more than keeping it spinning (SmolLM2 LoRA, bf16, 2 cores: 5.82 /
+    5.70 → 4.90 / 5.06 s a step; full fine-tuning 6.56 → 6.45 s). Left as it is where the user set a wait
+    policy, or asked for more threads than this process may run on (spinning threads would then steal cores)."""
+    if "OMP_WAIT_POLICY" in env or "GOMP_SPINCOUNT" in env:
+        return env
+    threads = env.get("OMP_NUM_THREADS", "").strip()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if threads and (not threads.isdigit() or int(threads) > cores):
+        return env
+    env["OMP_WAIT_POLICY"] = "active"
+    return env
+
+
 def restart_under(choice: AllocatorChoice) -> None:
-    """Replace this process by the same command with ``choice``'s library preloaded (returns only when there is
-    nothing to preload). Nothing was trained or written yet; what was logged is flushed first."""
+    """Replace this single training process by the same command with ``choice``'s library preloaded and its
+    OpenMP threads spinning (:func:`spinning_threads_env`); returns only when there is nothing to preload.
+    Nothing was trained or written yet; what was logged is flushed first."""
     if not choice.library:
         return
     sys.stdout.flush()
     sys.stderr.flush()
     log.debug("restarting under %s", choice.library)
-    os.execve(sys.executable, list(sys.orig_argv), dict(preload_env(choice, dict(os.environ))))
+    env = spinning_threads_env(preload_env(choice, dict(os.environ)))
+    os.execve(sys.executable, list(sys.orig_argv), dict(env))
 

@@ -3,6 +3,8 @@ issue behind it: users should not have to guess whether packing, the target-only
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from tunesmith.config import Config
@@ -41,4 +43,6 @@ def log_speed_features(cfg: Config, engine: Engine, objective: Objective, compil
                 "activation checkpointing " + ("on" if cfg.gradient_checkpointing else "off"), compiled.feature()]
     if engine.device.type == "cpu":
         features.append(f"host memory: {loaded_allocator() or 'glibc malloc'}")
+        if os.environ.get("OMP_WAIT_POLICY", "").lower() == "active":
+            features.append("OpenMP threads spin between operations")
     log.info("speed: %s", "; ".join(features))
