@@ -67,6 +67,7 @@ def test_the_restarted_process_spins_its_openmp_threads_unless_the_user_chose_or
     assert spinning_threads_env({"OMP_NUM_THREADS": "1"})["OMP_WAIT_POLICY"] == "active"
     assert spinning_threads_env({"OMP_WAIT_POLICY": "passive"})["OMP_WAIT_POLICY"] == "passive"
     assert "OMP_WAIT_POLICY" not in spinning_threads_env({"GOMP_SPINCOUNT": "1000"})
+    assert "OMP_WAIT_POLICY" not in spinning_threads_env({"WORLD_SIZE": "2", "RANK": "0"})
     assert "OMP_WAIT_POLICY" not in spinning_threads_env({"OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)) + 1)})
 
 

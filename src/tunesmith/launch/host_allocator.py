@@ -100,8 +100,11 @@ def spinning_threads_env(env: MutableMapping[str, str]) -> MutableMapping[str, s
     owns the machine's cores: a step runs thousands of short parallel operations with Python in between, and
     waking a sleeping thread for each costs more than keeping it spinning (SmolLM2 LoRA, bf16, 2 cores: 5.82 /
     5.70 → 4.90 / 5.06 s a step; full fine-tuning 6.56 → 6.45 s). Left as it is where the user set a wait
-    policy, or asked for more threads than this process may run on (spinning threads would then steal cores)."""
+    policy, asked for more threads than this process may run on, or made this process one rank of a job (a
+    scheduler may have put other ranks on the same cores; spinning threads would then steal them)."""
     if "OMP_WAIT_POLICY" in env or "GOMP_SPINCOUNT" in env:
+        return env
+    if env.get("WORLD_SIZE", "1").strip() not in ("", "1"):  # one rank of a job: others may share these cores
         return env
     threads = env.get("OMP_NUM_THREADS", "").strip()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
