@@ -10,8 +10,8 @@ run peaks at 3.85 GB, and its step takes 6.2 instead of 7.4 s (fewer page faults
 torch's own CPU launcher (``torch.backends.xeon.run_cpu``) and Intel's tuning guide recommend, done for the user.
 
 How. An allocator must be loaded before the process starts (``LD_PRELOAD``), so ``tunesmith train`` starts itself
-again with the library preloaded, before it imports torch; torchrun's workers inherit the variable. ``auto``
-does so only for a run that trains on the CPU (``device: cpu``, or ``auto`` on a machine without a GPU or NPU):
+again with the library preloaded, once the config is checked and before the model loads (the restart costs one
+more import of torch, a few seconds); torchrun's workers inherit the variable. ``auto`` does so only for a run that trains on the CPU (``device: cpu``, or ``auto`` on a machine without a GPU or NPU):
 accelerators keep their own caching allocators, and their host code is left as it was. The restarted single
 process also keeps its OpenMP threads spinning between operations (:func:`spinning_threads_env`); torchrun's
 workers run one thread each (torchrun's default), so there is nothing to spin there.

@@ -69,7 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         preload_env(allocator, os.environ)  # the workers inherit it
         return run_torchrun(spec, worker_args)
     if getattr(args, "own_process", False):  # this process ends with the run: skip what it will not use
-        restart_under(allocator)  # the same command under tcmalloc, before torch is imported (host_allocator.py)
+        restart_under(allocator)  # the same command under tcmalloc, before the model loads (host_allocator.py)
         from tunesmith.model.lean_imports import leave_unused_quantization_libraries_unimported
 
         leave_unused_quantization_libraries_unimported(cfg)
