@@ -2,11 +2,13 @@
 
     python bench/cpu_step_memory.py [--method full] [--setting best_fp32] [--samples 40] [--runs 2] KEY=VALUE ...
 
-Each KEY=VALUE is an arm (e.g. ``lean_activations=false``); a ``base`` arm with no extra key always runs.
+Each KEY=VALUE is an arm (e.g. ``lean_activations=false``; ``a=1,b=2`` sets both in one arm); a ``base`` arm with no extra key always runs.
 ``saved_recipes=false`` is not a config key: that arm keeps the lean modules and segment attention but never lets
 autograd keep their outputs as recipes (``tunesmith.model.saved_recipes``), to measure that lever alone;
 ``norm_casts=false`` (also not a key) lets autocast cast the norms' float32 outputs per projection again, as
-before the lean norms handed out the autocast dtype (``--setting best`` only); ``keep_freed=false`` leaves glibc's
+before the lean norms handed out the autocast dtype (``--setting best`` only); ``gemm_attention=false`` (not a key
+either) computes every sample's attention with SDPA in float32 again, as before short samples in bf16 took two
+GEMMs (``tunesmith.model.gemm_attention``; ``--setting best`` only); ``keep_freed=false`` leaves glibc's
 malloc at its defaults (``tunesmith.train.host_memory``). The workload is ``bench/vs_llamafactory.py``'s config at
 ``--setting`` (``best_fp32``; ``best`` adds bf16): SmolLM2-135M-Instruct, packed alpaca_en_demo, cutoff 512,
 batch 4, run in-process with ``tunesmith.train.train`` once per arm and run, each in a fresh
@@ -59,6 +61,10 @@ def run_arm(method: str, setting: str, samples: int, extra: dict) -> dict:
         from tunesmith.model import lean_activations, segment_attention
 
         lean_activations.remember = segment_attention.remember = lambda *args: None
+    if extra.pop("gemm_attention", True) is False:
+        from tunesmith.model import segment_attention
+
+        segment_attention._cpu_bf16 = lambda query: None
     if extra.pop("keep_freed", True) is False:
         import tunesmith.train.pipeline as pipeline
 
@@ -92,8 +98,8 @@ def main() -> None:
     if args.child is not None:
         print(json.dumps(run_arm(args.method, args.setting, args.samples, json.loads(args.child))))
         return
-    arms = {"base": {}} | {arm: dict([(arm.partition("=")[0], yaml.safe_load(arm.partition("=")[2]))])
-                           for arm in args.arms}
+    arms = {"base": {}} | {arm: {key: yaml.safe_load(value) for key, _, value in
+                                 (pair.partition("=") for pair in arm.split(","))} for arm in args.arms}
     print(f"{args.method}, {args.setting}, {args.samples} samples, {torch_threads()} threads; runs alternate arms")
     print(f"{'arm':<32}{'median step s':>14}{'peak RSS GB':>13}{'peak live GB':>14}")
     for _ in range(args.runs):

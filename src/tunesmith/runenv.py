@@ -1,11 +1,14 @@
 """Facts about this process that every layer may read without importing torch: whether a launcher started it
-as one rank of a job, and a free local port (for a process group of one, a test server, a torchrun master)."""
+as one rank of a job, a free local port (for a process group of one, a test server, a torchrun master), the
+allocator it runs under and whether its CPU multiplies bf16 in hardware."""
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from collections.abc import Mapping
+from pathlib import Path
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -36,3 +39,15 @@ def loaded_allocator(maps: str = "/proc/self/maps") -> str | None:
         return None
     names = [os.path.basename(path) for path in paths]
     return next((a for a in ALLOCATORS if any(name.startswith(f"lib{a}") for name in names)), None)
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (x86 avx512_bf16 or AMX; read from /proc/cpuinfo, so
+    Linux only): there bf16 matmuls run several times faster than float32 ones (4.3× on an EPYC with
+    avx512_bf16), elsewhere they are emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))

@@ -141,3 +141,18 @@ def test_preference_stages_plan_two_rows_per_example_and_the_reference_copy_they
     planned = estimate(setup)
     assert planned.activations == pytest.approx(rows * alone.activations)
     assert planned.weights - alone.weights == pytest.approx(4.0 * arch.total_params if copy else 0.0)
+
+
+def test_a_cpu_bf16_plan_counts_the_probabilities_its_gemm_attention_keeps():
+    from tunesmith.model.gemm_attention import MAX_LENGTH
+    from tunesmith.plan.memory import CPU_GEMM_ATTENTION_MAX_LENGTH
+
+    assert CPU_GEMM_ATTENTION_MAX_LENGTH == MAX_LENGTH
+    arch = lookup_builtin("smollm2-135m-instruct")
+    cpu = Setup(arch=arch, method="lora", device="cpu", micro_batch=4)
+    heads, layers = arch.num_heads, arch.num_layers
+    for seq_len, kept in ((256, 256), (2048, MAX_LENGTH)):  # a row's worth of probabilities, up to the bound
+        fp32, bf16 = (estimate(cpu.with_changes(seq_len=seq_len, precision=p)).activations for p in ("fp32", "bf16"))
+        gpu = estimate(cpu.with_changes(seq_len=seq_len, precision="bf16", device="cuda")).activations
+        assert bf16 - gpu == 2 * heads * kept * 4 * seq_len * layers
+        assert fp32 > gpu  # float32 activations, no probabilities

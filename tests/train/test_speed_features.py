@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from tunesmith.config import load_config
 from tunesmith.config.schema import Config, MethodArgs
+from tunesmith.model import gemm_attention
 from tunesmith.train import precision, train
 from tunesmith.train.objectives.head import lm_head
 from tunesmith.train.observe import read_log
@@ -134,6 +135,26 @@ def test_lora_with_a_bf16_base_trains_close_to_float32(tmp_path, tiny_model_dir,
     bf16, text = _losses(_config(tmp_path / "bf16", tiny_model_dir, identity_rows * 4, bf16=True, **common),
                          caplog)
     assert "speed: bf16 autocast (frozen weights stored in bf16)" in text
+    assert bf16[-1] < bf16[0] - 0.3
+    assert bf16 == pytest.approx(fp32, rel=2e-2)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_packed_bf16_runs_attend_short_samples_as_gemms_train_close_to_float32_and_say_so(
+        tmp_path, tiny_model_dir, identity_rows, caplog, monkeypatch, method):
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(gemm_attention, "cpu_has_fast_bf16", lambda: True)
+    calls = []
+    real = gemm_attention.causal_gemm_attention
+    monkeypatch.setattr(gemm_attention, "causal_gemm_attention", lambda *a: calls.append(a[0].dtype) or real(*a))
+    common = dict(finetuning_type=method, max_steps=12, packing=True, cutoff_len=96,
+                  learning_rate=2e-2 if method == "lora" else 1e-3)
+    fp32, fp32_text = _losses(_config(tmp_path / "fp32", tiny_model_dir, identity_rows * 4, **common), caplog)
+    assert not calls and "GEMMs" not in fp32_text
+    bf16, text = _losses(_config(tmp_path / "bf16", tiny_model_dir, identity_rows * 4, bf16=True, **common),
+                         caplog)
+    assert "attention sample by sample (no T×T mask), samples of up to 512 tokens as two bf16 GEMMs;" in text
+    assert calls and set(calls) == {torch.bfloat16}
     assert bf16[-1] < bf16[0] - 0.3
     assert bf16 == pytest.approx(fp32, rel=2e-2)
 

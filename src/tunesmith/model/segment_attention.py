@@ -19,8 +19,11 @@ generates and evaluates as before.
 Precision. On CPU the attention is computed in float32 even under bf16 autocast: on a CPU without native bf16
 (AVX2 only) torch's CPU flash-attention backward in bfloat16 is about 5× slower than in float32 (323 against 68 ms
 for 512 tokens and 9 heads); with avx512_bf16 (torch 2.13) the two take the same time (one 492-token sample, 9 / 3
-heads, 2 threads: forward 4.2 / 4.4 ms, backward 11.8 / 12.3 ms float32 / bf16), and float32 is the more exact. Elsewhere it runs in autocast's dtype when autocast is on
-(as SDPA would), else in the dtype it is given.
+heads, 2 threads: forward 4.2 / 4.4 ms, backward 11.8 / 12.3 ms float32 / bf16), and float32 is the more exact.
+The exception: where the model computes in bf16 on a CPU with bf16 in hardware, samples of up to
+:data:`~tunesmith.model.gemm_attention.MAX_LENGTH` tokens attend as two bf16 GEMMs instead
+(:mod:`tunesmith.model.gemm_attention`: about twice as fast as that float32 kernel on them). Elsewhere it runs in
+autocast's dtype when autocast is on (as SDPA would), else in the dtype it is given.
 
 On CUDA in fp16 / bf16 the loop becomes one variable-length flash-attention call per layer over all the
 batch's samples (:mod:`tunesmith.model.varlen_attention`): there, launching one SDPA per sample is what a
@@ -40,6 +43,7 @@ import torch.nn.functional as F
 
 from tunesmith.data.pack import LONGEST_KWARG, OFFSETS_KWARG, Runs, segment_carrier, segment_runs
 from tunesmith.logging import get_logger
+from tunesmith.model import gemm_attention
 from tunesmith.model.eager import eager_only
 from tunesmith.model.saved_recipes import remember
 from tunesmith.model.varlen_attention import varlen_attend, varlen_segments, varlen_usable
@@ -92,8 +96,11 @@ def segment_sdpa(
 
 
 def _segment_outputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, runs: Runs,
-                     scaling: float | None, dropout: float, sliding_window: int | None) -> list[torch.Tensor]:
-    """Each run's ``[1, H, length, D]`` output, row by row."""
+                     scaling: float | None, dropout: float, sliding_window: int | None,
+                     gemm_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Each run's ``[1, H, length, D]`` output, row by row. With ``gemm_dtype`` (bf16 on a CPU), the samples of
+    at most :data:`~tunesmith.model.gemm_attention.MAX_LENGTH` tokens are computed as two GEMMs in it
+    (:func:`~tunesmith.model.gemm_attention.causal_gemm_attention`), the others by SDPA in float32."""
     groups = query.size(1) // key.size(1)
     parts = []
     # split, not slices: a slice's backward writes its gradient into a zeroed copy of the whole tensor, once per
@@ -106,6 +113,11 @@ def _segment_outputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                 continue
             length = q.size(2)
             window = sliding_window is not None and length > sliding_window
+            if gemm_dtype is not None:
+                if length <= gemm_attention.MAX_LENGTH and gemm_attention.usable(gemm_dtype, q.device, dropout, window):
+                    parts.append(gemm_attention.causal_gemm_attention(*(x.to(gemm_dtype) for x in (q, k, v)), scaling))
+                    continue
+                q, k, v = (x.to(torch.float32) for x in (q, k, v))
             parts.append(F.scaled_dot_product_attention(
                 q, k, v,
                 attn_mask=_window_mask(length, sliding_window, q.device) if window else None,
@@ -123,23 +135,36 @@ def _joined(rows: int, dtype: torch.dtype | None, *parts: torch.Tensor) -> torch
 
 def attend_by_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, runs: Runs,
                        **options: Any) -> torch.Tensor:
-    """:func:`segment_sdpa` in float32 on CPU (see the module docstring), outside autocast; the result in the
-    queries' dtype. Elsewhere in :func:`compute_dtype`, and on CUDA in half precision as one variable-length
-    flash-attention call instead of the loop (:mod:`tunesmith.model.varlen_attention`). ``options``: its
-    ``scaling``, ``dropout`` and ``sliding_window``."""
+    """:func:`segment_sdpa` in float32 on CPU (see the module docstring; short samples as bf16 GEMMs where the
+    model computes in bf16 on a CPU with bf16 in hardware), outside autocast; the result in the queries' dtype.
+    Elsewhere in :func:`compute_dtype`, and on CUDA in half precision as one variable-length flash-attention call
+    instead of the loop (:mod:`tunesmith.model.varlen_attention`). ``options``: its ``scaling``, ``dropout`` and
+    ``sliding_window``."""
     given, dtype = query.dtype, compute_dtype(query)
-    query, key, value = (x.to(dtype) for x in (query, key, value))
+    gemm_dtype = _cpu_bf16(query)
+    if gemm_dtype is None:  # else each sample is cast for the path it takes
+        query, key, value = (x.to(dtype) for x in (query, key, value))
     if varlen_usable(query, options.get("dropout", 0.0)):
         return varlen_segments(query, key, value, runs, **options)
     with torch.autocast(query.device.type, enabled=False):
         parts = _segment_outputs(query, key, value, runs, options.get("scaling"), options.get("dropout", 0.0),
-                                 options.get("sliding_window"))
+                                 options.get("sliding_window"), gemm_dtype)
         # under autocast off the CPU the result stays in autocast's dtype, as SDPA's does
         args = (len(runs), given if query.device.type == "cpu" else None)
         joined = _joined(*args, *parts)
     # the attention backward keeps the runs' outputs: the output projection's saved input is remade from them
     remember(joined, partial(_joined, *args), *parts)
     return joined.transpose(1, 2)
+
+
+def _cpu_bf16(query: torch.Tensor) -> torch.dtype | None:
+    """bf16 where a model on a CPU with bf16 in hardware computes in it (bf16 autocast, or bf16 activations
+    without autocast): its short samples then take the GEMM path (:mod:`tunesmith.model.gemm_attention`). None
+    elsewhere."""
+    if query.device.type != "cpu":
+        return None
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+    return dtype if gemm_attention.usable(dtype, query.device, 0.0, False) else None
 
 
 def compute_dtype(query: torch.Tensor) -> torch.dtype:

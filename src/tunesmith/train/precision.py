@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 from contextlib import AbstractContextManager, nullcontext
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -12,6 +10,7 @@ import torch
 from tunesmith.config.schema import MethodArgs, TrainArgs
 from tunesmith.errors import ConfigError
 from tunesmith.logging import get_logger
+from tunesmith.runenv import cpu_has_fast_bf16
 
 log = get_logger("train")
 
@@ -49,18 +48,6 @@ def autocast(precision: Precision, device: torch.device) -> AbstractContextManag
     if precision == "fp32":
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=half_dtype(precision))
-
-
-@functools.cache
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (x86 avx512_bf16 or AMX; read from /proc/cpuinfo, so
-    Linux only): there bf16 matmuls run several times faster than float32 ones (4.3× on an EPYC with
-    avx512_bf16), elsewhere they are emulated and slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
 def frozen_base_dtype(method: MethodArgs, precision: Precision, device: torch.device) -> torch.dtype:

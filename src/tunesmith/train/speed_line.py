@@ -9,6 +9,7 @@ import torch
 
 from tunesmith.config import Config
 from tunesmith.logging import get_logger
+from tunesmith.model import gemm_attention
 from tunesmith.model.fused_lora import FusedLoraMixin
 from tunesmith.model.lean_activations import lean_activation_count
 from tunesmith.runenv import loaded_allocator
@@ -32,6 +33,9 @@ def log_speed_features(cfg: Config, engine: Engine, objective: Objective, compil
                  "segment_offsets": "attention by samples, one variable-length flash-attention call per layer "
                                     "(no T×T mask)",
                  "varlen": "flash-attention variable-length kernels"}.get(objective.attention, "attention with masks")
+    if objective.attention == "segments" and engine.precision == "bf16" and gemm_attention.usable(
+            torch.bfloat16, engine.device, 0.0, False):
+        attention += f", samples of up to {gemm_attention.MAX_LENGTH} tokens as two bf16 GEMMs"
     if any(isinstance(m, FusedLoraMixin) for m in engine.model.modules()):
         attention += "; LoRA fused into the base projection's GEMM"
     lean = lean_activation_count(engine.model)
