@@ -17,7 +17,9 @@ Settings, the same keys given to both tools:
 * ``best``: ``best_fp32`` plus ``bf16: true``.
 
 Samples/s come from the difference of the two epochs' wall-clock times, (96 − 16) / (t96 − t16), so process
-start-up, imports, model loading and tokenisation cancel. Peak RSS is ``ru_maxrss`` of the tool's process (from
+start-up, imports, model loading and tokenisation cancel. The "loop ratio" column does the same with each tool's
+own training-loop time (``train_results.json``: tunesmith's ``train_runtime_s``, HF Trainer's ``train_runtime``),
+which leaves out whatever a process does before and after its loop and so moves less from run to run. Peak RSS is ``ru_maxrss`` of the tool's process (from
 ``os.wait4``), at the 96-sample run. Each cell is the median over ``--runs`` repetitions; the tools alternate
 run by run, so slow drift of the machine hits both alike. Only compare runs made on an otherwise idle machine.
 
@@ -118,8 +120,8 @@ def config(method: str, setting: str, samples: int, model: Path, out: Path, extr
 
 
 def run_once(tool: str, cfg: dict, work: Path, lf_cli: Path | None, lf_env: dict | None = None
-             ) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GB) of one training process."""
+             ) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS in GB, seconds in the training loop as the tool reports it) of one process."""
     path = work / f"{tool}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     if tool == "tunesmith":
@@ -139,7 +141,14 @@ def run_once(tool: str, cfg: dict, work: Path, lf_cli: Path | None, lf_env: dict
     if os.waitstatus_to_exitcode(status) != 0:
         tail = (work / f"{tool}.log").read_text()[-3000:]
         raise SystemExit(f"{tool} failed ({' '.join(command)}):\n{tail}")
-    return elapsed, usage.ru_maxrss / 1024**2  # kB → GB
+    return elapsed, usage.ru_maxrss / 1024**2, loop_seconds(Path(cfg["output_dir"]))  # kB → GB
+
+
+def loop_seconds(output_dir: Path) -> float:
+    """The training loop's own duration from the run folder's ``train_results.json``: tunesmith's
+    ``train_runtime_s``, or HF Trainer's ``train_runtime`` (LLaMA-Factory); both time the loop, not start-up."""
+    results = json.loads((output_dir / "train_results.json").read_text())
+    return float(results.get("train_runtime_s", results.get("train_runtime", "nan")))
 
 
 def measure(args: argparse.Namespace) -> list[dict]:
@@ -150,6 +159,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
     for method in args.methods:
         for setting in args.settings:
             times: dict[str, dict[int, list[float]]] = {t: {small: [], large: []} for t in args.tools}
+            loops: dict[str, dict[int, list[float]]] = {t: {small: [], large: []} for t in args.tools}
             rss: dict[str, list[float]] = {t: [] for t in args.tools}
             for _ in range(args.runs):
                 for tool in args.tools:
@@ -157,34 +167,49 @@ def measure(args: argparse.Namespace) -> list[dict]:
                         with tempfile.TemporaryDirectory() as tmp:
                             extra = args.tunesmith_extra if tool == "tunesmith" else {}
                             cfg = config(method, setting, samples, model, Path(tmp) / "out", extra)
-                            seconds, peak = run_once(tool, cfg, Path(tmp), lf_cli, args.llamafactory_env)
+                            seconds, peak, loop = run_once(tool, cfg, Path(tmp), lf_cli, args.llamafactory_env)
                         times[tool][samples].append(seconds)
+                        loops[tool][samples].append(loop)
                         if samples == large:
                             rss[tool].append(peak)
                         print(f"  {method:4} {setting:9} {tool:12} {samples:3} samples: {seconds:7.1f} s, "
-                              f"peak RSS {peak:.2f} GB", flush=True)
+                              f"peak RSS {peak:.2f} GB, training loop {loop:.1f} s", flush=True)
             for tool in args.tools:
-                runs = [(large - small) / (t_large - t_small)
-                        for t_small, t_large in zip(times[tool][small], times[tool][large], strict=True)]
+                runs = _rates(large - small, times[tool][small], times[tool][large])
+                loop_runs = _rates(large - small, loops[tool][small], loops[tool][large])
                 rows.append({"method": method, "setting": setting, "tool": tool,
                              "samples_per_s": statistics.median(runs), "runs": runs,
+                             "loop_samples_per_s": statistics.median(loop_runs), "loop_runs": loop_runs,
                              "peak_rss_gb": statistics.median(rss[tool])})
     return rows
 
 
+def _rates(samples: int, small_runs: list[float], large_runs: list[float]) -> list[float]:
+    return [samples / (large - small) for small, large in zip(small_runs, large_runs, strict=True)]
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| method | setting | tunesmith samples/s | LLaMA-Factory samples/s | speed ratio | tunesmith peak RSS "
-             "| LLaMA-Factory peak RSS | RSS ratio |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    """The README's table; "loop ratio" compares the training loops alone (each tool's own runtime), which
+    start-up noise (imports, model loading, the tool's data preparation) cannot move."""
+    lines = ["| method | setting | tunesmith samples/s | LLaMA-Factory samples/s | speed ratio | loop ratio "
+             "| tunesmith peak RSS | LLaMA-Factory peak RSS | RSS ratio |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     keyed = {(r["method"], r["setting"], r["tool"]): r for r in rows}
     for method, setting in dict.fromkeys((r["method"], r["setting"]) for r in rows):
         ours, theirs = keyed.get((method, setting, "tunesmith")), keyed.get((method, setting, "llamafactory"))
-        cells = [method, setting]
-        cells += [f"{ours['samples_per_s']:.3f}" if ours else "—", f"{theirs['samples_per_s']:.3f}" if theirs else "—"]
-        cells.append(f"{ours['samples_per_s'] / theirs['samples_per_s']:.2f}×" if ours and theirs else "—")
-        cells += [f"{ours['peak_rss_gb']:.2f} GB" if ours else "—", f"{theirs['peak_rss_gb']:.2f} GB" if theirs else "—"]
-        cells.append(f"{ours['peak_rss_gb'] / theirs['peak_rss_gb']:.2f}×" if ours and theirs else "—")
+        cells = [method, setting, _cell(ours, "samples_per_s", "{:.3f}"), _cell(theirs, "samples_per_s", "{:.3f}"),
+                 _ratio(ours, theirs, "samples_per_s"), _ratio(ours, theirs, "loop_samples_per_s"),
+                 _cell(ours, "peak_rss_gb", "{:.2f} GB"), _cell(theirs, "peak_rss_gb", "{:.2f} GB"),
+                 _ratio(ours, theirs, "peak_rss_gb")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _cell(row: dict | None, key: str, form: str) -> str:
+    return form.format(row[key]) if row else "—"
+
+
+def _ratio(ours: dict | None, theirs: dict | None, key: str) -> str:
+    return f"{ours[key] / theirs[key]:.2f}×" if ours and theirs else "—"
 
 
 def _key_value(text: str) -> tuple[str, object]:
