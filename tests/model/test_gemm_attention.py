@@ -123,10 +123,21 @@ def test_long_samples_dropout_and_sliding_windows_keep_float32_sdpa(monkeypatch,
     monkeypatch.setattr(gemm_attention, "causal_gemm_attention", lambda *a: calls.append(a[0].size(2)) or real(*a))
     lengths = [[3, 8, 9]]  # a short sample, one at the bound, one past it
     q, k, v = (torch.randn(1, h, 20, 16, dtype=torch.bfloat16) for h in (6, 2, 2))
-    out = attend_by_segments(q, k, v, segment_runs(row_segments(lengths, 20)), dropout=dropout,
-                             sliding_window=window)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend_by_segments(q, k, v, segment_runs(row_segments(lengths, 20)), dropout=dropout,
+                                 sliding_window=window)
     assert out.dtype == torch.bfloat16 and out.shape == q.shape
     assert calls == ([] if dropout else [3] if window else [3, 8])
+
+
+def test_a_model_cast_to_bf16_without_autocast_keeps_float32_sdpa(monkeypatch, fast_bf16):
+    """DeepSpeed's bf16 casts the module itself: everything else there already rounds to bf16, and its runs were
+    measured against float32 with this attention (tests/train/test_deepspeed.py); only autocast runs take the path."""
+    calls = []
+    monkeypatch.setattr(gemm_attention, "causal_gemm_attention", lambda *a: calls.append(a) or None)
+    q, k, v = (torch.randn(1, h, 20, 16, dtype=torch.bfloat16) for h in (6, 2, 2))
+    out = attend_by_segments(q, k, v, segment_runs(row_segments([[3, 8, 9]], 20)))
+    assert not calls and out.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("fast", [True, False])

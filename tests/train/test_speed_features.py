@@ -153,7 +153,7 @@ def test_packed_bf16_runs_attend_short_samples_as_gemms_train_close_to_float32_a
     assert not calls and "GEMMs" not in fp32_text
     bf16, text = _losses(_config(tmp_path / "bf16", tiny_model_dir, identity_rows * 4, bf16=True, **common),
                          caplog)
-    assert "attention sample by sample (no T×T mask), samples of up to 512 tokens as two bf16 GEMMs;" in text
+    assert "attention sample by sample (no T×T mask), samples of up to 512 tokens as GEMMs;" in text
     assert calls and set(calls) == {torch.bfloat16}
     assert bf16[-1] < bf16[0] - 0.3
     assert bf16 == pytest.approx(fp32, rel=2e-2)

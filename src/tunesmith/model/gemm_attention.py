@@ -1,23 +1,28 @@
-"""Causal attention of one short sample as two batched GEMMs, for CPUs that compute in bf16.
+"""Causal attention of one short sample as GEMMs, for CPUs that compute in bf16.
 
 Why. On a CPU, torch's flash-attention kernel tiles a sample into blocks of 32-64 queries and runs many small
 GEMMs per head; on the few-hundred-token samples of a packed SFT batch it reaches a small fraction of what the
-CPU's bf16 matmul does (SmolLM2's 9 query / 3 key-value heads of 64, 2 threads of an avx512_bf16 EPYC, forward and
-backward of one sample: 2.03 ms for 142 tokens and 20.2 ms for 512 in float32, the precision attention by segments
-used on CPUs; 1.06 and 8.1 ms here in bf16). Here the query heads that share a key/value head (GQA) are stacked
-into the rows of one matrix, so each key/value head is one GEMM against all of its queries (no repeated keys or
-values, and GEMMs ``groups`` times taller): ``scores = Q_g · (K / √d)ᵀ`` for each key/value head ``g``, the causal
-mask added in place, a softmax, ``P · V``. It scores the whole ``length × length`` square (the flash kernel skips
-the blocks above the diagonal) and autograd keeps the probabilities, ``heads × length²`` values, for the
-backward: worth it only for short samples, so :data:`MAX_LENGTH` bounds it (at 512 tokens the probabilities are
-9 KB per token and layer for SmolLM2, in bf16) and longer samples keep the flash kernel.
+CPU's matmuls do (SmolLM2's 9 query / 3 key-value heads of 64, 2 threads of an avx512_bf16 EPYC, forward and
+backward of one sample in float32, the precision attention by segments uses on CPUs: 1.7 ms for 142 tokens,
+10.9 ms for 398, 18.1 ms for 512; here 1.1, 6.1 and 11.1 ms). Here the query heads that share a key/value head
+(GQA) are stacked into the rows of one matrix, so each key/value head is one GEMM against all of its queries (no
+repeated keys or values, and GEMMs ``groups`` times taller): ``scores = (Q_g / √d) · K_gᵀ`` in float32, the
+causal mask added in place, a float32 softmax, ``P · V`` in bf16; the backward forms the scores' gradient from
+the kept probabilities and the output (``dS = P ⊙ (dP − rowsum(dO ⊙ O))``, as flash attention does) and runs
+its GEMMs in bf16. It scores the whole ``length × length`` square (the flash kernel skips the blocks above the
+diagonal) and autograd keeps the bf16 probabilities, ``heads × length²`` values, for the backward: worth it only
+for short samples, so :data:`MAX_LENGTH` bounds it (at 512 tokens the probabilities are 9 KB per token and layer
+for SmolLM2) and longer samples keep the flash kernel.
 
-Precision: the GEMMs take bf16 operands and accumulate in float32, the softmax computes in float32 and stores bf16
-probabilities: what a GPU's flash attention does in bf16 (it also rounds the probabilities to bf16 before their
-GEMM with ``V``). Used only where the model computes in bf16 on a CPU with bf16 in hardware (:func:`usable`).
+Precision: what a GPU's flash attention does in bf16 — bf16 operands, float32 scores, softmax and accumulation,
+probabilities and the scores' gradient rounded to bf16 for their GEMMs — except that the backward reads the
+kept bf16 probabilities where flash attention recomputes them in float32. Used only under bf16 autocast on a CPU
+with bf16 in hardware (:func:`usable`, ``segment_attention._cpu_bf16``).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -25,7 +30,7 @@ from tunesmith.runenv import cpu_has_fast_bf16
 
 MAX_LENGTH = 512  # longest sample computed this way; the probabilities autograd keeps grow with length²
 
-_masks: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+_masks: dict[torch.device, torch.Tensor] = {}
 
 
 def usable(dtype: torch.dtype, device: torch.device, dropout: float, window: bool) -> bool:
@@ -42,19 +47,50 @@ def causal_gemm_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
     the same dtype, ``L`` ≤ :data:`MAX_LENGTH`); ``[1, H, L, D]`` out, as SDPA with ``is_causal`` and GQA."""
     _, heads, length, dim = query.shape
     kv_heads = key.size(1)
-    groups = heads // kv_heads
     scale = dim**-0.5 if scaling is None else scaling
     # query head h reads key/value head h // groups (transformers' repeat_kv): stack each group's heads
-    queries = query.reshape(kv_heads, groups * length, dim)
-    scores = torch.bmm(queries, key[0].transpose(1, 2) * scale)
-    scores.view(kv_heads, groups, length, length).add_(_causal_mask(query.dtype, query.device)[:length, :length])
-    return torch.bmm(torch.softmax(scores, dim=-1), value[0]).view(1, heads, length, dim)
+    queries = query.reshape(kv_heads, heads // kv_heads * length, dim)
+    out = _CausalGemmAttention.apply(queries, key[0], value[0], scale)
+    return out.view(1, heads, length, dim)
 
 
-def _causal_mask(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """0 on and below the diagonal, -inf above it; one ``MAX_LENGTH²`` tensor per dtype and device, sliced."""
-    mask = _masks.get((dtype, device))
+class _CausalGemmAttention(torch.autograd.Function):
+    """Scores and softmax in float32 (a CPU has no bf16 GEMM with a float32 output, and scores rounded to bf16
+    would shift the probabilities by up to a few percent), the probabilities rounded to the inputs' dtype for
+    their GEMM with V and kept only so for the backward, whose softmax gradient is formed in float32 from them and
+    from the output, as flash attention's: ``dS = P ⊙ (dP − rowsum(dO ⊙ O))``. Few passes over the
+    ``length²`` tensors: memory traffic, not the GEMMs, is what this costs beyond them."""
+
+    @staticmethod
+    def forward(ctx: Any, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        kv_heads, rows, dim = queries.shape
+        length = keys.size(1)
+        scores = torch.bmm(queries.float() * scale, keys.float().transpose(1, 2))
+        scores.view(kv_heads, rows // length, length, length).add_(_causal_mask(scores.device)[:length, :length])
+        probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        out = torch.bmm(probs, values)
+        ctx.scale = scale
+        ctx.save_for_backward(queries, keys, values, probs, out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        queries, keys, values, probs, out = ctx.saved_tensors
+        grad_out = grad_out.to(values.dtype)
+        grad_values = torch.bmm(probs.transpose(1, 2), grad_out)
+        row_dot = (grad_out.float() * out.float()).sum(dim=-1, keepdim=True)  # rowsum(dP ⊙ P), from [rows, D]
+        grad_scores = torch.bmm(grad_out, values.transpose(1, 2)).float().sub_(row_dot).mul_(probs)
+        grad_scores = grad_scores.to(queries.dtype)
+        # the scale goes on the [length, D] operands, not on the length² gradient
+        grad_queries = torch.bmm(grad_scores, keys * ctx.scale)
+        grad_keys = torch.bmm(grad_scores.transpose(1, 2), queries * ctx.scale)
+        return grad_queries, grad_keys, grad_values, None
+
+
+def _causal_mask(device: torch.device) -> torch.Tensor:
+    """0 on and below the diagonal, -inf above it, float32; one ``MAX_LENGTH²`` tensor per device, sliced."""
+    mask = _masks.get(device)
     if mask is None:
-        mask = _masks[(dtype, device)] = torch.full((MAX_LENGTH, MAX_LENGTH), float("-inf"), dtype=dtype,
-                                                   device=device).triu(1)
+        mask = _masks[device] = torch.full((MAX_LENGTH, MAX_LENGTH), float("-inf"), device=device).triu(1)
     return mask

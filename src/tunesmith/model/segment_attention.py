@@ -20,9 +20,9 @@ Precision. On CPU the attention is computed in float32 even under bf16 autocast:
 (AVX2 only) torch's CPU flash-attention backward in bfloat16 is about 5× slower than in float32 (323 against 68 ms
 for 512 tokens and 9 heads); with avx512_bf16 (torch 2.13) the two take the same time (one 492-token sample, 9 / 3
 heads, 2 threads: forward 4.2 / 4.4 ms, backward 11.8 / 12.3 ms float32 / bf16), and float32 is the more exact.
-The exception: where the model computes in bf16 on a CPU with bf16 in hardware, samples of up to
-:data:`~tunesmith.model.gemm_attention.MAX_LENGTH` tokens attend as two bf16 GEMMs instead
-(:mod:`tunesmith.model.gemm_attention`: about twice as fast as that float32 kernel on them). Elsewhere it runs in
+The exception: under bf16 autocast on a CPU with bf16 in hardware, samples of up to
+:data:`~tunesmith.model.gemm_attention.MAX_LENGTH` tokens attend as GEMMs instead
+(:mod:`tunesmith.model.gemm_attention`: 1.5-1.8× as fast as that float32 kernel on them). Elsewhere it runs in
 autocast's dtype when autocast is on (as SDPA would), else in the dtype it is given.
 
 On CUDA in fp16 / bf16 the loop becomes one variable-length flash-attention call per layer over all the
@@ -135,8 +135,8 @@ def _joined(rows: int, dtype: torch.dtype | None, *parts: torch.Tensor) -> torch
 
 def attend_by_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, runs: Runs,
                        **options: Any) -> torch.Tensor:
-    """:func:`segment_sdpa` in float32 on CPU (see the module docstring; short samples as bf16 GEMMs where the
-    model computes in bf16 on a CPU with bf16 in hardware), outside autocast; the result in the queries' dtype.
+    """:func:`segment_sdpa` in float32 on CPU (see the module docstring; short samples as GEMMs under bf16
+    autocast on a CPU with bf16 in hardware), outside autocast; the result in the queries' dtype.
     Elsewhere in :func:`compute_dtype`, and on CUDA in half precision as one variable-length flash-attention call
     instead of the loop (:mod:`tunesmith.model.varlen_attention`). ``options``: its ``scaling``, ``dropout`` and
     ``sliding_window``."""
@@ -158,12 +158,12 @@ def attend_by_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 
 def _cpu_bf16(query: torch.Tensor) -> torch.dtype | None:
-    """bf16 where a model on a CPU with bf16 in hardware computes in it (bf16 autocast, or bf16 activations
-    without autocast): its short samples then take the GEMM path (:mod:`tunesmith.model.gemm_attention`). None
-    elsewhere."""
-    if query.device.type != "cpu":
+    """bf16 under bf16 autocast on a CPU with bf16 in hardware: short samples then take the GEMM path
+    (:mod:`tunesmith.model.gemm_attention`). None elsewhere, also for a module cast to bf16 without autocast
+    (DeepSpeed's bf16), whose runs keep the float32 attention they were measured with against float32 runs."""
+    if query.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
         return None
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+    dtype = torch.get_autocast_dtype("cpu")
     return dtype if gemm_attention.usable(dtype, query.device, 0.0, False) else None
 
 

@@ -35,7 +35,7 @@ def log_speed_features(cfg: Config, engine: Engine, objective: Objective, compil
                  "varlen": "flash-attention variable-length kernels"}.get(objective.attention, "attention with masks")
     if objective.attention == "segments" and engine.precision == "bf16" and gemm_attention.usable(
             torch.bfloat16, engine.device, 0.0, False):
-        attention += f", samples of up to {gemm_attention.MAX_LENGTH} tokens as two bf16 GEMMs"
+        attention += f", samples of up to {gemm_attention.MAX_LENGTH} tokens as GEMMs"
     if any(isinstance(m, FusedLoraMixin) for m in engine.model.modules()):
         attention += "; LoRA fused into the base projection's GEMM"
     lean = lean_activation_count(engine.model)
