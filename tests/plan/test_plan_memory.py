@@ -145,7 +145,7 @@ def test_preference_stages_plan_two_rows_per_example_and_the_reference_copy_they
 
 def test_a_cpu_bf16_plan_counts_the_probabilities_its_gemm_attention_keeps():
     from tunesmith.model.gemm_attention import MAX_LENGTH
-    from tunesmith.plan.memory import CPU_GEMM_ATTENTION_MAX_LENGTH
+    from tunesmith.plan.memory import CPU_GEMM_ATTENTION_MAX_LENGTH, per_layer_activation_bytes
 
     assert CPU_GEMM_ATTENTION_MAX_LENGTH == MAX_LENGTH
     arch = lookup_builtin("smollm2-135m-instruct")
@@ -156,3 +156,6 @@ def test_a_cpu_bf16_plan_counts_the_probabilities_its_gemm_attention_keeps():
         gpu = estimate(cpu.with_changes(seq_len=seq_len, precision="bf16", device="cuda")).activations
         assert bf16 - gpu == 2 * heads * kept * 4 * seq_len * layers
         assert fp32 > gpu  # float32 activations, no probabilities
+    deepspeed = cpu.with_changes(engine="deepspeed", zero_stage=2)  # casts the module: no autocast, no GEMM path
+    assert per_layer_activation_bytes(deepspeed.with_changes(precision="bf16")) == per_layer_activation_bytes(
+        deepspeed.with_changes(precision="bf16", device="cuda"))

@@ -99,7 +99,7 @@ def _segment_outputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                      scaling: float | None, dropout: float, sliding_window: int | None,
                      gemm_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """Each run's ``[1, H, length, D]`` output, row by row. With ``gemm_dtype`` (bf16 on a CPU), the samples of
-    at most :data:`~tunesmith.model.gemm_attention.MAX_LENGTH` tokens are computed as two GEMMs in it
+    at most :data:`~tunesmith.model.gemm_attention.MAX_LENGTH` tokens are computed as GEMMs in it
     (:func:`~tunesmith.model.gemm_attention.causal_gemm_attention`), the others by SDPA in float32."""
     groups = query.size(1) // key.size(1)
     parts = []

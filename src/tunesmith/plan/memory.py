@@ -14,10 +14,11 @@ It follows what tunesmith actually allocates, item by item:
   fsdp2 also the weights; the model-state figures (weights + gradients + optimizer) equal DeepSpeed's own
   estimators (``estimate_zero2/3_model_states_mem_needs``: 2P + 18P/N, 4·largest layer + 18P/N, ...).
 * **activations** — what autograd saves per decoder layer for a micro-batch of ``b × s`` tokens with SDPA
-  (no s² attention scores, except the bf16 probabilities of short samples on a CPU in bf16): the two RMSNorms' float32 inputs and normalized values, the q/k/v, attention and
-  MLP tensors; with gradient checkpointing only each layer's input plus one layer recomputed. The **logits** are
-  listed apart: ``b × s × vocab`` in float32 for the loss, its log-softmax and their gradients are the largest
-  tensors of a step for small models with big vocabularies. Mixed precision on float32 weights adds the
+  (no s² attention scores, except the bf16 probabilities of short samples on a CPU under bf16 autocast): the two
+  RMSNorms' float32 inputs and normalized values, the q/k/v, attention and MLP tensors; with gradient
+  checkpointing only each layer's input plus one layer recomputed. The **logits** are listed apart:
+  ``b × s × vocab`` in float32 for the loss, its log-softmax and their gradients are the largest tensors of a
+  step for small models with big vocabularies. Mixed precision on float32 weights adds the
   bf16/fp16 weight copies autocast saves for backward.
 * **communication buffers** — none for DDP (the gradients live in its reducer's buckets); ZeRO's
   reduce bucket (twice with ``overlap_comm``) and all-gather bucket; fsdp2 reduce-scatters one layer's float32
@@ -79,7 +80,7 @@ CPU_TP_WHOLE_BUFFERS = 8
 CPU_TP_LORA_WHOLE_BUFFERS = 8
 # DeepSpeed's own objects on a CPU (process groups, engine, bookkeeping), measured on the tiny model: +8 MiB.
 CPU_DEEPSPEED_RUNTIME = 8 * 1024**2
-# On a CPU in bf16, samples up to this many tokens attend as two GEMMs and keep their bf16 probabilities for the
+# On a CPU under bf16 autocast, samples up to this many tokens attend as GEMMs and keep their bf16 probabilities for the
 # backward (tunesmith.model.gemm_attention.MAX_LENGTH; a test keeps the two equal without importing torch here)
 CPU_GEMM_ATTENTION_MAX_LENGTH = 512
 FITS_HEADROOM = 0.95  # allocator fragmentation: a plan "fits" when its peak stays under 95 % of the memory
@@ -240,10 +241,12 @@ def per_layer_activation_bytes(s: Setup) -> float:
 
 
 def _cpu_attention_probabilities(s: Setup) -> float:
-    """Per token and layer, the bf16 probabilities a CPU's GEMM attention keeps: heads × the sample's length.
+    """Per token and layer, the bf16 probabilities a CPU's GEMM attention keeps (model/gemm_attention.py; CPUs
+    without bf16 in hardware do not take it, which the planner, sizing for a CPU kind, does not tell apart):
+    heads × the sample's length.
     The planner sees rows, not samples, so it counts each token in a sample as long as a row (up to the bound):
     an upper bound for packed rows of shorter samples."""
-    if s.device != "cpu" or s.precision != "bf16":
+    if s.device != "cpu" or s.precision != "bf16" or s.deepspeed:  # DeepSpeed casts the module: no autocast
         return 0.0
     return 2.0 * s.arch.num_heads * min(s.seq_len, CPU_GEMM_ATTENTION_MAX_LENGTH)
 

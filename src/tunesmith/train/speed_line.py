@@ -33,8 +33,7 @@ def log_speed_features(cfg: Config, engine: Engine, objective: Objective, compil
                  "segment_offsets": "attention by samples, one variable-length flash-attention call per layer "
                                     "(no T×T mask)",
                  "varlen": "flash-attention variable-length kernels"}.get(objective.attention, "attention with masks")
-    if objective.attention == "segments" and engine.precision == "bf16" and gemm_attention.usable(
-            torch.bfloat16, engine.device, 0.0, False):
+    if objective.attention == "segments" and _short_samples_as_gemms(engine):
         attention += f", samples of up to {gemm_attention.MAX_LENGTH} tokens as GEMMs"
     if any(isinstance(m, FusedLoraMixin) for m in engine.model.modules()):
         attention += "; LoRA fused into the base projection's GEMM"
@@ -50,3 +49,12 @@ def log_speed_features(cfg: Config, engine: Engine, objective: Objective, compil
         if os.environ.get("OMP_WAIT_POLICY", "").lower() == "active":
             features.append("OpenMP threads spin between operations")
     log.info("speed: %s", "; ".join(features))
+
+
+def _short_samples_as_gemms(engine: Engine) -> bool:
+    """Whether attention by segments takes :mod:`tunesmith.model.gemm_attention` for short samples: under the
+    engine's own bf16 autocast (DeepSpeed casts the module instead) on a CPU with bf16 in hardware."""
+    device = engine.device.type
+    with engine.autocast():
+        bf16 = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16
+    return bf16 and gemm_attention.usable(torch.bfloat16, engine.device, 0.0, False)
