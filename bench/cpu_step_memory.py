@@ -62,9 +62,9 @@ def run_arm(method: str, setting: str, samples: int, extra: dict) -> dict:
 
         lean_activations.remember = segment_attention.remember = lambda *args: None
     if extra.pop("gemm_attention", True) is False:
-        from tunesmith.model import segment_attention
+        from tunesmith.model import gemm_attention
 
-        segment_attention._cpu_bf16 = lambda query: None
+        gemm_attention.autocast_dtype = lambda device: None
     if extra.pop("keep_freed", True) is False:
         import tunesmith.train.pipeline as pipeline
 

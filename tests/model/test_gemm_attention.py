@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tunesmith.data.encode import TokenIds
 from tunesmith.data.loader import IGNORE_INDEX, collate
 from tunesmith.data.pack import pack_samples, row_segments
-from tunesmith.model import gemm_attention, segment_attention
+from tunesmith.model import gemm_attention
 from tunesmith.model.gemm_attention import causal_gemm_attention
 from tunesmith.model.load import load_model
 from tunesmith.model.segment_attention import attend_by_segments, segment_runs, use_segment_attention
@@ -95,7 +95,7 @@ def test_a_model_under_bf16_autocast_trains_as_with_float32_attention(tiny_model
     monkeypatch.setattr(gemm_attention, "causal_gemm_attention", lambda *a: calls.append(a[0].dtype) or real(*a))
     got, got_grads = _bf16_loss_and_grads(model, packed_batch)
     assert calls and set(calls) == {torch.bfloat16}  # every sample of the batch took the GEMM path, in bf16
-    monkeypatch.setattr(segment_attention, "_cpu_bf16", lambda query: None)  # float32 flash attention, as before
+    monkeypatch.setattr(gemm_attention, "autocast_dtype", lambda device: None)  # float32 flash attention, as before
     want, want_grads = _bf16_loss_and_grads(copy.deepcopy(model), packed_batch)
     assert abs(got - want) / want < 1e-2
     for a, b in zip(got_grads, want_grads, strict=True):
@@ -144,6 +144,9 @@ def test_a_model_cast_to_bf16_without_autocast_keeps_float32_sdpa(monkeypatch, f
 def test_only_a_cpu_with_bf16_in_hardware_takes_the_gemm_path(monkeypatch, fast):
     monkeypatch.setattr(gemm_attention, "cpu_has_fast_bf16", lambda: fast)
     cpu = torch.device("cpu")
-    assert gemm_attention.usable(torch.bfloat16, cpu, 0.0, False) is fast
-    assert not gemm_attention.usable(torch.float32, cpu, 0.0, False)
-    assert not gemm_attention.usable(torch.float16, cpu, 0.0, False)
+    assert gemm_attention.usable(torch.bfloat16, cpu) is fast
+    assert not gemm_attention.usable(torch.float32, cpu)
+    assert not gemm_attention.usable(torch.float16, cpu)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gemm_attention.autocast_dtype(cpu) == (torch.bfloat16 if fast else None)
+    assert gemm_attention.autocast_dtype(cpu) is None  # no autocast: a module cast to bf16 keeps float32 SDPA

@@ -17,7 +17,8 @@ for SmolLM2) and longer samples keep the flash kernel.
 Precision: what a GPU's flash attention does in bf16 — bf16 operands, float32 scores, softmax and accumulation,
 probabilities and the scores' gradient rounded to bf16 for their GEMMs — except that the backward reads the
 kept bf16 probabilities where flash attention recomputes them in float32. Used only under bf16 autocast on a CPU
-with bf16 in hardware (:func:`usable`, ``segment_attention._cpu_bf16``).
+with bf16 in hardware (:func:`autocast_dtype`), for samples without attention dropout (SDPA draws it) or a
+sliding window shorter than them.
 """
 
 from __future__ import annotations
@@ -33,12 +34,20 @@ MAX_LENGTH = 512  # longest sample computed this way; the probabilities autograd
 _masks: dict[torch.device, torch.Tensor] = {}
 
 
-def usable(dtype: torch.dtype, device: torch.device, dropout: float, window: bool) -> bool:
+def usable(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether samples computed in ``dtype`` on ``device`` may take this path: bf16 on a CPU that multiplies
-    bf16 in hardware (elsewhere bf16 GEMMs are emulated, slower than the float32 kernel), no attention dropout
-    (SDPA draws it) and no sliding window shorter than the sample."""
-    return (device.type == "cpu" and dtype == torch.bfloat16 and not dropout and not window
-            and cpu_has_fast_bf16())
+    bf16 in hardware (elsewhere bf16 GEMMs are emulated, slower than the float32 kernel)."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and cpu_has_fast_bf16()
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype short samples on ``device`` attend in by this path right now: bf16 under bf16 autocast on a CPU
+    with bf16 in hardware, else None (also for a module cast to bf16 without autocast, DeepSpeed's bf16, whose
+    runs keep the float32 attention they were measured with against float32 runs)."""
+    if device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return None
+    dtype = torch.get_autocast_dtype("cpu")
+    return dtype if usable(dtype, device) else None
 
 
 def causal_gemm_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -99,8 +99,9 @@ def _segment_outputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                      scaling: float | None, dropout: float, sliding_window: int | None,
                      gemm_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """Each run's ``[1, H, length, D]`` output, row by row. With ``gemm_dtype`` (bf16 on a CPU), the samples of
-    at most :data:`~tunesmith.model.gemm_attention.MAX_LENGTH` tokens are computed as GEMMs in it
-    (:func:`~tunesmith.model.gemm_attention.causal_gemm_attention`), the others by SDPA in float32."""
+    at most :data:`~tunesmith.model.gemm_attention.MAX_LENGTH` tokens (and no shorter sliding window) are computed
+    as GEMMs in it (:func:`~tunesmith.model.gemm_attention.causal_gemm_attention`), the others by SDPA in
+    float32."""
     groups = query.size(1) // key.size(1)
     parts = []
     # split, not slices: a slice's backward writes its gradient into a zeroed copy of the whole tensor, once per
@@ -114,7 +115,7 @@ def _segment_outputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             length = q.size(2)
             window = sliding_window is not None and length > sliding_window
             if gemm_dtype is not None:
-                if length <= gemm_attention.MAX_LENGTH and gemm_attention.usable(gemm_dtype, q.device, dropout, window):
+                if length <= gemm_attention.MAX_LENGTH and not window:
                     parts.append(gemm_attention.causal_gemm_attention(*(x.to(gemm_dtype) for x in (q, k, v)), scaling))
                     continue
                 q, k, v = (x.to(torch.float32) for x in (q, k, v))
@@ -141,7 +142,8 @@ def attend_by_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     instead of the loop (:mod:`tunesmith.model.varlen_attention`). ``options``: its ``scaling``, ``dropout`` and
     ``sliding_window``."""
     given, dtype = query.dtype, compute_dtype(query)
-    gemm_dtype = _cpu_bf16(query)
+    # attention dropout is SDPA's to draw: then every sample keeps it
+    gemm_dtype = None if options.get("dropout") else gemm_attention.autocast_dtype(query.device)
     if gemm_dtype is None:  # else each sample is cast for the path it takes
         query, key, value = (x.to(dtype) for x in (query, key, value))
     if varlen_usable(query, options.get("dropout", 0.0)):
@@ -155,16 +157,6 @@ def attend_by_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     # the attention backward keeps the runs' outputs: the output projection's saved input is remade from them
     remember(joined, partial(_joined, *args), *parts)
     return joined.transpose(1, 2)
-
-
-def _cpu_bf16(query: torch.Tensor) -> torch.dtype | None:
-    """bf16 under bf16 autocast on a CPU with bf16 in hardware: short samples then take the GEMM path
-    (:mod:`tunesmith.model.gemm_attention`). None elsewhere, also for a module cast to bf16 without autocast
-    (DeepSpeed's bf16), whose runs keep the float32 attention they were measured with against float32 runs."""
-    if query.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
-        return None
-    dtype = torch.get_autocast_dtype("cpu")
-    return dtype if gemm_attention.usable(dtype, query.device, 0.0, False) else None
 
 
 def compute_dtype(query: torch.Tensor) -> torch.dtype:

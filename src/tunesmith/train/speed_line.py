@@ -54,7 +54,5 @@ def log_speed_features(cfg: Config, engine: Engine, objective: Objective, compil
 def _short_samples_as_gemms(engine: Engine) -> bool:
     """Whether attention by segments takes :mod:`tunesmith.model.gemm_attention` for short samples: under the
     engine's own bf16 autocast (DeepSpeed casts the module instead) on a CPU with bf16 in hardware."""
-    device = engine.device.type
     with engine.autocast():
-        bf16 = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16
-    return bf16 and gemm_attention.usable(torch.bfloat16, engine.device, 0.0, False)
+        return gemm_attention.autocast_dtype(engine.device) is not None
