@@ -4,7 +4,8 @@ micro-batch × sequence length × precision), from architecture facts alone.
 It follows what tunesmith actually allocates, item by item:
 
 * **weights** — full/freeze keep float32 master weights (autocast computes in bf16/fp16); LoRA on a GPU keeps the
-  frozen base in the autocast dtype (float32 on CPU and under fsdp2) with float32 adapters; QLoRA stores the
+  frozen base in the autocast dtype (under fsdp2 float32; on a CPU float32 too, an upper bound: CPUs with bf16 in
+  hardware keep it in bf16, and the planner sizes for a CPU kind, not this one) with float32 adapters; QLoRA stores the
   decoder layers' Linear weights in 4 or 8 bits plus their quantization constants (4-bit: one float32 absmax per
   64 weights, or with double quantization one 8-bit absmax per 64 plus one float32 per 256 blocks; 8-bit: one
   float32 scale per output row), embeddings and output head unquantized. DeepSpeed casts the module to
