@@ -62,7 +62,8 @@ class _LoraLinear(torch.autograd.Function):
             grad_xl = (g_down @ lora_a).mul_(scaling).view(ctx.shapes[1])
         source = rows if rows_lora is None else rows_lora
         grad_a = (g_down.t() @ source).mul_(scaling) if need_a else None
-        # B's gradient as (downᵀ · g)ᵀ: the GEMM then reads g row by row (2× faster than gᵀ · down on CPU)
+        # B's gradient as (downᵀ · g)ᵀ, the same sums: a wide [r, out] GEMM, which a CPU runs ~2× faster than the
+        # tall [out, r] of gᵀ · down (97 vs 171 µs for 1,960 tokens × 576 outputs on 2 EPYC cores)
         grad_lb = (down.t() @ g).mul_(scaling).t() if need_lb else None
         grad_w = g.t() @ rows if need_w else None
         grad_b = g.sum(0) if need_b and ctx.has_bias else None
